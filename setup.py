@@ -1,0 +1,55 @@
+"""eagle_jax: EAGLE (embedding-aligned guided language agents) and ELM in JAX/Flax."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "transformers>=5.0.0",  # tokenizers and configs only: transformers 5 has no Flax models.
+    "tokenizers>=0.23.0",
+    "sentencepiece>=0.2.0",
+    "numpy>=2.0",
+    "pyarrow>=20.0",  # columnar CSV parsing of MovieLens 25M.
+    "tensorflow-datasets>=4.9.10",
+    "array-record>=0.8.6",
+    "h5py>=3.10",  # tfds registers its movielens builder only when h5py imports.
+    "importlib_resources>=6.0",  # tfds imports it unconditionally.
+    "ml-collections>=1.1.0",
+    "absl-py>=2.1.0",
+    "gguf>=0.17.0",
+    "safetensors>=0.6.0",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest>=8.0",
+        "pytest-xdist>=3.5",
+        "ruff>=0.6",
+        "cvxpy>=1.5",
+        "clarabel>=0.9",
+    ],
+    "bench": [
+        "cvxpy>=1.5",
+        "clarabel>=0.9",
+        "implicit>=0.7.2",
+        "torch==2.13.0",  # CPU build from the local wheel; never a runtime dependency.
+        "psutil>=5.9",
+    ],
+}
+
+setuptools.setup(
+    name="eagle_jax",
+    version="0.1.0",
+    description=(
+        "EAGLE (Embedding-Aligned Guided LanguagE agents) and ELM in JAX/Flax NNX."
+    ),
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["eagle_jax", "eagle_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
