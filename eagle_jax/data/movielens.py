@@ -35,10 +35,17 @@ NO_GENRES = "(no genres listed)"
 
 def _index_of(ids_sorted: np.ndarray, raw: np.ndarray, path, field: str, header_lines: int):
   """Maps raw ids to positions in ``ids_sorted``; an unknown id raises naming its line."""
-  pos = np.searchsorted(ids_sorted, raw)
-  pos_clipped = np.minimum(pos, max(len(ids_sorted) - 1, 0))
-  bad = (pos >= len(ids_sorted)) | (ids_sorted[pos_clipped] != raw) if len(ids_sorted) else (
-      np.ones(raw.shape, bool))
+  if len(ids_sorted) and 0 <= ids_sorted[0] and ids_sorted[-1] < 50_000_000:
+    # Dense lookup table: one gather instead of a binary search per rating (10x faster at 25M).
+    table = np.full(int(ids_sorted[-1]) + 2, -1, np.int64)
+    table[ids_sorted] = np.arange(len(ids_sorted))
+    pos = table[np.clip(raw, -1, len(table) - 1)]  # out-of-range ids land on the -1 sentinel
+    bad = pos < 0
+  else:
+    pos = np.searchsorted(ids_sorted, raw)
+    clipped = np.minimum(pos, max(len(ids_sorted) - 1, 0))
+    bad = ((pos >= len(ids_sorted)) | (ids_sorted[clipped] != raw) if len(ids_sorted)
+           else np.ones(raw.shape, bool))
   if bad.any():
     row = int(np.argmax(bad))
     raise DataFormatError(
