@@ -1,0 +1,169 @@
+"""Prompts of the EAGLE environment, and robust parsing of what the LLM answers.
+
+Every prompt is a list of chat messages (``{"role": ..., "content": ...}``); the sampling client applies
+the model's chat template. The paper's prompts are images we could not read (PAPER_SPEC.md, section
+5.1); these follow its described structure:
+
+* **description** of a movie: a plot plus five reasons to like it and five to dislike it. A 135M model
+  cannot write a list of five distinct items in one answer (DESIGN.md, measured), so the plot and each
+  reason are separate short requests with different seeds; a larger environment LLM can use the same
+  prompts.
+* **user profile**: preferences written from the user's best and worst rated movies, under the
+  headings of the paper's examples (overall, genre, director, aesthetic, other).
+* **action**: one concrete change to the movie, in one of the five categories of the paper, optionally
+  personalised to a user profile.
+* **transition**: the environment step: apply an action to a description, return the new description.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+Message = dict[str, str]
+
+ACTION_CATEGORIES = (
+    "plot changes",
+    "character enhancements",
+    "visual and storytelling improvements",
+    "thematic exploration",
+    "audience appeal adjustments",
+)
+PROFILE_HEADINGS = ("Overall", "Genre", "Director", "Aesthetic", "Other")
+_SYSTEM = "You are a helpful assistant who writes short, concrete text about movies."
+
+
+@dataclasses.dataclass(frozen=True)
+class Description:
+  """A movie description: plot, five reasons to like it, five to dislike it."""
+
+  plot: str
+  likes: tuple[str, ...] = ()
+  dislikes: tuple[str, ...] = ()
+
+  def render(self) -> str:
+    """The text the encoder E_D and the agent read."""
+    parts = [f"Plot: {self.plot.strip()}"]
+    if self.likes:
+      parts.append("Reasons to like it:\n" + "\n".join(f"- {x}" for x in self.likes))
+    if self.dislikes:
+      parts.append("Reasons to dislike it:\n" + "\n".join(f"- {x}" for x in self.dislikes))
+    return "\n".join(parts)
+
+
+def _chat(user: str) -> list[Message]:
+  return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}]
+
+
+def _movie_facts(title: str, genres: Sequence[str], tags: Sequence[str]) -> str:
+  facts = f"Movie: {title}"
+  if genres:
+    facts += f"\nGenres: {', '.join(genres)}"
+  if tags:
+    facts += f"\nKeywords: {', '.join(tags[:8])}"
+  return facts
+
+
+def plot_prompt(title: str, genres: Sequence[str], tags: Sequence[str] = ()) -> list[Message]:
+  return _chat(f"{_movie_facts(title, genres, tags)}\n\nWrite the plot of this movie in three "
+               "sentences.")
+
+
+def reason_prompt(title: str, plot: str, *, like: bool) -> list[Message]:
+  kind = "might enjoy" if like else "might dislike"
+  return _chat(f"Movie: {title}\nPlot: {plot}\n\nGive one short reason why someone {kind} this "
+               "movie. Answer with one sentence.")
+
+
+def profile_prompt(liked: Sequence[str], disliked: Sequence[str]) -> list[Message]:
+  """A user profile from titles they rated highly and poorly."""
+  return _chat("A viewer loved these movies: " + "; ".join(liked) + ".\nThe viewer disliked: "
+               + "; ".join(disliked) + ".\n\nDescribe this viewer's movie taste in two sentences.")
+
+
+def action_prompt(description: str, category: str, profile: str | None = None) -> list[Message]:
+  """Asks for one change to the movie in ``category`` (personalised if ``profile`` is given)."""
+  if category not in ACTION_CATEGORIES:
+    raise ValueError(f"category {category!r} is not one of {ACTION_CATEGORIES}")
+  who = f"\nViewer: {profile}\nThe change should make the movie appeal to this viewer." if (
+      profile) else ""
+  return _chat(f"{description}{who}\n\nSuggest one concrete change to this movie ({category}). "
+               "Answer with one imperative sentence, for example: Make the villain a rogue AI.")
+
+
+def transition_prompt(description: str, action: str) -> list[Message]:
+  """The environment step: rewrite the plot after applying ``action``."""
+  return _chat(f"{description}\n\nChange: {action}\n\nRewrite the plot of the movie with this "
+               "change applied. Answer with the new plot in three sentences.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsing.
+
+_PREAMBLE = re.compile(
+    r"^(sure|certainly|of course|here(?:'s| is| are)|okay|ok)\b[^:\n]*[:.!]\s*", re.IGNORECASE)
+_ITEM = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s+")
+_LABEL = re.compile(r"^\s*(?:plot|answer|change|reason|new plot)\s*:\s*", re.IGNORECASE)
+
+
+class ParseError(ValueError):
+  """An LLM answer that could not be turned into the requested item."""
+
+
+def clean_sentence(text: str, *, min_words: int = 3, max_words: int = 60) -> str:
+  """The first usable sentence-like item of an answer.
+
+  Removes chatty preambles ("Sure! Here is ..."), list markers, labels and quotes; keeps the first
+  non-empty line and, within it, at most the first two sentences.
+
+  Raises:
+    ParseError: nothing with ``min_words``..``max_words`` words remains.
+  """
+  for line in text.strip().splitlines():
+    line = _PREAMBLE.sub("", line.strip())
+    line = _LABEL.sub("", _ITEM.sub("", line)).strip().strip("\"'").strip()
+    if not line:
+      continue
+    sentences = re.split(r"(?<=[.!?])\s+", line)
+    out = " ".join(sentences[:2]).strip()
+    words = len(out.split())
+    if words < min_words:
+      continue
+    if words > max_words:
+      out = " ".join(out.split()[:max_words]).rstrip(",;") + "."
+    return out
+  raise ParseError(f"no sentence of at least {min_words} words in {text[:120]!r}")
+
+
+def clean_paragraph(text: str, *, min_words: int = 8, max_sentences: int = 4) -> str:
+  """A plot paragraph: preamble and labels removed, lines joined, at most ``max_sentences``."""
+  lines = [_LABEL.sub("", _PREAMBLE.sub("", ln.strip())) for ln in text.strip().splitlines()]
+  joined = " ".join(ln for ln in lines if ln)
+  sentences = [s for s in re.split(r"(?<=[.!?])\s+", joined) if s]
+  # Drop exact repeats (small models loop).
+  seen, kept = set(), []
+  for s in sentences:
+    if s.lower() not in seen:
+      seen.add(s.lower())
+      kept.append(s)
+  out = " ".join(kept[:max_sentences]).strip()
+  if len(out.split()) < min_words:
+    raise ParseError(f"plot shorter than {min_words} words: {text[:120]!r}")
+  return out
+
+
+def parse_list(text: str, *, min_words: int = 3) -> list[str]:
+  """Items of a numbered or bulleted list (stray lines that are not items are ignored)."""
+  items = []
+  for line in text.splitlines():
+    if _ITEM.match(line):
+      try:
+        items.append(clean_sentence(line, min_words=min_words))
+      except ParseError:
+        continue
+  return items
+
+
+def parse_profile(text: str) -> str:
+  return clean_paragraph(text, min_words=6, max_sentences=3)
