@@ -1,0 +1,51 @@
+"""E_D regression head, metrics and the ridge baseline against independent computations."""
+
+import numpy as np
+import pytest
+
+from eagle_jax.embed import encoder
+
+
+def test_r2_and_recall_hand_computed():
+  y = np.array([[0.0, 0.0], [2.0, 0.0], [4.0, 6.0]])
+  pred = np.array([[1.0, 0.0], [2.0, 0.0], [4.0, 5.0]])
+  # SS_res = 1 + 0 + 1 = 2; means (2, 2): SS_tot = (4+4) + (0+4) + (4+16) = 32.
+  assert encoder.r2_score(y, pred) == pytest.approx(1 - 2 / 32)
+  items = np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
+  pred = np.array([[0.9, 0.0], [0.9, 0.0]])  # nearest: item 1, then item 0
+  assert encoder.nn_recall_at_k(pred, np.array([1, 0]), items, k=1) == 0.5
+  assert encoder.nn_recall_at_k(pred, np.array([1, 0]), items, k=2) == 1.0
+
+
+def test_ridge_equals_augmented_least_squares():
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(50, 4)), rng.normal(size=(50, 3))
+  xt = rng.normal(size=(7, 4))
+  # Independent: ridge with an unpenalised intercept as a least-squares problem on stacked rows.
+  reg = 2.0
+  a = np.vstack([np.hstack([x, np.ones((50, 1))]), np.hstack([np.sqrt(reg) * np.eye(4),
+                                                                np.zeros((4, 1))])])
+  b = np.vstack([y, np.zeros((4, 3))])
+  coef = np.linalg.lstsq(a, b, rcond=None)[0]
+  expected = np.hstack([xt, np.ones((7, 1))]) @ coef
+  np.testing.assert_allclose(encoder.ridge_fit_predict(x, y, xt, reg), expected, atol=1e-10)
+
+
+def test_head_learns_a_nonlinear_map_on_held_out_rows():
+  rng = np.random.default_rng(1)
+  w = rng.normal(size=(16, 4))
+  x = rng.normal(size=(1200, 16)).astype(np.float32)
+  y = (np.abs(x @ w) / 4).astype(np.float32)  # symmetric: a linear map explains ~nothing
+  head, losses = encoder.fit_head(x[:1000], y[:1000], encoder.HeadConfig(steps=800, dropout=0.0))
+  assert losses[-1] < 0.25 * losses[0]
+  r2 = encoder.r2_score(y[1000:], encoder.predict(head, x[1000:]))
+  linear = encoder.r2_score(y[1000:], encoder.ridge_fit_predict(x[:1000], y[:1000], x[1000:]))
+  assert r2 > 0.8 and linear < 0.1, (r2, linear)
+
+
+def test_genre_features_and_errors():
+  feats, vocab = encoder.genre_features([("Drama", "War"), (), ("Comedy",)])
+  assert vocab == ["Comedy", "Drama", "War"]
+  np.testing.assert_array_equal(feats, [[0, 1, 1], [0, 0, 0], [1, 0, 0]])
+  with pytest.raises(ValueError, match="same, non-zero"):
+    encoder.fit_head(np.zeros((3, 2)), np.zeros((4, 2)), encoder.HeadConfig())
