@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.6.0",
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    "aiohttp>=3.9",  # OpenAI-compatible sampling client and server (eagle_jax.env).
 ]
 
 EXTRAS_REQUIRE = {
@@ -31,6 +32,7 @@ EXTRAS_REQUIRE = {
         "ruff>=0.6",
         "cvxpy>=1.5",
         "clarabel>=0.9",
+        "torch==2.13.0",  # PyTorch transformers models as test references; never at runtime.
     ],
     "bench": [
         "cvxpy>=1.5",
