@@ -1,0 +1,368 @@
+"""OpenAI-compatible HTTP server over any ``SamplingBackend``, batching concurrent requests.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``.
+
+Batching: each request's prompts go into one bounded ``asyncio.Queue`` (``max_queue`` prompts).
+A single batching task takes the first waiting prompt, then keeps collecting until it has
+``max_batch`` prompts or ``batch_wait_ms`` have passed since the first one, and sends the batch to
+the backend as **one** ``generate`` call (``LocalSampler`` then decodes rows with equal sampling
+parameters together). While the backend works, new requests queue up, so under load every batch is
+full without any waiting; the wait window only delays a lone request on an idle server. This is what
+makes 8 concurrent client streams several times faster than serial requests.
+
+Backend errors: if a batch fails, its prompts are rerun one by one so that one bad prompt does not
+fail its neighbours; a ``ValueError`` from the backend (e.g. prompt + max_tokens longer than the
+model) is a 400 for that request, anything else a 500 (which clients retry).
+
+Overload: a request whose prompts do not all fit in the queue is answered at once with 503 (JSON
+error, ``Retry-After: 1``), which the client's retry with backoff handles.
+
+Validation (400 with an OpenAI-style ``{"error": {"message", "type", "param"}}`` naming the field):
+body not JSON or not an object; missing ``model``/``prompt``/``messages``; wrong types; a ``model``
+other than the served one; ``max_tokens`` outside ``[1, max_tokens_limit]``; ``n != 1``;
+``stream: true``; out-of-range sampling knobs. Unknown extra fields are ignored (OpenAI clients send
+e.g. ``user``). Defaults: ``max_tokens`` 16 and ``temperature`` 1.0 as in the OpenAI API, ``seed`` 0
+(so that a request without a seed is reproducible; ``client.py`` defines how seeds map to prompts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from absl import logging
+from aiohttp import web
+
+from eagle_jax.env import client as client_lib
+from eagle_jax.env.client import Completion, Prompt, SamplingBackend, SamplingParams
+
+_ROLES = ("system", "user", "assistant")
+
+
+class BadRequest(ValueError):
+  """A request failed validation; ``param`` names the offending field."""
+
+  def __init__(self, message: str, param: str | None = None):
+    super().__init__(message)
+    self.param = param
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None,
+           headers: Mapping[str, str] | None = None) -> web.Response:
+  body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+  return web.json_response(body, status=status, headers=headers)
+
+
+def _get_int(body: Mapping, name: str, default: int | None, lo: int, hi: int | None = None) -> int:
+  value = body.get(name, default)
+  if value is None:
+    raise BadRequest(f"'{name}' is required", name)
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise BadRequest(f"'{name}' must be an integer, got {json.dumps(value)}", name)
+  if value < lo or (hi is not None and value > hi):
+    rng = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+    raise BadRequest(f"'{name}' must be {rng}, got {value}", name)
+  return value
+
+
+def _get_float(body: Mapping, name: str, default: float) -> float:
+  value = body.get(name, default)
+  if value is None:
+    return default
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise BadRequest(f"'{name}' must be a number, got {json.dumps(value)}", name)
+  return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedRequest:
+  """A validated request: its prompts (each with resolved per-prompt params)."""
+
+  prompts: list[Prompt]
+  params: list[SamplingParams]
+  chat: bool
+
+
+def parse_request(body: Any, *, chat: bool, model: str, max_tokens_limit: int) -> ParsedRequest:
+  """Validates a decoded completions / chat-completions body; raises ``BadRequest``."""
+  if not isinstance(body, dict):
+    raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+  if "model" not in body:
+    raise BadRequest("'model' is required", "model")
+  if body["model"] != model:
+    raise BadRequest(f"'model': unknown model {body['model']!r}; this server serves {model!r}",
+                     "model")
+  if body.get("stream"):
+    raise BadRequest("'stream': streaming is not supported", "stream")
+  if body.get("n", 1) != 1:
+    raise BadRequest(f"'n' must be 1, got {json.dumps(body.get('n'))}", "n")
+  if chat:
+    messages = body.get("messages")
+    if messages is None:
+      raise BadRequest("'messages' is required", "messages")
+    if not isinstance(messages, list) or not messages:
+      raise BadRequest("'messages' must be a non-empty list", "messages")
+    for j, m in enumerate(messages):
+      if (not isinstance(m, dict) or m.get("role") not in _ROLES
+          or not isinstance(m.get("content"), str)):
+        raise BadRequest(
+            f"'messages[{j}]' must be an object with 'role' in {list(_ROLES)} and a string "
+            f"'content'", f"messages[{j}]")
+    prompts: list[Prompt] = [[{"role": m["role"], "content": m["content"]} for m in messages]]
+  else:
+    prompt = body.get("prompt")
+    if prompt is None:
+      raise BadRequest("'prompt' is required", "prompt")
+    if isinstance(prompt, str):
+      prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+      prompts = list(prompt)
+    else:
+      raise BadRequest("'prompt' must be a string or a non-empty list of strings", "prompt")
+  stop = body.get("stop")
+  if stop is None:
+    stop = ()
+  elif isinstance(stop, str):
+    stop = (stop,)
+  elif not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+    raise BadRequest("'stop' must be a string or a list of non-empty strings", "stop")
+  top_k = body.get("top_k", 0)
+  if top_k == -1:  # vLLM's "off"
+    top_k = 0
+  try:
+    base = SamplingParams(
+        max_tokens=_get_int(body, "max_tokens", 16, 1, max_tokens_limit),
+        temperature=_get_float(body, "temperature", 1.0),
+        top_p=_get_float(body, "top_p", 1.0),
+        top_k=_get_int({"top_k": top_k}, "top_k", 0, 0),
+        repetition_penalty=_get_float(body, "repetition_penalty", 1.0),
+        no_repeat_ngram=_get_int(body, "no_repeat_ngram", 0, 0),
+        stop=tuple(stop),
+        seed=_get_int(body, "seed", 0, 0, 2**31 - 1) if body.get("seed") is not None else 0,
+        chat=chat,
+    )
+  except ValueError as e:
+    if isinstance(e, BadRequest):
+      raise
+    field = str(e).split(":", 1)[0]
+    raise BadRequest(f"'{field}': {str(e).split(':', 1)[-1].strip()}", field) from None
+  params = [base.replace(seed=client_lib.prompt_seed(base.seed, j)) for j in range(len(prompts))]
+  return ParsedRequest(prompts=prompts, params=params, chat=chat)
+
+
+@dataclasses.dataclass
+class _Item:
+  prompt: Prompt
+  params: SamplingParams
+  future: asyncio.Future
+
+
+class EnvServer:
+  """The HTTP front end.
+
+  Args:
+    backend: any ``SamplingBackend`` (``LocalSampler`` in ``launch/serve_env.py``).
+    model: served model name (default ``backend.model_id``).
+    max_batch: most prompts per backend call.
+    max_queue: most prompts waiting (beyond it: 503).
+    batch_wait_ms: how long an idle server waits for more prompts after the first one.
+    max_tokens_limit: largest accepted ``max_tokens``.
+  """
+
+  def __init__(
+      self,
+      backend: SamplingBackend,
+      *,
+      model: str | None = None,
+      max_batch: int = 8,
+      max_queue: int = 64,
+      batch_wait_ms: float = 5.0,
+      max_tokens_limit: int = 1024,
+  ):
+    for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
+                        ("max_tokens_limit", max_tokens_limit)):
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    if batch_wait_ms < 0:
+      raise ValueError(f"batch_wait_ms: expected >= 0, got {batch_wait_ms}")
+    self.backend = backend
+    self.model = model or backend.model_id
+    if not self.model:
+      raise ValueError("model: the backend has no model_id; pass model=")
+    self.max_batch = max_batch
+    self.max_queue = max_queue
+    self.batch_wait_s = batch_wait_ms / 1000.0
+    self.max_tokens_limit = max_tokens_limit
+    self.batch_sizes: list[int] = []  # prompts per backend call (monitoring, tests)
+    self._queue: asyncio.Queue[_Item] | None = None
+    self._worker: asyncio.Task | None = None
+    self._runner: web.AppRunner | None = None
+    self.port: int | None = None
+
+  # ----------------------------------------------------------------------------------------------
+  # Batching.
+  # ----------------------------------------------------------------------------------------------
+
+  async def _batch_loop(self) -> None:
+    assert self._queue is not None
+    loop = asyncio.get_running_loop()
+    while True:
+      batch = [await self._queue.get()]
+      deadline = loop.time() + self.batch_wait_s
+      while len(batch) < self.max_batch:
+        try:
+          batch.append(self._queue.get_nowait())
+          continue
+        except asyncio.QueueEmpty:
+          pass
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+          break
+        try:
+          batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+        except asyncio.TimeoutError:
+          break
+      batch = [it for it in batch if not it.future.done()]  # callers that went away
+      if not batch:
+        continue
+      self.batch_sizes.append(len(batch))
+      try:
+        answers = await self.backend.generate([it.prompt for it in batch],
+                                              [it.params for it in batch])
+      except Exception:  # noqa: BLE001
+        # One bad prompt (e.g. too long for the model) must not fail its batch neighbours:
+        # rerun one by one so each caller gets its own answer or its own error.
+        logging.warning("backend.generate failed for a batch of %d; retrying one by one",
+                        len(batch))
+        for it in batch:
+          await self._run_one(it)
+        continue
+      for it, answer in zip(batch, answers):
+        if not it.future.done():
+          it.future.set_result(answer)
+
+  async def _run_one(self, it: _Item) -> None:
+    if it.future.done():
+      return
+    try:
+      (answer,) = await self.backend.generate([it.prompt], [it.params])
+    except Exception as e:  # noqa: BLE001 (handed to the caller)
+      if not it.future.done():
+        it.future.set_exception(e)
+      return
+    if not it.future.done():
+      it.future.set_result(answer)
+
+  # ----------------------------------------------------------------------------------------------
+  # Handlers.
+  # ----------------------------------------------------------------------------------------------
+
+  async def _complete(self, request: web.Request, chat: bool) -> web.Response:
+    try:
+      body = json.loads(await request.read())
+    except ValueError as e:
+      return _error(400, f"request body: invalid JSON ({e})", "invalid_request_error")
+    try:
+      parsed = parse_request(body, chat=chat, model=self.model,
+                             max_tokens_limit=self.max_tokens_limit)
+    except BadRequest as e:
+      return _error(400, str(e), "invalid_request_error", e.param)
+    queue = self._queue
+    assert queue is not None
+    n = len(parsed.prompts)
+    if n > self.max_queue - queue.qsize():
+      return _error(503, f"server overloaded: {queue.qsize()} prompts queued (max_queue="
+                    f"{self.max_queue}); retry later", "overloaded", headers={"Retry-After": "1"})
+    loop = asyncio.get_running_loop()
+    items = [_Item(p, q, loop.create_future()) for p, q in zip(parsed.prompts, parsed.params)]
+    for it in items:
+      queue.put_nowait(it)
+    try:
+      answers: list[Completion] = await asyncio.gather(*(it.future for it in items))
+    except asyncio.CancelledError:
+      for it in items:
+        it.future.cancel()
+      raise
+    except ValueError as e:  # the backend refused this prompt (e.g. longer than the model)
+      return _error(400, str(e), "invalid_request_error", "prompt")
+    except Exception as e:  # noqa: BLE001
+      logging.exception("backend error")
+      return _error(500, f"backend error: {type(e).__name__}: {e}", "server_error")
+    return web.json_response(self._response(parsed, answers))
+
+  def _response(self, parsed: ParsedRequest, answers: list[Completion]) -> dict[str, Any]:
+    choices = []
+    for i, a in enumerate(answers):
+      choice: dict[str, Any] = {"index": i, "finish_reason": a.finish_reason, "logprobs": None}
+      if parsed.chat:
+        choice["message"] = {"role": "assistant", "content": a.text}
+      else:
+        choice["text"] = a.text
+      choices.append(choice)
+    tokens = sum(a.completion_tokens or 0 for a in answers)
+    return {
+        "id": f"{'chatcmpl' if parsed.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion" if parsed.chat else "text_completion",
+        "created": int(time.time()),
+        "model": self.model,
+        "choices": choices,
+        "usage": {"completion_tokens": tokens},
+    }
+
+  async def _completions(self, request: web.Request) -> web.Response:
+    return await self._complete(request, chat=False)
+
+  async def _chat(self, request: web.Request) -> web.Response:
+    return await self._complete(request, chat=True)
+
+  async def _health(self, request: web.Request) -> web.Response:
+    del request
+    queued = self._queue.qsize() if self._queue is not None else 0
+    return web.json_response({"status": "ok", "model": self.model, "queued": queued,
+                              "max_queue": self.max_queue, "max_batch": self.max_batch})
+
+  async def _models(self, request: web.Request) -> web.Response:
+    del request
+    return web.json_response({"object": "list", "data": [
+        {"id": self.model, "object": "model", "owned_by": "eagle_jax"}]})
+
+  def app(self) -> web.Application:
+    """The aiohttp application (the batching task starts and stops with it)."""
+    app = web.Application()
+    app.router.add_post("/v1/completions", self._completions)
+    app.router.add_post("/v1/chat/completions", self._chat)
+    app.router.add_get("/v1/models", self._models)
+    app.router.add_get("/health", self._health)
+
+    async def lifecycle(app: web.Application):
+      del app
+      self._queue = asyncio.Queue(maxsize=self.max_queue)
+      self._worker = asyncio.create_task(self._batch_loop())
+      yield
+      self._worker.cancel()
+      try:
+        await self._worker
+      except asyncio.CancelledError:
+        pass
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+  async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+    """Starts serving on the running loop; returns the bound port (``port=0``: a free one)."""
+    self._runner = web.AppRunner(self.app(), access_log=None)
+    await self._runner.setup()
+    site = web.TCPSite(self._runner, host, port)
+    await site.start()
+    self.port = self._runner.addresses[0][1]
+    return self.port
+
+  async def stop(self) -> None:
+    if self._runner is not None:
+      await self._runner.cleanup()
+      self._runner = None
