@@ -15,129 +15,14 @@ Outputs in ``--workdir``:
 
 from __future__ import annotations
 
-import json
-import os
-import resource
-import time
-
-import jax
-import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from eagle_jax import checkpoint, data, parallel
-from eagle_jax.embed import wals, wals_metrics
+from eagle_jax.embed import wals_train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "WALS configuration file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, export, report).")
-
-
-def peak_rss_bytes() -> int:
-  """Peak resident set size of this process (Linux ``ru_maxrss`` is in KiB)."""
-  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def load_data(cfg) -> data.RatingsData:
-  """The ratings named by ``cfg.source``: "ml100k", "synthetic" or a MovieLens folder."""
-  if cfg.source == "ml100k":
-    return data.load_ml100k_assets()
-  if cfg.source == "synthetic":
-    from eagle_jax.data import synthetic  # Only needed for this source.
-    return synthetic.generate_ratings(**dict(cfg.synthetic))
-  if not os.path.isdir(cfg.source):
-    raise ValueError(f"config.data.source must be 'ml100k', 'synthetic' or a MovieLens folder, "
-                     f"got {cfg.source!r}")
-  return data.load_movielens(cfg.source)
-
-
-def evaluate(factors: wals.WALSFactors, train: data.RatingsData, test: data.RatingsData,
-             cfg) -> dict[str, float]:
-  """RMSE (unclipped and clipped) on train and test, and recall@k on the held-out items."""
-  clip = (cfg.clip_min, cfg.clip_max)
-  out = {
-      "train_rmse": wals_metrics.rmse(factors, train.user, train.item, train.rating),
-      "train_rmse_clipped": wals_metrics.rmse(factors, train.user, train.item, train.rating,
-                                              clip=clip)}
-  if test.num_ratings:
-    out["test_rmse"] = wals_metrics.rmse(factors, test.user, test.item, test.rating)
-    out["test_rmse_clipped"] = wals_metrics.rmse(factors, test.user, test.item, test.rating,
-                                                 clip=clip)
-    recall, users = wals_metrics.recall_at_k(
-        factors, train.user, train.item, test.user, test.item, test.rating, k=cfg.recall_k,
-        min_rating=cfg.relevant_min_rating)
-    out[f"recall@{cfg.recall_k}"] = recall
-    out["recall_users"] = users
-  return out
-
-
-def export_npz(path: str, factors: wals.WALSFactors, ratings: data.RatingsData) -> None:
-  arrays = {k: np.asarray(v) for k, v in factors.to_dict().items()}
-  np.savez(path, user_ids=np.asarray(ratings.user_ids), item_ids=np.asarray(ratings.item_ids),
-           **arrays)
-
-
-def run(config, workdir: str) -> dict:
-  """Trains (resuming from ``workdir``), exports and reports. Returns the report."""
-  os.makedirs(workdir, exist_ok=True)
-  t0 = time.perf_counter()
-  ratings = load_data(config.data)
-  train, test = data.split(ratings, test_fraction=config.data.test_fraction,
-                           min_train=config.data.min_train)
-  logging.info("data: %s; train %d, test %d ratings", ratings.summary(), train.num_ratings,
-               test.num_ratings)
-  load_seconds = time.perf_counter() - t0
-  mesh = parallel.make_mesh(dict(config.mesh))
-  cfg = wals.WALSConfig.from_config(config.wals)
-  t0 = time.perf_counter()
-  model = wals.WALS.from_ratings(train, cfg, mesh=mesh)
-  setup_seconds = time.perf_counter() - t0
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 max_to_keep=config.checkpoint.max_to_keep)
-  init = model.init()
-  step, state, meta = ckpt.restore_or_init(
-      lambda: (0, init.to_dict(), {"history": []}), target=init.to_dict(),
-      shardings=parallel.replicated(mesh))
-  factors = model.place(wals.WALSFactors.from_dict(state))
-  history = list(meta.get("history", []))
-  if step:
-    logging.info("resumed from sweep %d in %s", step, ckpt.directory)
-
-  def on_sweep(s, f, record):
-    history.append(record)
-    logging.info("sweep %d: %.3f s, objective %.6g", s, record["seconds"],
-                 record.get("objective", float("nan")))
-    if s % config.checkpoint.every == 0 or s == cfg.sweeps:
-      ckpt.save(s, f.to_dict(), {"history": history, "config": config.to_dict()}, force=True)
-
-  factors, _ = model.fit(factors, start=step, callback=on_sweep)
-  ckpt.close()
-  metrics = evaluate(factors, train, test, config.eval)
-  export_npz(os.path.join(workdir, "embeddings.npz"), factors, ratings)
-  seconds = [h["seconds"] for h in history]
-  report = {
-      "data": {"source": ratings.source, "num_users": ratings.num_users,
-               "num_items": ratings.num_items, "train_ratings": train.num_ratings,
-               "test_ratings": test.num_ratings, "test_fraction": config.data.test_fraction},
-      "config": config.to_dict(),
-      "devices": jax.device_count(),
-      "metrics": metrics,
-      "recall_relevance": (f"held-out items rated >= {config.eval.relevant_min_rating}"
-                           if config.eval.relevant_min_rating is not None else
-                           "all held-out items"),
-      "sweeps": len(history),
-      "history": history,
-      "seconds_per_sweep_first": seconds[0] if seconds else None,  # includes compilation
-      "seconds_per_sweep_steady": float(np.median(seconds[1:])) if len(seconds) > 1 else None,
-      "load_seconds": load_seconds,
-      "setup_seconds": setup_seconds,
-      "plan_bytes": model.user_plan.nbytes + model.item_plan.nbytes,
-      "peak_rss_bytes": peak_rss_bytes(),
-  }
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2, default=float)
-  logging.info("report: %s", json.dumps(metrics))
-  return report
 
 
 def main(argv):
@@ -145,7 +30,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
-  run(_CONFIG.value, _WORKDIR.value)
+  wals_train.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ def test_ml100k_time_split_quality_and_launch(tmp_path):
   """End to end on the real ML-100K: launch, checkpoint, export, report, resume."""
   from configs import wals_ml100k
   from eagle_jax import data
-  from launch import wals as launch_wals
+  from eagle_jax.embed import wals_train as launch_wals
 
   config = wals_ml100k.get_config()
   report = launch_wals.run(config, str(tmp_path))
