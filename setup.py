@@ -33,6 +33,7 @@ EXTRAS_REQUIRE = {
         "cvxpy>=1.5",
         "clarabel>=0.9",
         "torch==2.13.0",  # PyTorch transformers models as test references; never at runtime.
+        "jinja2>=3.1",  # transformers' chat templates (tokenizer parity test).
     ],
     "bench": [
         "cvxpy>=1.5",
@@ -40,6 +41,7 @@ EXTRAS_REQUIRE = {
         "implicit>=0.7.2",
         "torch==2.13.0",  # CPU build from the local wheel; never a runtime dependency.
         "psutil>=5.9",
+        "threadpoolctl>=3.1",  # pins BLAS threads of the numpy/implicit references.
     ],
 }
 

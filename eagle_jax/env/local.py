@@ -1,0 +1,209 @@
+"""In-process environment LLM: the JAX KV-cache sampler behind the ``SamplingClient`` protocol.
+
+``LocalSampler.generate`` turns prompts into token ids (raw text, or the chat template for
+``chat=True`` and message lists), groups them by sampling parameters (everything but the seed must
+match inside one decode batch, because temperature, top-k/p, penalties and the token budget are
+per-call knobs of ``models.sampling``), cuts each group into chunks of at most
+``max(batch_buckets)`` rows and pads every chunk to the next batch bucket by repeating its first
+row, so the jitted decode compiles once per (batch bucket, prompt bucket, new-token bucket, mode)
+instead of once per batch size. (First compiles of SmolLM2's decode take tens of seconds on a small
+CPU: call ``warmup`` before timing anything.)
+
+Per-row seeds: row ``i`` is decoded with ``Sampler.generate_ids(..., seeds=[...])``, which samples
+each row from its own key ``jax.random.key(prompt_seed)``. Row ``i`` is then exactly
+``Sampler.generate_ids([prompt_i], params, seeds=[prompt_seed_i])`` (same tokens, up to float
+reassociation from the shared padding bucket), whatever else is in the batch: the guarantee
+``client.py`` documents.
+
+Model calls run on one worker thread, so the asyncio loop (e.g. the HTTP server's) stays responsive
+and calls never overlap on the device.
+
+Stop strings: a stop string that is a single token of the vocabulary is added to the decode's stop
+ids (the row ends early); every answer is also cut before the first occurrence of any stop string,
+which is exact for multi-token strings (later tokens cannot change earlier text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import pathlib
+from collections.abc import Sequence
+
+from eagle_jax.env import client as client_lib
+from eagle_jax.env.client import (
+  Completion,
+  Prompt,
+  ResultCallback,
+  SamplingBackend,
+  SamplingParams,
+)
+from eagle_jax.models import sampling as sampling_lib
+
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8)
+
+
+class LocalSampler(SamplingBackend):
+  """``SamplingBackend`` over an in-process ``models.sampling.Sampler``.
+
+  Args:
+    sampler: the JAX sampler (must have a tokenizer).
+    model_id: name in cache keys and in the server's ``model`` field.
+    batch_buckets: allowed decode batch sizes (ascending); the largest is the most rows per call.
+    chat: ``default_chat`` for ``sample`` calls that do not pass ``chat``.
+    max_len: longest prompt + max_tokens accepted (default: the model config's ``max_len``).
+  """
+
+  def __init__(
+      self,
+      sampler: sampling_lib.Sampler,
+      *,
+      model_id: str = "smollm2-135m-instruct",
+      batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
+      chat: bool = False,
+      max_len: int | None = None,
+  ):
+    if sampler.tokenizer is None:
+      raise ValueError("sampler: LocalSampler needs a Sampler built with a tokenizer")
+    buckets = tuple(int(b) for b in batch_buckets)
+    if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+      raise ValueError(f"batch_buckets: expected ascending distinct ints >= 1, got {batch_buckets!r}")
+    self.sampler = sampler
+    self.tokenizer = sampler.tokenizer
+    self.model_id = model_id
+    self.default_chat = bool(chat)
+    self.batch_buckets = buckets
+    self.max_len = int(max_len or sampler.config.max_len)
+    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="local-sampler")
+    self.decode_calls = 0  # number of jitted decode calls (tests check batching with it)
+
+  @classmethod
+  def from_gguf(
+      cls, path: str | pathlib.Path | None = None, **kwargs
+  ) -> LocalSampler:
+    """Loads a llama-architecture GGUF (default: the pinned SmolLM2-135M-Instruct asset)."""
+    from eagle_jax import assets
+    from eagle_jax.models import loading
+    from eagle_jax.models.tokenizer import Tokenizer
+
+    path = pathlib.Path(path) if path is not None else assets.smollm2_gguf()
+    _, model = loading.load_llama_gguf(path)
+    return cls(sampling_lib.Sampler(model, Tokenizer.from_gguf(path)), **kwargs)
+
+  # ----------------------------------------------------------------------------------------------
+  # Tokens.
+  # ----------------------------------------------------------------------------------------------
+
+  def encode(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+    """Prompt token ids (chat template when ``client.is_chat``)."""
+    if client_lib.is_chat(prompt, params):
+      messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+      return list(self.tokenizer.apply_chat_template(messages, tokenize=True))
+    return self.tokenizer.encode(prompt)
+
+  def _stop_ids(self, params: SamplingParams) -> tuple[int, ...]:
+    ids = list(self.tokenizer.stop_ids)
+    for s in params.stop:
+      enc = self.tokenizer.encode(s)
+      if len(enc) == 1 and self.tokenizer.decode(enc) == s and enc[0] not in ids:
+        ids.append(enc[0])
+    return tuple(ids)
+
+  # ----------------------------------------------------------------------------------------------
+  # Decoding (worker thread).
+  # ----------------------------------------------------------------------------------------------
+
+  def _bucket(self, n: int) -> int:
+    return next(b for b in self.batch_buckets if b >= n)
+
+  def _run_chunk(self, ids: list[list[int]], params: SamplingParams,
+                 seeds: list[int]) -> list[Completion]:
+    """Decodes one chunk of <= max bucket rows with the same params (but their own seeds)."""
+    n = len(ids)
+    b = self._bucket(n)
+    ids = ids + [ids[0]] * (b - n)
+    seeds = seeds + [seeds[0]] * (b - n)
+    stop = self._stop_ids(params)
+    out = self.sampler.generate_ids(
+        ids, sampling_lib.SamplingParams(
+            max_new_tokens=params.max_tokens, temperature=params.temperature,
+            top_k=params.top_k, top_p=params.top_p,
+            repetition_penalty=params.repetition_penalty,
+            no_repeat_ngram=params.no_repeat_ngram, stop_ids=stop),
+        seeds=seeds)
+    self.decode_calls += 1
+    out_tokens, out_mask = out.tokens[:n], out.mask[:n]
+    results = []
+    for row, live in zip(out_tokens.tolist(), out_mask.tolist()):
+      gen = [t for t, m in zip(row, live) if m]
+      stopped = bool(gen) and gen[-1] in stop
+      text = self.tokenizer.decode([t for t in gen if t not in stop])
+      cut = [text.find(s) for s in params.stop if s in text]
+      if cut:
+        text = text[: min(cut)]
+        stopped = True
+      results.append(Completion(text=text, finish_reason="stop" if stopped else "length",
+                                completion_tokens=len(gen)))
+    return results
+
+  def generate_sync(
+      self,
+      prompts: Sequence[Prompt],
+      params: Sequence[SamplingParams],
+      on_result: ResultCallback | None = None,
+  ) -> list[Completion]:
+    """Blocking ``generate`` (runs on the caller's thread)."""
+    client_lib.check_generate_args(prompts, params)
+    encoded = []
+    for i, (p, q) in enumerate(zip(prompts, params)):
+      ids = self.encode(client_lib.canonical_prompt(p, f"prompts[{i}]"), q)
+      if not ids:
+        raise ValueError(f"prompts[{i}]: empty prompt (no tokens)")
+      if len(ids) + q.max_tokens > self.max_len:
+        raise ValueError(
+            f"prompts[{i}]: {len(ids)} prompt tokens + max_tokens={q.max_tokens} exceed the "
+            f"model's max_len={self.max_len}")
+      encoded.append(ids)
+    groups: dict[SamplingParams, list[int]] = {}
+    for i, q in enumerate(params):
+      groups.setdefault(q.replace(seed=0), []).append(i)
+    out: list[Completion | None] = [None] * len(prompts)
+    step = self.batch_buckets[-1]
+    for group_params, rows in groups.items():
+      # Similar lengths together keeps the prompt bucket (and padding work) small.
+      rows = sorted(rows, key=lambda i: len(encoded[i]))
+      for start in range(0, len(rows), step):
+        chunk = rows[start : start + step]
+        answers = self._run_chunk([encoded[i] for i in chunk], group_params,
+                                  [params[i].seed for i in chunk])
+        for i, c in zip(chunk, answers):
+          out[i] = c
+          if on_result is not None:
+            on_result(i, c)
+    return out  # type: ignore[return-value]
+
+  async def generate(
+      self,
+      prompts: Sequence[Prompt],
+      params: Sequence[SamplingParams],
+      *,
+      on_result: ResultCallback | None = None,
+  ) -> list[Completion]:
+    loop = asyncio.get_running_loop()
+    if on_result is not None:
+      callback = on_result
+      on_result = lambda i, c: loop.call_soon_threadsafe(callback, i, c)
+    return await loop.run_in_executor(
+        self._executor, self.generate_sync, list(prompts), list(params), on_result)
+
+  def warmup(self, max_tokens: int, *, temperature: float = 0.0, prompt_len: int = 8,
+             batch_sizes: Sequence[int] | None = None) -> None:
+    """Compiles the decode for the given batch buckets (default: all) and one prompt bucket."""
+    prompt = " ".join(["word"] * max(1, prompt_len))
+    for b in batch_sizes or self.batch_buckets:
+      params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=i)
+                for i in range(b)]
+      self.generate_sync([prompt] * b, params)
+
+  async def aclose(self) -> None:
+    self._executor.shutdown(wait=False)

@@ -1,0 +1,498 @@
+"""Llama-family decoder (Llama, SmolLM2, Gemma-style switches) in Flax NNX.
+
+The model is the standard pre-norm decoder-only transformer:
+
+  h_0 = E[tokens] * (sqrt(D) if scale_embeddings else 1)
+  a_l = h_l + Attn(RMSNorm(h_l))         with RoPE on q and k, grouped-query attention
+  h_{l+1} = a_l + W_down (act(W_gate x) * (W_up x)),  x = RMSNorm(a_l)   (SwiGLU / GeGLU)
+  logits = RMSNorm(h_L) W_out             W_out = E^T when the embeddings are tied
+
+* **RMSNorm**: ``x / sqrt(mean(x^2) + eps) * (offset + w)``, computed in float32; ``offset`` is 0
+  for Llama and 1 for Gemma (whose checkpoints store ``w - 1``).
+* **RoPE**: the "rotate half" layout of Hugging Face Llama: feature ``i < d/2`` is paired with
+  ``i + d/2`` and rotated by angle ``pos * theta^(-2i/d)``. GGUF files store q/k rows permuted for
+  llama.cpp's interleaved layout; ``loading.py`` undoes that permutation, so both sources meet here.
+* **GQA**: ``heads`` query heads share ``kv_heads`` key/value heads (``heads % kv_heads == 0``).
+* **Masking**: attention is causal over *slots* (positions in the token array or the KV cache) and
+  restricted to slots that hold real tokens. Because every row of a batch writes the same slot
+  indices, left-padded prompts work with one shared cache index; RoPE uses the per-row ``positions``
+  (the count of real tokens before each token), so padding does not shift positions.
+* **KV cache**: ``KVCache`` holds ``k, v: [layers, B, S, kv_heads, head_dim]``, the slot mask
+  ``[B, S]`` and the next slot index. A call with ``T`` tokens writes slots ``[index, index + T)``.
+
+Precision: parameters are stored in ``param_dtype`` (float32 by default) and cast to ``dtype`` (the
+compute dtype, e.g. bfloat16) at use; norms, RoPE, softmax and logits are computed in float32.
+
+Sharding: parameters carry logical axis names (``nnx.with_partitioning``; names from
+``eagle_jax.parallel.DEFAULT_RULES``). They are created unsharded (eager sharding off) and placed on
+a mesh by ``loading.shard_model`` / ``loading.init_sharded``, which drop a mesh axis from a
+dimension it does not divide (SmolLM2 has 9 heads). Activations are constrained with ``constrain``
+only when a mesh is set with ``jax.set_mesh``. Layers are an unrolled Python list (no layer scan):
+decoding on CPU is memory bound and a scan would copy each layer's weights once per step.
+
+Gemma-style variants that differ only by config are covered by ``scale_embeddings``,
+``norm_offset``, ``activation="gelu_tanh"``, ``query_scale`` and ``final_logit_softcap``. Gemma
+2/3's sliding-window layers, attention soft-capping and QK-norm are not implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from eagle_jax import parallel
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Decoder hyper-parameters.
+
+  Attributes:
+    vocab_size: V, rows of the embedding table.
+    hidden: D, model width.
+    intermediate: F, MLP hidden width.
+    layers: number of decoder blocks.
+    heads: query heads H.
+    kv_heads: key/value heads (GQA); must divide ``heads``.
+    head_dim: per-head width (``hidden // heads`` for Llama; free for Gemma).
+    rope_theta: RoPE base frequency.
+    rms_eps: RMSNorm epsilon.
+    tie_embeddings: output projection is the transposed embedding table.
+    max_len: longest sequence (cache length) the model is meant for; informational for RoPE.
+    dtype: compute dtype (activations, matmul inputs).
+    param_dtype: storage dtype of the parameters.
+    scale_embeddings: multiply embeddings by sqrt(hidden) (Gemma).
+    norm_offset: RMSNorm multiplies by ``norm_offset + w`` (0 Llama, 1 Gemma).
+    activation: MLP gate activation, ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU, Gemma).
+    query_scale: attention logit scale; ``None`` means ``head_dim ** -0.5``.
+    final_logit_softcap: if set, ``logits = c * tanh(logits / c)`` (Gemma 2).
+  """
+
+  vocab_size: int
+  hidden: int
+  intermediate: int
+  layers: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  rms_eps: float = 1e-5
+  tie_embeddings: bool = True
+  max_len: int = 2048
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  scale_embeddings: bool = False
+  norm_offset: float = 0.0
+  activation: str = "silu"
+  query_scale: float | None = None
+  final_logit_softcap: float | None = None
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"LlamaConfig.{name}: expected a positive int, got {value!r}")
+    if self.heads % self.kv_heads:
+      raise ValueError(
+          f"LlamaConfig.kv_heads: must divide heads={self.heads}, got {self.kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"LlamaConfig.head_dim: RoPE needs an even head_dim, got {self.head_dim}")
+    if self.activation not in _ACTIVATIONS:
+      raise ValueError(
+          f"LlamaConfig.activation: expected one of {sorted(_ACTIVATIONS)}, got "
+          f"{self.activation!r}")
+
+  def replace(self, **changes) -> LlamaConfig:
+    return dataclasses.replace(self, **changes)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Preallocated key/value cache shared by all layers.
+
+  Attributes:
+    k: [layers, B, S, kv_heads, head_dim] keys (after RoPE).
+    v: [layers, B, S, kv_heads, head_dim] values.
+    mask: [B, S] bool, slot holds a real (non-padding) token.
+    index: [] int32, next slot to write (the same for every row).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def init(cls, config: LlamaConfig, batch: int, length: int, dtype=None) -> KVCache:
+    """An empty cache of ``length`` slots for ``batch`` rows (dtype: the compute dtype)."""
+    if batch <= 0 or length <= 0:
+      raise ValueError(f"KVCache.init: batch and length must be positive, got {batch}, {length}")
+    shape = (config.layers, batch, length, config.kv_heads, config.head_dim)
+    dtype = dtype or config.dtype
+    return cls(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        mask=jnp.zeros((batch, length), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+  @property
+  def length(self) -> int:
+    return self.k.shape[2]
+
+  @property
+  def positions_next(self) -> jax.Array:
+    """[B] int32: the RoPE position of the next real token of each row."""
+    return jnp.sum(self.mask, axis=-1, dtype=jnp.int32)
+
+
+CACHE_AXES = (None, "batch", "length", "kv_heads", "kv")
+
+
+def _fit_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh) -> jax.P:
+  """PartitionSpec for ``logical_axes`` on ``mesh``; drops mesh axes absent or not dividing."""
+  spec = parallel.logical_to_spec(logical_axes)
+  out = []
+  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    kept = []
+    size = 1
+    for n in names:
+      if n in mesh.shape and dim % (size * mesh.shape[n]) == 0:
+        kept.append(n)
+        size *= mesh.shape[n]
+    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return jax.P(*out)
+
+
+def fit_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh) -> jax.P:
+  """Public form of the divisibility-aware logical -> mesh mapping (``mesh`` may be abstract)."""
+  if len(shape) != len(logical_axes):
+    raise ValueError(
+        f"fit_spec: shape {tuple(shape)} has {len(shape)} dims but logical_axes {logical_axes} "
+        f"has {len(logical_axes)}")
+  return _fit_spec(shape, logical_axes, mesh)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """``with_sharding_constraint`` by logical names when a mesh is set, else the identity."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, _fit_spec(x.shape, logical_axes, mesh))
+
+
+def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
+  return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, offset: float) -> jax.Array:
+  """x: [..., D]; scale: [D]. Normalises in float32 and returns x's dtype."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (y * (offset + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotate-half layout.
+
+  Args:
+    x: [B, T, N, d] queries or keys.
+    positions: [B, T] int32 positions.
+    theta: base frequency.
+
+  Returns:
+    [B, T, N, d], x's dtype.
+  """
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [d/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, d/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with a learned per-feature scale [D]."""
+
+  def __init__(self, dim: int, config: LlamaConfig, *, rngs: nnx.Rngs):
+    init = nnx.initializers.zeros if config.norm_offset else nnx.initializers.ones
+    self.scale = _param(rngs, init, (dim,), ("embed",), config.param_dtype)
+    self.eps = config.rms_eps
+    self.offset = config.norm_offset
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return rms_norm(x, self.scale[...], self.eps, self.offset)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE and an optional KV cache."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    c = config
+    dense = nnx.initializers.normal(0.02)
+    self.config = c
+    self.wq = _param(rngs, dense, (c.hidden, c.heads, c.head_dim), ("embed", "heads", "kv"),
+                     c.param_dtype)
+    self.wk = _param(rngs, dense, (c.hidden, c.kv_heads, c.head_dim),
+                     ("embed", "kv_heads", "kv"), c.param_dtype)
+    self.wv = _param(rngs, dense, (c.hidden, c.kv_heads, c.head_dim),
+                     ("embed", "kv_heads", "kv"), c.param_dtype)
+    self.wo = _param(rngs, dense, (c.heads, c.head_dim, c.hidden), ("heads", "kv", "embed"),
+                     c.param_dtype)
+
+  def __call__(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      key_mask: jax.Array,
+      query_slots: jax.Array,
+      layer_cache: tuple[jax.Array, jax.Array, jax.Array, int] | None,
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Self-attention.
+
+    Args:
+      x: [B, T, D] normalised inputs (compute dtype).
+      positions: [B, T] int32 RoPE positions.
+      key_mask: [B, S] bool, key slot holds a real token (S = T without cache).
+      query_slots: [T] int32 slot of each query (causality: key slot <= query slot).
+      layer_cache: (k [L, B, S, KVH, hd], v [L, B, S, KVH, hd], index [], layer) or None: the
+        whole stacked cache, updated in place at ``[layer, :, index:index + T]``.
+
+    Returns:
+      ([B, T, D] output, (k, v) updated stacked cache or None).
+    """
+    c = self.config
+    dt = c.dtype
+    q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+    q = constrain(apply_rope(q, positions, c.rope_theta), ("batch", "length", "heads", "kv"))
+    k = constrain(apply_rope(k, positions, c.rope_theta), ("batch", "length", "kv_heads", "kv"))
+    v = constrain(v, ("batch", "length", "kv_heads", "kv"))
+    new_cache = None
+    if layer_cache is not None:
+      ck, cv, index, layer = layer_cache
+      ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, index, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, index, 0, 0))
+      new_cache = (ck, cv)
+      k, v = ck[layer].astype(dt), cv[layer].astype(dt)
+    b, t, h, hd = q.shape
+    g = h // c.kv_heads
+    scale = c.query_scale if c.query_scale is not None else hd**-0.5
+    qg = q.reshape(b, t, c.kv_heads, g, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    slots = jnp.arange(k.shape[1], dtype=jnp.int32)
+    allowed = key_mask[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+    scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+    out = constrain(out, ("batch", "length", "heads", "kv"))
+    y = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
+    return y, new_cache
+
+
+class MLP(nnx.Module):
+  """Gated MLP: ``W_down (act(W_gate x) * W_up x)``."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    c = config
+    dense = nnx.initializers.normal(0.02)
+    self.config = c
+    self.w_gate = _param(rngs, dense, (c.hidden, c.intermediate), ("embed", "mlp"), c.param_dtype)
+    self.w_up = _param(rngs, dense, (c.hidden, c.intermediate), ("embed", "mlp"), c.param_dtype)
+    self.w_down = _param(rngs, dense, (c.intermediate, c.hidden), ("mlp", "embed"), c.param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, T, D] -> [B, T, D]."""
+    dt = self.config.dtype
+    act = _ACTIVATIONS[self.config.activation]
+    gate = act(x @ self.w_gate[...].astype(dt))
+    h = constrain(gate * (x @ self.w_up[...].astype(dt)), ("batch", "length", "mlp"))
+    return h @ self.w_down[...].astype(dt)
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder block."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(config.hidden, config, rngs=rngs)
+    self.attn = Attention(config, rngs=rngs)
+    self.mlp_norm = RMSNorm(config.hidden, config, rngs=rngs)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, positions, key_mask, query_slots, layer_cache):
+    y, new_cache = self.attn(self.attn_norm(x), positions, key_mask, query_slots, layer_cache)
+    x = constrain(x + y, ("batch", "length", "embed"))
+    x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "embed"))
+    return x, new_cache
+
+
+class Embedder(nnx.Module):
+  """Token embedding table [V, D]."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.embedding = _param(rngs, nnx.initializers.normal(0.02), (config.vocab_size, config.hidden),
+                            ("vocab", "embed"), config.param_dtype)
+
+
+class Llama(nnx.Module):
+  """Decoder-only language model.
+
+  Typical use::
+
+    logits, cache = model(tokens, positions, attention_mask=mask, cache=cache)
+
+  ``embed`` + ``forward_embeddings`` + ``logits`` split the same computation so callers can inject
+  soft-token embeddings (ELM) or read final hidden states (agent value head, pooled features).
+  """
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    # Parameters are created unsharded; loading.shard_model places them on a mesh.
+    with nnx.use_eager_sharding(False):
+      self.embedder = Embedder(config, rngs=rngs)
+      self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.layers)])
+      self.final_norm = RMSNorm(config.hidden, config, rngs=rngs)
+      if not config.tie_embeddings:
+        self.lm_head = _param(rngs, nnx.initializers.normal(0.02),
+                              (config.hidden, config.vocab_size), ("embed", "vocab"),
+                              config.param_dtype)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """tokens: [B, T] int32 -> [B, T, D] compute dtype (scaled by sqrt(D) for Gemma)."""
+    x = jnp.take(self.embedder.embedding[...], tokens, axis=0).astype(self.config.dtype)
+    if self.config.scale_embeddings:
+      x = x * jnp.asarray(math.sqrt(self.config.hidden), self.config.dtype)
+    return constrain(x, ("batch", "length", "embed"))
+
+  def forward_embeddings(
+      self,
+      x: jax.Array,
+      positions: jax.Array | None = None,
+      attention_mask: jax.Array | None = None,
+      cache: KVCache | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Runs the decoder blocks and the final norm on input embeddings.
+
+    Args:
+      x: [B, T, D] input embeddings.
+      positions: [B, T] int32 RoPE positions; default: count of real tokens before each token
+        (including those already in ``cache``).
+      attention_mask: [B, T] bool, token is real (not padding); default all True.
+      cache: KVCache to append to, or None for a cache-free causal pass.
+
+    Returns:
+      (hidden [B, T, D] after the final norm (compute dtype), updated cache or None).
+    """
+    b, t, d = x.shape
+    if d != self.config.hidden:
+      raise ValueError(f"forward_embeddings: x has width {d}, expected hidden={self.config.hidden}")
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), bool)
+    attention_mask = attention_mask.astype(bool)
+    if attention_mask.shape != (b, t):
+      raise ValueError(
+          f"attention_mask: expected shape {(b, t)}, got {tuple(attention_mask.shape)}")
+    if positions is None:
+      offset = 0 if cache is None else cache.positions_next[:, None]
+      positions = offset + jnp.cumsum(attention_mask, axis=-1, dtype=jnp.int32) - 1
+      positions = jnp.maximum(positions, 0)
+    if positions.shape != (b, t):
+      raise ValueError(f"positions: expected shape {(b, t)}, got {tuple(positions.shape)}")
+    x = constrain(x.astype(self.config.dtype), ("batch", "length", "embed"))
+    if cache is None:
+      key_mask = attention_mask
+      query_slots = jnp.arange(t, dtype=jnp.int32)
+    else:
+      if cache.k.shape[1] != b:
+        raise ValueError(f"cache: batch {cache.k.shape[1]} does not match tokens batch {b}")
+      key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
+      query_slots = cache.index + jnp.arange(t, dtype=jnp.int32)
+    kv = None if cache is None else (cache.k, cache.v)
+    for i, block in enumerate(self.layers):
+      layer_cache = None if kv is None else (kv[0], kv[1], cache.index, i)
+      x, kv = block(x, positions, key_mask, query_slots, layer_cache)
+    hidden = self.final_norm(x)
+    if cache is None:
+      return hidden, None
+    new_cache = KVCache(
+        k=constrain(kv[0], CACHE_AXES),
+        v=constrain(kv[1], CACHE_AXES),
+        mask=key_mask,
+        index=cache.index + t,
+    )
+    return hidden, new_cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """hidden: [B, T, D] -> logits [B, T, V] float32."""
+    dt = self.config.dtype
+    if self.config.tie_embeddings:
+      out = jnp.einsum("btd,vd->btv", hidden, self.embedder.embedding[...].astype(dt),
+                       preferred_element_type=jnp.float32)
+    else:
+      out = jnp.einsum("btd,dv->btv", hidden, self.lm_head[...].astype(dt),
+                       preferred_element_type=jnp.float32)
+    if self.config.final_logit_softcap:
+      cap = self.config.final_logit_softcap
+      out = cap * jnp.tanh(out / cap)
+    return constrain(out, ("batch", "length", "vocab"))
+
+  def hidden_states(
+      self,
+      tokens: jax.Array | None,
+      positions: jax.Array | None = None,
+      attention_mask: jax.Array | None = None,
+      cache: KVCache | None = None,
+      input_embeddings: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Final-norm hidden states [B, T, D] (and the updated cache); see ``__call__``."""
+    if input_embeddings is None:
+      if tokens is None:
+        raise ValueError("hidden_states: give tokens or input_embeddings")
+      x = self.embed(tokens)
+    else:
+      x = input_embeddings
+    return self.forward_embeddings(x, positions, attention_mask, cache)
+
+  def __call__(
+      self,
+      tokens: jax.Array | None,
+      positions: jax.Array | None = None,
+      attention_mask: jax.Array | None = None,
+      cache: KVCache | None = None,
+      input_embeddings: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Next-token logits.
+
+    Args:
+      tokens: [B, T] int32 token ids (ignored when ``input_embeddings`` is given).
+      positions: [B, T] int32 RoPE positions (default: derived from ``attention_mask``).
+      attention_mask: [B, T] bool, False for padding.
+      cache: optional KVCache; the call appends T slots.
+      input_embeddings: optional [B, T, D] embeddings replacing ``embed(tokens)``.
+
+    Returns:
+      (logits [B, T, V] float32, updated cache or None).
+    """
+    hidden, cache = self.hidden_states(tokens, positions, attention_mask, cache, input_embeddings)
+    return self.logits(hidden), cache
+
+
+def param_count(model: Llama) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,470 @@
+"""Real decoder weights into the NNX ``Llama``: GGUF and Hugging Face safetensors, key-checked.
+
+Both sources are first brought to the Hugging Face Llama layout (``model.layers.N.self_attn.q_proj.
+weight`` as ``[out, in]`` arrays), then mapped to our parameter names and shapes by one function
+(``hf_to_params``) and assigned with ``assign_checked``, which refuses a missing, unexpected or
+misshaped tensor and names it.
+
+GGUF (llama.cpp): tensors are read with ``gguf.GGUFReader`` and dequantised with
+``gguf.quants.dequantize`` to float32; GGUF lists shapes fastest-axis first, so the numpy shape is
+the reversed GGUF shape, which is exactly HF's ``[out, in]``. llama.cpp's converter permutes the
+rows of ``attn_q``/``attn_k`` per head from HF's rotate-half order to interleaved pairs
+(``w.reshape(n, 2, d/2, in).swapaxes(1, 2)``); ``unpermute_rotary`` applies the inverse. The config
+comes from the ``llama.*`` metadata; a missing ``output.weight`` means tied embeddings.
+
+safetensors: read with ``safetensors.numpy`` (no torch, no pickle), sharded checkpoints through
+``model.safetensors.index.json``; the config from ``config.json``.
+
+Sharding: the model is built abstractly (``nnx.eval_shape``), every array is placed with
+``jax.device_put`` on a ``NamedSharding`` from its logical axes (``llama.fit_spec``: a mesh axis
+that does not divide a dimension is dropped for that dimension), then merged. No parameter is ever
+materialised unsharded on one device when a mesh is given, and no random init is run.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable, Mapping
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+
+from eagle_jax.models import llama as llama_lib
+
+# HF buffers that are not parameters (safe to ignore when present).
+_IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
+
+
+class LoadingError(ValueError):
+  """A checkpoint does not match the model: names the tensor and what was expected."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Generic key-checked assignment (reusable by any NNX model).
+# ------------------------------------------------------------------------------------------------
+
+
+def path_key(path: tuple) -> str:
+  """Dotted name of an NNX state path, e.g. ``layers.0.attn.wq``."""
+  return ".".join(str(p) for p in path)
+
+
+def _logical_axes(variable) -> tuple | None:
+  meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+  axes = meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
+  return tuple(axes) if axes else None
+
+
+def assign_checked(
+    target: nnx.State,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    source: str,
+    mesh: jax.sharding.Mesh | None = None,
+    dtype: jnp.dtype | None = None,
+) -> nnx.State:
+  """Fills an (abstract) NNX state with ``arrays``, checking every key and shape.
+
+  Args:
+    target: state of the model (abstract ``ShapeDtypeStruct`` leaves from ``nnx.eval_shape`` or
+      real arrays); only its paths, shapes, dtypes and logical-axis metadata are used.
+    arrays: dotted path (``path_key``) -> array with the target's shape.
+    source: checkpoint description used in error messages (e.g. the file path).
+    mesh: if given, each array is placed with the sharding of its logical axes on ``mesh``.
+    dtype: cast to this dtype (default: the target leaf's dtype).
+
+  Returns:
+    A new state with the same structure holding ``jax.Array`` values.
+
+  Raises:
+    LoadingError: a target key has no array, an array has no target key, or shapes differ.
+  """
+  flat = nnx.to_flat_state(target)
+  expected = {path_key(p): v for p, v in flat}
+  missing = sorted(set(expected) - set(arrays))
+  unexpected = sorted(set(arrays) - set(expected))
+  if missing:
+    raise LoadingError(f"{source}: missing tensor(s) for {missing[:8]}"
+                       f"{' ...' if len(missing) > 8 else ''} ({len(missing)} missing)")
+  if unexpected:
+    raise LoadingError(f"{source}: unexpected tensor(s) {unexpected[:8]}"
+                       f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} unexpected)")
+  new_leaves = []
+  for path, var in flat:
+    key = path_key(path)
+    ref = var.get_value()
+    arr = arrays[key]
+    if tuple(arr.shape) != tuple(ref.shape):
+      raise LoadingError(
+          f"{source}: tensor {key!r} has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}")
+    arr = np.asarray(arr).astype(dtype or ref.dtype, copy=False)
+    if mesh is not None:
+      axes = _logical_axes(var) or (None,) * arr.ndim
+      sharding = jax.NamedSharding(mesh, llama_lib.fit_spec(arr.shape, axes, mesh))
+      value = jax.device_put(arr, sharding)
+    else:
+      value = jnp.asarray(arr)
+    new_leaves.append((path, var.replace(value)))
+  return nnx.from_flat_state(new_leaves)
+
+
+def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
+  """Places every variable of ``model`` on ``mesh`` by its logical axes (in place; returns it)."""
+  state = nnx.state(model)
+  flat = []
+  for path, var in nnx.to_flat_state(state):
+    value = var.get_value()
+    axes = _logical_axes(var) or (None,) * value.ndim
+    sharding = jax.NamedSharding(mesh, llama_lib.fit_spec(value.shape, axes, mesh))
+    flat.append((path, var.replace(jax.device_put(value, sharding))))
+  nnx.update(model, nnx.from_flat_state(flat))
+  return model
+
+
+def init_sharded(config: llama_lib.LlamaConfig, mesh: jax.sharding.Mesh, seed: int = 0):
+  """A randomly initialised ``Llama`` whose parameters are created directly sharded on ``mesh``."""
+  abstract = nnx.eval_shape(lambda: llama_lib.Llama(config, rngs=nnx.Rngs(seed)))
+  graphdef, abstract_state = nnx.split(abstract)
+  flat = nnx.to_flat_state(abstract_state)
+  shardings = []
+  for _, var in flat:
+    shape = var.get_value().shape
+    axes = _logical_axes(var) or (None,) * len(shape)
+    shardings.append(jax.NamedSharding(mesh, llama_lib.fit_spec(shape, axes, mesh)))
+
+  def make():
+    state = nnx.state(llama_lib.Llama(config, rngs=nnx.Rngs(seed)))
+    return [v.get_value() for _, v in nnx.to_flat_state(state)]
+
+  values = jax.jit(make, out_shardings=shardings)()
+  state = nnx.from_flat_state([(p, v.replace(x)) for (p, v), x in zip(flat, values)])
+  return nnx.merge(graphdef, state)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face Llama layout -> our parameter names.
+# ------------------------------------------------------------------------------------------------
+
+
+def hf_to_params(
+    hf: Mapping[str, np.ndarray], config: llama_lib.LlamaConfig, *, source: str
+) -> dict[str, np.ndarray]:
+  """Maps HF ``LlamaForCausalLM`` tensors (``[out, in]``) to our dotted parameter names.
+
+  Raises:
+    LoadingError: a required HF tensor is missing, misshaped, or an HF tensor is not consumed.
+  """
+  c = config
+  used: set[str] = set()
+
+  def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    if name not in hf:
+      raise LoadingError(f"{source}: missing tensor {name!r} (expected shape {shape})")
+    arr = np.asarray(hf[name])
+    if tuple(arr.shape) != shape:
+      raise LoadingError(
+          f"{source}: tensor {name!r} has shape {tuple(arr.shape)}, expected {shape}")
+    used.add(name)
+    return arr
+
+  d, h, kvh, hd, f, v = c.hidden, c.heads, c.kv_heads, c.head_dim, c.intermediate, c.vocab_size
+  out = {
+      "embedder.embedding": get("model.embed_tokens.weight", (v, d)),
+      "final_norm.scale": get("model.norm.weight", (d,)),
+  }
+  for i in range(c.layers):
+    p = f"model.layers.{i}."
+    o = f"layers.{i}."
+    out[o + "attn_norm.scale"] = get(p + "input_layernorm.weight", (d,))
+    out[o + "mlp_norm.scale"] = get(p + "post_attention_layernorm.weight", (d,))
+    out[o + "attn.wq"] = get(p + "self_attn.q_proj.weight", (h * hd, d)).T.reshape(d, h, hd)
+    out[o + "attn.wk"] = get(p + "self_attn.k_proj.weight", (kvh * hd, d)).T.reshape(d, kvh, hd)
+    out[o + "attn.wv"] = get(p + "self_attn.v_proj.weight", (kvh * hd, d)).T.reshape(d, kvh, hd)
+    out[o + "attn.wo"] = get(p + "self_attn.o_proj.weight", (d, h * hd)).T.reshape(h, hd, d)
+    out[o + "mlp.w_gate"] = get(p + "mlp.gate_proj.weight", (f, d)).T
+    out[o + "mlp.w_up"] = get(p + "mlp.up_proj.weight", (f, d)).T
+    out[o + "mlp.w_down"] = get(p + "mlp.down_proj.weight", (d, f)).T
+  if c.tie_embeddings:
+    if "lm_head.weight" in hf:
+      head = get("lm_head.weight", (v, d))
+      if not np.array_equal(head, out["embedder.embedding"]):
+        raise LoadingError(
+            f"{source}: config ties embeddings but 'lm_head.weight' differs from "
+            "'model.embed_tokens.weight'")
+  else:
+    out["lm_head"] = get("lm_head.weight", (v, d)).T
+  extra = sorted(k for k in hf if k not in used and not k.endswith(_IGNORED_HF_KEYS))
+  if extra:
+    raise LoadingError(f"{source}: unexpected tensor(s) {extra[:8]} ({len(extra)} unexpected)")
+  return out
+
+
+def load_params(
+    config: llama_lib.LlamaConfig,
+    params: Mapping[str, np.ndarray],
+    *,
+    source: str,
+    mesh: jax.sharding.Mesh | None = None,
+) -> llama_lib.Llama:
+  """Builds a ``Llama`` from dotted parameter arrays without running a random init."""
+  abstract = nnx.eval_shape(lambda: llama_lib.Llama(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  return nnx.merge(graphdef, assign_checked(state, params, source=source, mesh=mesh))
+
+
+# ------------------------------------------------------------------------------------------------
+# safetensors (Hugging Face layout).
+# ------------------------------------------------------------------------------------------------
+
+
+def config_from_hf(cfg: Mapping, **overrides) -> llama_lib.LlamaConfig:
+  """``LlamaConfig`` from a Hugging Face ``config.json`` dict (model_type ``llama`` or ``gemma``).
+
+  Gemma (v1) differs from Llama only by switches: embeddings scaled by sqrt(hidden), RMSNorm with
+  ``1 + w``, GeGLU (tanh GELU) MLP, tied embeddings and a free ``head_dim``.
+  """
+  def need(key):
+    if key not in cfg:
+      raise LoadingError(f"config.json: missing field {key!r}")
+    return cfg[key]
+
+  arch = cfg.get("model_type", "llama")
+  if arch not in ("llama", "gemma"):
+    raise LoadingError(
+        f"config.json: model_type {arch!r} is not supported; expected 'llama' or 'gemma'")
+  heads = int(need("num_attention_heads"))
+  hidden = int(need("hidden_size"))
+  rope_theta = cfg.get("rope_theta")
+  if rope_theta is None:
+    rope_theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+  rope_type = (cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}).get("rope_type")
+  if rope_type not in (None, "default"):
+    raise LoadingError(f"config.json: rope scaling type {rope_type!r} is not supported")
+  for flag in ("attention_bias", "mlp_bias"):
+    if cfg.get(flag):
+      raise LoadingError(f"config.json: {flag}=true is not supported (bias-free Llama only)")
+  gemma = arch == "gemma"
+  act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+  acts = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+  if act not in acts:
+    raise LoadingError(f"config.json: activation {act!r}; expected one of {sorted(acts)}")
+  kwargs = dict(
+      vocab_size=int(need("vocab_size")),
+      hidden=hidden,
+      intermediate=int(need("intermediate_size")),
+      layers=int(need("num_hidden_layers")),
+      heads=heads,
+      kv_heads=int(cfg.get("num_key_value_heads") or heads),
+      head_dim=int(cfg.get("head_dim") or hidden // heads),
+      rope_theta=float(rope_theta),
+      rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
+      max_len=int(cfg.get("max_position_embeddings", 2048)),
+      scale_embeddings=gemma,
+      norm_offset=1.0 if gemma else 0.0,
+      activation=acts[act],
+  )
+  kwargs.update(overrides)
+  return llama_lib.LlamaConfig(**kwargs)
+
+
+def read_safetensors_dir(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """All tensors of ``model.safetensors`` (or an index of shards) in ``path``."""
+  path = pathlib.Path(path)
+  single = path / "model.safetensors"
+  index = path / "model.safetensors.index.json"
+  if single.is_file():
+    return dict(safetensors.numpy.load_file(str(single)))
+  if index.is_file():
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    out: dict[str, np.ndarray] = {}
+    for name in files:
+      out.update(safetensors.numpy.load_file(str(path / name)))
+    return out
+  raise LoadingError(f"{path}: expected model.safetensors or model.safetensors.index.json")
+
+
+def load_llama_safetensors(
+    path: str | pathlib.Path,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[llama_lib.LlamaConfig, llama_lib.Llama]:
+  """Loads a Hugging Face Llama checkpoint folder (``config.json`` + safetensors)."""
+  path = pathlib.Path(path)
+  cfg_file = path / "config.json"
+  if not cfg_file.is_file():
+    raise LoadingError(f"{path}: no config.json")
+  config = config_from_hf(json.loads(cfg_file.read_text()), dtype=dtype, param_dtype=param_dtype)
+  hf = read_safetensors_dir(path)
+  params = hf_to_params(hf, config, source=str(path))
+  return config, load_params(config, params, source=str(path), mesh=mesh)
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF (llama.cpp).
+# ------------------------------------------------------------------------------------------------
+
+
+def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """Undoes llama.cpp's q/k row permutation.
+
+  Args:
+    w: [n_heads * d, in] rows in llama.cpp's interleaved rotary order.
+    n_heads: heads of this projection (query heads for q, kv heads for k).
+
+  Returns:
+    [n_heads * d, in] rows in Hugging Face's rotate-half order.
+  """
+  if w.shape[0] % (2 * n_heads):
+    raise LoadingError(f"unpermute_rotary: {w.shape[0]} rows not divisible by 2*{n_heads}")
+  half = w.shape[0] // n_heads // 2
+  return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+  field = reader.fields.get(key)
+  if field is None:
+    if default is None:
+      raise LoadingError(f"GGUF metadata: missing field {key!r}")
+    return default
+  return field.contents()
+
+
+def config_from_gguf(reader: gguf.GGUFReader, **overrides) -> llama_lib.LlamaConfig:
+  """``LlamaConfig`` from ``llama.*`` GGUF metadata."""
+  arch = _field(reader, "general.architecture")
+  if arch != "llama":
+    raise LoadingError(f"GGUF general.architecture is {arch!r}; only 'llama' is supported")
+  names = {t.name for t in reader.tensors}
+  hidden = int(_field(reader, "llama.embedding_length"))
+  heads = int(_field(reader, "llama.attention.head_count"))
+  embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+  if embd is None:
+    raise LoadingError("GGUF: missing tensor 'token_embd.weight'")
+  vocab = int(embd.shape[-1])  # GGUF shapes are [in, out]: [hidden, vocab]
+  kwargs = dict(
+      vocab_size=vocab,
+      hidden=hidden,
+      intermediate=int(_field(reader, "llama.feed_forward_length")),
+      layers=int(_field(reader, "llama.block_count")),
+      heads=heads,
+      kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
+      head_dim=int(_field(reader, "llama.rope.dimension_count", hidden // heads)),
+      rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+      rms_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+      tie_embeddings="output.weight" not in names,
+      max_len=int(_field(reader, "llama.context_length", 2048)),
+  )
+  kwargs.update(overrides)
+  return llama_lib.LlamaConfig(**kwargs)
+
+
+_GGUF_TO_HF = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def gguf_to_hf(
+    path: str | pathlib.Path,
+) -> tuple[llama_lib.LlamaConfig, dict[str, np.ndarray]]:
+  """Reads a llama-architecture GGUF as a config and float32 HF-layout tensors.
+
+  Raises:
+    LoadingError: unsupported architecture, missing metadata, or a tensor name that has no HF
+      counterpart.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise LoadingError(f"GGUF file not found: {path}")
+  reader = gguf.GGUFReader(str(path))
+  config = config_from_gguf(reader)
+  hf: dict[str, np.ndarray] = {}
+  for t in reader.tensors:
+    arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+    arr = arr.reshape([int(x) for x in reversed(t.shape.tolist())])
+    name = t.name
+    if name == "token_embd.weight":
+      hf["model.embed_tokens.weight"] = arr
+    elif name == "output_norm.weight":
+      hf["model.norm.weight"] = arr
+    elif name == "output.weight":
+      hf["lm_head.weight"] = arr
+    elif name.startswith("blk."):
+      _, layer, rest = name.split(".", 2)
+      if rest not in _GGUF_TO_HF:
+        raise LoadingError(f"{path}: GGUF tensor {name!r} has no Llama counterpart")
+      if rest == "attn_q.weight":
+        arr = unpermute_rotary(arr, config.heads)
+      elif rest == "attn_k.weight":
+        arr = unpermute_rotary(arr, config.kv_heads)
+      hf[f"model.layers.{layer}.{_GGUF_TO_HF[rest]}"] = arr
+    elif name == "rope_freqs.weight":
+      raise LoadingError(f"{path}: GGUF tensor 'rope_freqs.weight' (scaled RoPE) is unsupported")
+    else:
+      raise LoadingError(f"{path}: unexpected GGUF tensor {name!r}")
+  return config, hf
+
+
+def load_llama_gguf(
+    path: str | pathlib.Path,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[llama_lib.LlamaConfig, llama_lib.Llama]:
+  """Loads a llama-architecture GGUF (dequantised) into a ``Llama``.
+
+  Args:
+    path: the ``.gguf`` file.
+    dtype: compute dtype.
+    param_dtype: storage dtype of the dequantised weights.
+    mesh: optional mesh to create the parameters sharded on.
+
+  Returns:
+    (config, model).
+  """
+  config, hf = gguf_to_hf(path)
+  config = config.replace(dtype=dtype, param_dtype=param_dtype)
+  params = hf_to_params(hf, config, source=str(path))
+  del hf
+  return config, load_params(config, params, source=str(path), mesh=mesh)
+
+
+def params_to_hf(model: llama_lib.Llama) -> dict[str, np.ndarray]:
+  """Inverse of ``hf_to_params``: our parameters as HF ``LlamaForCausalLM`` float32 tensors."""
+  c = model.config
+  d, h, kvh, hd = c.hidden, c.heads, c.kv_heads, c.head_dim
+  to_np: Callable = lambda v: np.asarray(v[...], dtype=np.float32)
+  out = {
+      "model.embed_tokens.weight": to_np(model.embedder.embedding),
+      "model.norm.weight": to_np(model.final_norm.scale),
+  }
+  for i, blk in enumerate(model.layers):
+    p = f"model.layers.{i}."
+    out[p + "input_layernorm.weight"] = to_np(blk.attn_norm.scale)
+    out[p + "post_attention_layernorm.weight"] = to_np(blk.mlp_norm.scale)
+    out[p + "self_attn.q_proj.weight"] = to_np(blk.attn.wq).reshape(d, h * hd).T
+    out[p + "self_attn.k_proj.weight"] = to_np(blk.attn.wk).reshape(d, kvh * hd).T
+    out[p + "self_attn.v_proj.weight"] = to_np(blk.attn.wv).reshape(d, kvh * hd).T
+    out[p + "self_attn.o_proj.weight"] = to_np(blk.attn.wo).reshape(h * hd, d).T
+    out[p + "mlp.gate_proj.weight"] = to_np(blk.mlp.w_gate).T
+    out[p + "mlp.up_proj.weight"] = to_np(blk.mlp.w_up).T
+    out[p + "mlp.down_proj.weight"] = to_np(blk.mlp.w_down).T
+  out["lm_head.weight"] = (out["model.embed_tokens.weight"] if c.tie_embeddings
+                           else to_np(model.lm_head).T)
+  return out

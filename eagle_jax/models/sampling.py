@@ -1,0 +1,493 @@
+"""Batched sampling from a ``Llama`` with a preallocated KV cache, and continuation scoring.
+
+Generation (``Sampler.generate_ids``):
+
+1. Prompts are **left-padded** to a length bucket ``P`` (2^k or 1.5 * 2^k, at least ``min_bucket``),
+   so the last column holds every row's last prompt token and all rows share one cache write index.
+   RoPE positions count real tokens only, so padding changes nothing but the slots.
+2. A jitted function runs the prefill (a forward pass over ``[B, P]`` into a cache of ``S = P + N``
+   slots, ``N`` the new-token bucket) and then a ``lax.while_loop`` of decode steps, each a forward
+   pass over ``[B, 1]``. The loop ends when ``max_new_tokens`` are produced or every row has emitted
+   a stop token. Compilation happens once per (batch size, ``P``, ``N``, sampling mode); the numeric
+   knobs (temperature, top-k, top-p, penalty, stop ids, token budget) are traced values.
+3. Each step turns the last logits ``l`` (float32 ``[B, V]``) into a token:
+   * repetition penalty ``r`` (CTRL / Hugging Face convention): for every token already in the row
+     (prompt or generated), ``l <- l / r`` if ``l > 0`` else ``l * r``;
+   * no-repeat n-gram ``n``: tokens that would complete an n-gram already present are banned;
+   * greedy (``temperature == 0``): ``argmax``; otherwise ``l / T``, then top-k (keep the k
+     largest), then top-p (keep the smallest prefix of the sorted distribution with mass >= p; the
+     top token is always kept), then a categorical draw with ``fold_in(key, step)``.
+4. Per-token log-probs are those of the **unmodified model** distribution, ``log softmax(l)[token]``
+   before penalty, temperature or truncation: what a policy-gradient agent needs as ``log pi``. A
+   row stops after its first stop token, which is included (with its log-prob) in the output.
+
+Scoring (``Sampler.score``): ``log p(continuation | prompt)`` per sequence, summed and per token,
+from one cache-free forward pass over left-padded ``prompt + continuation`` (bucketed); logits are
+computed only over the last ``C`` positions (continuation bucket), not the full vocabulary at every
+position.
+
+Everything is deterministic for a fixed ``seed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eagle_jax.models import llama as llama_lib
+from eagle_jax.models.tokenizer import Tokenizer
+
+_NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How to sample.
+
+  Attributes:
+    max_new_tokens: most tokens generated per row.
+    temperature: 0 for greedy decoding, else the softmax temperature.
+    top_k: keep the k most likely tokens (0: off).
+    top_p: nucleus mass (1.0: off).
+    repetition_penalty: > 1 discourages tokens already in the row (1.0: off).
+    no_repeat_ngram: forbid repeating any n-gram of this size (0: off).
+    stop_ids: token ids that end a row (default: the tokenizer's ``stop_ids`` in ``Sampler``).
+  """
+
+  max_new_tokens: int = 64
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  repetition_penalty: float = 1.0
+  no_repeat_ngram: int = 0
+  stop_ids: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    if self.max_new_tokens <= 0:
+      raise ValueError(f"SamplingParams.max_new_tokens: expected > 0, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"SamplingParams.temperature: expected >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingParams.top_k: expected >= 0, got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingParams.top_p: expected in (0, 1], got {self.top_p}")
+    if self.repetition_penalty <= 0:
+      raise ValueError(
+          f"SamplingParams.repetition_penalty: expected > 0, got {self.repetition_penalty}")
+    if self.no_repeat_ngram < 0:
+      raise ValueError(f"SamplingParams.no_repeat_ngram: expected >= 0, got {self.no_repeat_ngram}")
+
+
+class _Mode(NamedTuple):
+  """Static (compile-time) part of the sampling configuration."""
+
+  greedy: bool
+  top_k: bool
+  top_p: bool
+  penalty: bool
+  ngram: int
+
+
+class _Knobs(NamedTuple):
+  """Traced part of the sampling configuration."""
+
+  temperature: jax.Array  # [] f32
+  top_k: jax.Array  # [] int32
+  top_p: jax.Array  # [] f32
+  penalty: jax.Array  # [] f32
+  stop_ids: jax.Array  # [n_stop] int32 (padded with -1)
+  max_new: jax.Array  # [] int32
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  """Generated tokens per row.
+
+  Attributes:
+    tokens: [B, N] int32 generated ids (pad id after a row stopped).
+    mask: [B, N] bool, True on generated tokens (stop token included).
+    logprobs: [B, N] float32 model log-probs of the tokens (0 where mask is False).
+    lengths: [B] int32 number of generated tokens.
+    total_logprob: [B] float32 sum of ``logprobs``.
+    texts: decoded text per row (stop tokens and special tokens removed) if a tokenizer was given.
+  """
+
+  tokens: np.ndarray
+  mask: np.ndarray
+  logprobs: np.ndarray
+  lengths: np.ndarray
+  total_logprob: np.ndarray
+  texts: list[str] | None = None
+
+
+@dataclasses.dataclass
+class ScoreResult:
+  """Continuation log-likelihoods.
+
+  Attributes:
+    total: [B] float32 ``sum_j log p(c_j | prompt, c_<j)``.
+    per_token: [B, C] float32, left-aligned per continuation (0 past its end).
+    mask: [B, C] bool, True on continuation tokens.
+  """
+
+  total: np.ndarray
+  per_token: np.ndarray
+  mask: np.ndarray
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Smallest bucket >= max(n, minimum); buckets are 2^k and 1.5 * 2^k (padding waste < 1/3)."""
+  n = max(int(n), int(minimum), 1)
+  p = 1 << (n - 1).bit_length()  # smallest power of two >= n
+  three_quarters = 3 * p // 4
+  return three_quarters if p >= 4 and three_quarters >= n else p
+
+
+def process_logits(
+    logits: jax.Array,
+    mode: _Mode,
+    knobs: _Knobs,
+    presence: jax.Array | None,
+    banned: jax.Array | None,
+) -> jax.Array:
+  """Applies penalty, n-gram bans, temperature, top-k and top-p.
+
+  Args:
+    logits: [B, V] float32 raw logits.
+    mode: static switches.
+    knobs: traced values.
+    presence: [B, V] bool tokens already in the row (penalty), or None.
+    banned: [B, V] bool tokens forbidden by the n-gram rule, or None.
+
+  Returns:
+    [B, V] float32 logits whose softmax is the sampling distribution (argmax for greedy).
+  """
+  if mode.penalty:
+    r = knobs.penalty
+    penalised = jnp.where(logits > 0, logits / r, logits * r)
+    logits = jnp.where(presence, penalised, logits)
+  if banned is not None:
+    logits = jnp.where(banned, _NEG_INF, logits)
+  if mode.greedy:
+    return logits
+  logits = logits / knobs.temperature
+  if mode.top_k or mode.top_p:
+    sorted_desc = -jnp.sort(-logits, axis=-1)  # [B, V]
+    if mode.top_k:
+      k = jnp.clip(knobs.top_k, 1, logits.shape[-1])
+      kth = jnp.take(sorted_desc, k - 1, axis=-1)[:, None]
+      logits = jnp.where(logits < kth, _NEG_INF, logits)
+      sorted_desc = jnp.where(jnp.arange(logits.shape[-1]) < k, sorted_desc, _NEG_INF)
+    if mode.top_p:
+      probs = jax.nn.softmax(sorted_desc, axis=-1)
+      mass_before = jnp.cumsum(probs, axis=-1) - probs
+      keep = mass_before < knobs.top_p  # the first token always has mass_before == 0
+      threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+      logits = jnp.where(logits < threshold, _NEG_INF, logits)
+  return logits
+
+
+def _ngram_bans(seq: jax.Array, valid: jax.Array, cur: jax.Array, n: int, vocab: int) -> jax.Array:
+  """Tokens that would repeat an n-gram.
+
+  Args:
+    seq: [B, L] int32 token history (prompt slots then generated slots).
+    valid: [B, L] bool real tokens in ``seq`` (only slots < cur can be True).
+    cur: [] int32 slot the next token goes to.
+    n: n-gram size (>= 1).
+    vocab: V.
+
+  Returns:
+    [B, V] bool banned next tokens.
+  """
+  b, length = seq.shape
+  if n == 1:
+    return jnp.zeros((b, vocab), jnp.int8).at[jnp.arange(b)[:, None], seq].max(
+        valid.astype(jnp.int8)).astype(bool)
+  tail = jax.lax.dynamic_slice_in_dim(seq, cur - (n - 1), n - 1, axis=1)  # [B, n-1]
+  tail_ok = jnp.all(jax.lax.dynamic_slice_in_dim(valid, cur - (n - 1), n - 1, axis=1), axis=1)
+  w = length - n + 1
+  match = jnp.ones((b, w), bool)
+  for i in range(n):
+    match &= valid[:, i : i + w]
+  for i in range(n - 1):
+    match &= seq[:, i : i + w] == tail[:, i : i + 1]
+  match &= tail_ok[:, None]
+  nxt = seq[:, n - 1 :]
+  return jnp.zeros((b, vocab), jnp.int8).at[jnp.arange(b)[:, None], nxt].max(
+      match.astype(jnp.int8)).astype(bool)
+
+
+def _generate_impl(
+    graphdef,
+    state,
+    tokens: jax.Array,
+    mask: jax.Array,
+    knobs: _Knobs,
+    keys: jax.Array,
+    *,
+    mode: _Mode,
+    new_bucket: int,
+    pad_id: int,
+):
+  """Prefill + while-loop decode.
+
+  Args:
+    tokens, mask: [B, P] left-padded prompts.
+    keys: [B] PRNG keys, one per row: a row's samples depend on its own key only, never on the
+      other rows of the batch.
+
+  Returns:
+    (tokens [B, N] int32, mask [B, N] bool, logprobs [B, N] float32).
+  """
+  model = nnx.merge(graphdef, state)
+  config = model.config
+  b, p = tokens.shape
+  v = config.vocab_size
+  s = p + new_bucket
+  cache = llama_lib.KVCache.init(config, b, s)
+  hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
+  logits = model.logits(hidden[:, -1:])[:, 0]  # [B, V]
+  rows = jnp.arange(b)[:, None]
+  presence = None
+  if mode.penalty:
+    presence = jnp.zeros((b, v), jnp.int8).at[rows, tokens].max(mask.astype(jnp.int8)).astype(bool)
+  seq = valid = None
+  if mode.ngram:
+    seq = jnp.concatenate([tokens, jnp.full((b, new_bucket), pad_id, jnp.int32)], axis=1)
+    valid = jnp.concatenate([mask, jnp.zeros((b, new_bucket), bool)], axis=1)
+
+  out_tokens = jnp.full((b, new_bucket), pad_id, jnp.int32)
+  out_mask = jnp.zeros((b, new_bucket), bool)
+  out_logp = jnp.zeros((b, new_bucket), jnp.float32)
+  done = jnp.zeros((b,), bool)
+
+  def cond(carry):
+    step, done = carry[0], carry[1]
+    return (step < knobs.max_new) & ~jnp.all(done)
+
+  def body(carry):
+    step, done, logits, cache, presence, seq, valid, out_tokens, out_mask, out_logp = carry
+    banned = None
+    if mode.ngram:
+      banned = _ngram_bans(seq, valid, p + step, mode.ngram, v)
+    scores = process_logits(logits, mode, knobs, presence, banned)
+    if mode.greedy:
+      tok = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    else:
+      draw = lambda k, row: jax.random.categorical(jax.random.fold_in(k, step), row)
+      tok = jax.vmap(draw)(keys, scores).astype(jnp.int32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
+    live = ~done
+    tok = jnp.where(live, tok, pad_id)
+    out_tokens = out_tokens.at[:, step].set(tok)
+    out_mask = out_mask.at[:, step].set(live)
+    out_logp = out_logp.at[:, step].set(jnp.where(live, logp, 0.0))
+    if mode.penalty:
+      presence = presence.at[jnp.arange(b), tok].max(live)
+    if mode.ngram:
+      seq = seq.at[:, p + step].set(tok)
+      valid = valid.at[:, p + step].set(live)
+    done = done | (live & jnp.any(tok[:, None] == knobs.stop_ids[None, :], axis=-1))
+    new_logits, cache = model(tok[:, None], attention_mask=live[:, None], cache=cache)
+    return (step + 1, done, new_logits[:, 0], cache, presence, seq, valid, out_tokens, out_mask,
+            out_logp)
+
+  carry = (jnp.zeros((), jnp.int32), done, logits, cache, presence, seq, valid, out_tokens,
+           out_mask, out_logp)
+  carry = jax.lax.while_loop(cond, body, carry)
+  return carry[7], carry[8], carry[9]
+
+
+def _score_impl(graphdef, state, tokens, mask, *, cont_bucket: int):
+  """tokens/mask: [B, L] left-padded prompt+continuation -> [B, C] log p of the last C tokens."""
+  model = nnx.merge(graphdef, state)
+  hidden, _ = model.hidden_states(tokens, attention_mask=mask)
+  length = tokens.shape[1]
+  h = hidden[:, length - 1 - cont_bucket : length - 1]  # predicts tokens[:, L-C:]
+  logits = model.logits(h)  # [B, C, V]
+  target = tokens[:, length - cont_bucket :]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+
+
+class Sampler:
+  """Jitted batched generation and scoring for one model.
+
+  Args:
+    model: the decoder.
+    tokenizer: optional; gives default stop ids, the pad id and decoded texts.
+    mesh: optional mesh; calls run under ``jax.set_mesh(mesh)`` (parameters already placed on it,
+      e.g. by ``loading.load_llama_gguf(..., mesh=mesh)``).
+    min_bucket: smallest prompt / new-token bucket.
+  """
+
+  def __init__(
+      self,
+      model: llama_lib.Llama,
+      tokenizer: Tokenizer | None = None,
+      *,
+      mesh: jax.sharding.Mesh | None = None,
+      min_bucket: int = 16,
+  ):
+    self.config = model.config
+    self.tokenizer = tokenizer
+    self.mesh = mesh
+    self.min_bucket = min_bucket
+    self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
+    self.graphdef, self.state = nnx.split(model)
+    self._generate = jax.jit(
+        functools.partial(_generate_impl, self.graphdef),
+        static_argnames=("mode", "new_bucket", "pad_id"))
+    self._score = jax.jit(functools.partial(_score_impl, self.graphdef),
+                          static_argnames=("cont_bucket",))
+
+  def set_model(self, model: llama_lib.Llama) -> None:
+    """Switches to ``model``'s current parameters (same structure, so nothing recompiles)."""
+    graphdef, state = nnx.split(model)
+    if graphdef != self.graphdef:
+      raise ValueError("set_model: model structure or config differs from the sampler's model")
+    self.state = state
+
+  def _run(self, fn, *args, **kwargs):
+    if self.mesh is None:
+      return fn(*args, **kwargs)
+    with jax.set_mesh(self.mesh):
+      return fn(*args, **kwargs)
+
+  def _check_ids(self, name: str, seqs: Sequence[Sequence[int]], allow_empty: bool) -> None:
+    if not seqs:
+      raise ValueError(f"{name}: expected at least one sequence")
+    for i, s in enumerate(seqs):
+      if not allow_empty and len(s) == 0:
+        raise ValueError(f"{name}[{i}] is empty")
+      if len(s) and (min(s) < 0 or max(s) >= self.config.vocab_size):
+        raise ValueError(f"{name}[{i}]: token ids must be in [0, {self.config.vocab_size})")
+
+  def _pad(self, seqs: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.full((len(seqs), length), self.pad_id, np.int32)
+    mask = np.zeros((len(seqs), length), bool)
+    for i, s in enumerate(seqs):
+      if len(s):
+        tokens[i, length - len(s):] = s
+        mask[i, length - len(s):] = True
+    return tokens, mask
+
+  def generate_ids(
+      self,
+      prompts: Sequence[Sequence[int]],
+      params: SamplingParams = SamplingParams(),
+      *,
+      seed: int = 0,
+      seeds: Sequence[int] | None = None,
+  ) -> GenerationResult:
+    """Generates continuations of token-id prompts (any lengths; left-padded internally).
+
+    Args:
+      prompts: token-id prompts.
+      params: sampling settings.
+      seed: with ``seeds=None``, row ``i`` samples with the key ``fold_in(key(seed), i)``.
+      seeds: one seed per prompt; row ``i`` samples with ``key(seeds[i])``, so its answer does
+        not depend on which other prompts share the batch (the environment client relies on it).
+    """
+    self._check_ids("prompts", prompts, allow_empty=False)
+    if seeds is not None and len(seeds) != len(prompts):
+      raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
+    stop = params.stop_ids
+    if stop is None:
+      stop = self.tokenizer.stop_ids if self.tokenizer is not None else ()
+    p_bucket = bucket(max(len(x) for x in prompts), self.min_bucket)
+    n_bucket = bucket(params.max_new_tokens, self.min_bucket)
+    tokens, mask = self._pad(prompts, p_bucket)
+    mode = _Mode(
+        greedy=params.temperature == 0.0,
+        top_k=params.top_k > 0 and params.temperature > 0,
+        top_p=params.top_p < 1.0 and params.temperature > 0,
+        penalty=params.repetition_penalty != 1.0,
+        ngram=int(params.no_repeat_ngram),
+    )
+    # Padded with -1 (never a token) to a multiple of 4 so a few more stop ids do not recompile.
+    stop_arr = np.full((max(4, -(-len(stop) // 4) * 4),), -1, np.int32)
+    stop_arr[: len(stop)] = stop
+    knobs = _Knobs(
+        temperature=jnp.float32(params.temperature or 1.0),
+        top_k=jnp.int32(params.top_k),
+        top_p=jnp.float32(params.top_p),
+        penalty=jnp.float32(params.repetition_penalty),
+        stop_ids=jnp.asarray(stop_arr),
+        max_new=jnp.int32(params.max_new_tokens),
+    )
+    out_tokens, out_mask, out_logp = self._run(
+        self._generate, self.state, jnp.asarray(tokens), jnp.asarray(mask), knobs,
+        self._row_keys(len(prompts), seed, seeds), mode=mode, new_bucket=n_bucket,
+        pad_id=self.pad_id)
+    n = params.max_new_tokens
+    out_tokens = np.asarray(out_tokens)[:, :n]
+    out_mask = np.asarray(out_mask)[:, :n]
+    out_logp = np.asarray(out_logp)[:, :n]
+    result = GenerationResult(
+        tokens=out_tokens, mask=out_mask, logprobs=out_logp,
+        lengths=out_mask.sum(axis=1).astype(np.int32), total_logprob=out_logp.sum(axis=1))
+    if self.tokenizer is not None:
+      result.texts = [
+          self.tokenizer.decode([t for t, m in zip(row, mrow) if m and t not in stop])
+          for row, mrow in zip(out_tokens.tolist(), out_mask.tolist())]
+    return result
+
+  @staticmethod
+  def _row_keys(n: int, seed: int, seeds: Sequence[int] | None) -> jax.Array:
+    if seeds is not None:
+      return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(n))
+
+  def generate(
+      self,
+      prompts: Sequence[str],
+      params: SamplingParams = SamplingParams(),
+      *,
+      seed: int = 0,
+      chat: bool = False,
+  ) -> GenerationResult:
+    """Generates from text prompts (``chat=True`` wraps each as one ChatML user turn)."""
+    if self.tokenizer is None:
+      raise ValueError("generate: text prompts need a tokenizer; use generate_ids")
+    if isinstance(prompts, str):
+      raise ValueError("generate: prompts must be a sequence of str, not a str")
+    if chat:
+      ids = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True)
+             for p in prompts]
+    else:
+      ids = [self.tokenizer.encode(p) for p in prompts]
+    return self.generate_ids(ids, params, seed=seed)
+
+  def score(
+      self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+  ) -> ScoreResult:
+    """``log p(continuation | prompt)`` per row (prompts must be non-empty)."""
+    if len(prompts) != len(continuations):
+      raise ValueError(
+          f"score: {len(prompts)} prompts but {len(continuations)} continuations")
+    self._check_ids("prompts", prompts, allow_empty=False)
+    self._check_ids("continuations", continuations, allow_empty=True)
+    c_bucket = bucket(max(len(c) for c in continuations), 8)
+    full = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+    length = bucket(max(max(len(x) for x in full), c_bucket + 1), self.min_bucket)
+    tokens, mask = self._pad(full, length)
+    logp = np.asarray(self._run(self._score, self.state, jnp.asarray(tokens), jnp.asarray(mask),
+                                cont_bucket=c_bucket))
+    cmax = max(len(c) for c in continuations)
+    per_token = np.zeros((len(prompts), max(cmax, 1)), np.float32)
+    cmask = np.zeros_like(per_token, bool)
+    for i, c in enumerate(continuations):
+      n = len(c)
+      if n:
+        per_token[i, :n] = logp[i, c_bucket - n:]
+        cmask[i, :n] = True
+    return ScoreResult(total=per_token.sum(axis=1), per_token=per_token, mask=cmask)

@@ -1,0 +1,71 @@
+"""Shared helpers for the decoder tests: tiny PyTorch reference models and the real SmolLM2 loader.
+
+The tiny models are Hugging Face ``LlamaForCausalLM`` / ``GemmaForCausalLM`` with random weights
+from a fixed torch seed, saved with ``save_pretrained`` (safetensors): the independent reference for
+logits. The real SmolLM2 model is loaded once per test session (``functools.cache``) because its
+GGUF dequantisation takes seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import numpy as np
+import torch
+import transformers
+
+from eagle_jax import assets
+from eagle_jax.models import loading
+from eagle_jax.models.tokenizer import Tokenizer
+
+TINY_LLAMA = dict(
+    vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+    num_attention_heads=6, num_key_value_heads=2, rope_theta=5000.0, rms_norm_eps=1e-5,
+    max_position_embeddings=256)
+
+
+def make_torch_llama(tie: bool = False, seed: int = 0, **overrides):
+  """A random-weight PyTorch LlamaForCausalLM (weights scaled up so logits are well spread)."""
+  torch.manual_seed(seed)
+  cfg = transformers.LlamaConfig(**{**TINY_LLAMA, "tie_word_embeddings": tie, **overrides})
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      else:
+        p.normal_(0.0, 0.15)
+  return model
+
+
+def save_torch(model, directory: pathlib.Path) -> pathlib.Path:
+  model.save_pretrained(str(directory), safe_serialization=True)
+  return directory
+
+
+def torch_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+  """Reference logits [B, T, V] (left padding: positions count real tokens, as in generate)."""
+  ids = torch.tensor(np.asarray(tokens), dtype=torch.long)
+  kwargs = {}
+  if mask is not None:
+    m = torch.tensor(np.asarray(mask), dtype=torch.long)
+    kwargs = dict(attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0))
+  with torch.no_grad():
+    return model(ids, **kwargs).logits.float().numpy()
+
+
+@functools.cache
+def smollm2():
+  """(config, model, tokenizer) of the real SmolLM2-135M-Instruct, float32."""
+  path = assets.smollm2_gguf()
+  config, model = loading.load_llama_gguf(path)
+  return config, model, Tokenizer.from_gguf(path)
+
+
+@functools.cache
+def smollm2_sampler():
+  from eagle_jax.models import sampling
+
+  _, model, tok = smollm2()
+  return sampling.Sampler(model, tok)
