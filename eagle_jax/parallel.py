@@ -121,3 +121,74 @@ def axis_size(mesh: Mesh, logical_axis: str, rules: LogicalRules = DEFAULT_RULES
     return 1
   names = (spec,) if isinstance(spec, str) else spec
   return math.prod(mesh.shape[n] for n in names)
+
+
+def fit_spec(
+    shape: Sequence[int],
+    logical_axes: Sequence[str | None],
+    mesh,
+    rules: LogicalRules = DEFAULT_RULES,
+) -> PartitionSpec:
+  """Like ``logical_to_spec``, but drops mesh axes that ``mesh`` lacks or that do not divide.
+
+  Real checkpoints have dimensions no mesh size divides (SmolLM2's 9 heads, MiniLM's 30,522-row
+  vocabulary); such a dimension is replicated over the offending axis instead of failing.
+
+  Args:
+    shape: the array's shape.
+    logical_axes: one logical name (or None) per dimension.
+    mesh: a ``Mesh`` or ``AbstractMesh``.
+    rules: logical axis rules.
+  """
+  if len(shape) != len(logical_axes):
+    raise ValueError(f"fit_spec: shape {tuple(shape)} has {len(shape)} dims but logical_axes "
+                     f"{tuple(logical_axes)} has {len(logical_axes)}")
+  spec = logical_to_spec(logical_axes, rules)
+  out = []
+  for dim, entry in zip(shape, spec):
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    kept, size = [], 1
+    for n in names:
+      if n in mesh.shape and dim % (size * mesh.shape[n]) == 0:
+        kept.append(n)
+        size *= mesh.shape[n]
+    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return PartitionSpec(*out)
+
+
+def constrain(
+    x: jax.Array, logical_axes: Sequence[str | None], rules: LogicalRules = DEFAULT_RULES
+) -> jax.Array:
+  """``with_sharding_constraint`` by logical names under ``jax.set_mesh``; the identity without."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, fit_spec(x.shape, logical_axes, mesh, rules))
+
+
+def variable_axes(variable) -> tuple | None:
+  """Logical axes recorded on an NNX variable by ``nnx.with_partitioning`` (None if absent)."""
+  meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+  axes = meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
+  return tuple(axes) if axes else None
+
+
+def variable_sharding(
+    variable, shape: Sequence[int], mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
+) -> NamedSharding:
+  """``NamedSharding`` of an NNX variable of ``shape`` from its logical axes (replicated if none)."""
+  axes = variable_axes(variable) or (None,) * len(shape)
+  return NamedSharding(mesh, fit_spec(shape, axes, mesh, rules))
+
+
+def shard_module(module, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+  """Places every variable of an NNX module on ``mesh`` by its logical axes (in place; returns it)."""
+  from flax import nnx  # Local import: the mesh helpers above do not need flax.
+
+  flat = []
+  for path, var in nnx.to_flat_state(nnx.state(module)):
+    value = var.get_value()
+    sharding = variable_sharding(var, value.shape, mesh, rules)
+    flat.append((path, var.replace(jax.device_put(value, sharding))))
+  nnx.update(module, nnx.from_flat_state(flat))
+  return module

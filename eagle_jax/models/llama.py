@@ -39,14 +39,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eagle_jax import parallel
+from eagle_jax.parallel import constrain
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -159,39 +158,6 @@ class KVCache:
 
 
 CACHE_AXES = (None, "batch", "length", "kv_heads", "kv")
-
-
-def _fit_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh) -> jax.P:
-  """PartitionSpec for ``logical_axes`` on ``mesh``; drops mesh axes absent or not dividing."""
-  spec = parallel.logical_to_spec(logical_axes)
-  out = []
-  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    kept = []
-    size = 1
-    for n in names:
-      if n in mesh.shape and dim % (size * mesh.shape[n]) == 0:
-        kept.append(n)
-        size *= mesh.shape[n]
-    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-  return jax.P(*out)
-
-
-def fit_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh) -> jax.P:
-  """Public form of the divisibility-aware logical -> mesh mapping (``mesh`` may be abstract)."""
-  if len(shape) != len(logical_axes):
-    raise ValueError(
-        f"fit_spec: shape {tuple(shape)} has {len(shape)} dims but logical_axes {logical_axes} "
-        f"has {len(logical_axes)}")
-  return _fit_spec(shape, logical_axes, mesh)
-
-
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """``with_sharding_constraint`` by logical names when a mesh is set, else the identity."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return x
-  return jax.lax.with_sharding_constraint(x, _fit_spec(x.shape, logical_axes, mesh))
 
 
 def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:

@@ -16,7 +16,7 @@ safetensors: read with ``safetensors.numpy`` (no torch, no pickle), sharded chec
 ``model.safetensors.index.json``; the config from ``config.json``.
 
 Sharding: the model is built abstractly (``nnx.eval_shape``), every array is placed with
-``jax.device_put`` on a ``NamedSharding`` from its logical axes (``llama.fit_spec``: a mesh axis
+``jax.device_put`` on a ``NamedSharding`` from its logical axes (``parallel.fit_spec``: a mesh axis
 that does not divide a dimension is dropped for that dimension), then merged. No parameter is ever
 materialised unsharded on one device when a mesh is given, and no random init is run.
 """
@@ -34,6 +34,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
+from eagle_jax import parallel
 from eagle_jax.models import llama as llama_lib
 
 # HF buffers that are not parameters (safe to ignore when present).
@@ -52,12 +53,6 @@ class LoadingError(ValueError):
 def path_key(path: tuple) -> str:
   """Dotted name of an NNX state path, e.g. ``layers.0.attn.wq``."""
   return ".".join(str(p) for p in path)
-
-
-def _logical_axes(variable) -> tuple | None:
-  meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
-  axes = meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
-  return tuple(axes) if axes else None
 
 
 def assign_checked(
@@ -104,9 +99,7 @@ def assign_checked(
           f"{source}: tensor {key!r} has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}")
     arr = np.asarray(arr).astype(dtype or ref.dtype, copy=False)
     if mesh is not None:
-      axes = _logical_axes(var) or (None,) * arr.ndim
-      sharding = jax.NamedSharding(mesh, llama_lib.fit_spec(arr.shape, axes, mesh))
-      value = jax.device_put(arr, sharding)
+      value = jax.device_put(arr, parallel.variable_sharding(var, arr.shape, mesh))
     else:
       value = jnp.asarray(arr)
     new_leaves.append((path, var.replace(value)))
@@ -115,15 +108,7 @@ def assign_checked(
 
 def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
   """Places every variable of ``model`` on ``mesh`` by its logical axes (in place; returns it)."""
-  state = nnx.state(model)
-  flat = []
-  for path, var in nnx.to_flat_state(state):
-    value = var.get_value()
-    axes = _logical_axes(var) or (None,) * value.ndim
-    sharding = jax.NamedSharding(mesh, llama_lib.fit_spec(value.shape, axes, mesh))
-    flat.append((path, var.replace(jax.device_put(value, sharding))))
-  nnx.update(model, nnx.from_flat_state(flat))
-  return model
+  return parallel.shard_module(model, mesh)
 
 
 def init_sharded(config: llama_lib.LlamaConfig, mesh: jax.sharding.Mesh, seed: int = 0):
@@ -134,8 +119,7 @@ def init_sharded(config: llama_lib.LlamaConfig, mesh: jax.sharding.Mesh, seed: i
   shardings = []
   for _, var in flat:
     shape = var.get_value().shape
-    axes = _logical_axes(var) or (None,) * len(shape)
-    shardings.append(jax.NamedSharding(mesh, llama_lib.fit_spec(shape, axes, mesh)))
+    shardings.append(parallel.variable_sharding(var, shape, mesh))
 
   def make():
     state = nnx.state(llama_lib.Llama(config, rngs=nnx.Rngs(seed)))
