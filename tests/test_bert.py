@@ -145,7 +145,7 @@ def test_encode_matches_reference_in_input_order(minilm_encoder, minilm_torch, b
   texts = TEXTS + [f"Sentence number {i} about a {w} film." for i, w in
                    enumerate(["heist", "war", "romantic comedy", "documentary"])]
   # 9 sentences: several batches, sorting by length and a padded last batch (batch_size 3), or
-  # micro-batches of 2 rows inside each jitted call (batch_size 8, micro_batch 2).
+  # calls of 2 rows, each padded to its own length bucket (batch_size 8, micro_batch 2).
   emb = enc.encode(texts)
   ref = []
   for text in texts:  # one sentence at a time: no padding at all in the reference
@@ -290,10 +290,11 @@ def test_input_validation(minilm_encoder):
 
 def test_encode_compiles_once_per_bucket(minilm_encoder):
   before = minilm_encoder._embed._cache_size()
-  # Each call: 3 or 4 sentences of 6-13 tokens -> rows bucket 4 (batch_size 4), length bucket 16.
-  for texts in (["a b c d", "the cat sat on the mat", "x"],
+  # Each call: 3 or 4 sentences, the longest of 13-14 tokens -> rows bucket 4 (batch_size 4),
+  # length bucket 16.
+  for texts in (["a b c d", "the cat sat on the mat by the old red door", "x"],
                 ["one two three four five six seven eight nine ten eleven", "y", "z", "w"],
-                ["hello world", "space opera", "banana bread"]):
+                ["hello world", "a space opera about a crew lost in the deep dark space", "bread"]):
     assert minilm_encoder.tokenize(texts)[0].shape[1] == 16
     minilm_encoder.encode(texts)
   assert minilm_encoder._embed._cache_size() - before <= 1

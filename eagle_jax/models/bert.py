@@ -243,10 +243,8 @@ class BertLayer(nnx.Module):
     q = constrain(self.query(xc), ("batch", "length", "heads", "kv"))
     k = constrain(self.key(xc), ("batch", "length", "heads", "kv"))
     v = constrain(self.value(xc), ("batch", "length", "heads", "kv"))
-    scores = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(cfg.head_dim)) + key_bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-    ctx = jnp.einsum("bhqt,bthk->bqhk", probs, v)
+    # softmax(q kᵀ / sqrt(d/H) + key_bias) v, logits and softmax in float32.
+    ctx = jax.nn.dot_product_attention(q, k, v, bias=key_bias, implementation="xla")
     attn = self.attention_output(ctx).astype(jnp.float32)
     x = constrain(self.attention_norm(x + attn), ("batch", "length", "embed"))
     hidden = self.intermediate(x.astype(cfg.dtype))
