@@ -181,7 +181,7 @@ def test_sharded_forward_equals_single_device(tmp_path):
   mesh = parallel.make_mesh({"fsdp": 2, "tensor": 4})
   graphdef, state = nnx.split(model)
   sharded = nnx.merge(graphdef, state)
-  bert.shard_params(sharded, mesh)
+  parallel.shard_module(sharded, mesh)
   q = sharded.layers[0].query.kernel[...]
   assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (32, 1, 16)

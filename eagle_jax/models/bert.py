@@ -23,7 +23,7 @@ max(‖e‖₂, 1e-12).
 
 Sharding. Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``) as
 ``out_sharding`` metadata with ``eager_sharding=False``, so the model builds and runs unsharded with
-no mesh; ``shard_params`` places them on a mesh through ``parallel.DEFAULT_RULES``. A dimension that
+no mesh; ``parallel.shard_module`` places them on a mesh through ``parallel.DEFAULT_RULES``. A dimension that
 its mesh axes do not divide (e.g. the 30,522-row vocabulary on 4 tensor shards) is replicated on
 that dimension instead: the choice keeps every real checkpoint loadable on any mesh. Activations get
 sharding constraints (``batch``, ``length``, ``embed``/``heads``/``mlp``) only when a mesh is set
@@ -41,19 +41,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from eagle_jax import parallel
+from eagle_jax.parallel import constrain
 
 _GELU_EXACT = ("gelu",)
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -172,15 +172,6 @@ class BertConfig:
 
 def _meta(*axes: str | None) -> dict[str, Any]:
   return {"out_sharding": axes, "eager_sharding": False}
-
-
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint by logical axes under ``jax.set_mesh``; the identity without a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return x
-  spec = parallel.logical_to_spec(logical_axes)
-  return jax.lax.with_sharding_constraint(x, spec)
 
 
 class BertEmbeddings(nnx.Module):
@@ -332,40 +323,6 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sharding
-
-
-def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-  """Drops mesh axes from dimensions they do not divide (that dimension is then replicated)."""
-  out = []
-  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    size = math.prod(mesh.shape[n] for n in names)
-    out.append(entry if size and dim % size == 0 else None)
-  return PartitionSpec(*out)
-
-
-def param_sharding(
-    var: nnx.Variable, mesh: Mesh, rules: parallel.LogicalRules = parallel.DEFAULT_RULES
-) -> NamedSharding:
-  """``NamedSharding`` for a parameter from its logical ``out_sharding`` metadata."""
-  axes = var.get_metadata().get("out_sharding") or ()
-  shape = var.get_value().shape
-  spec = parallel.logical_to_spec(axes, rules) if axes else PartitionSpec()
-  return NamedSharding(mesh, _fit_spec(spec, shape, mesh))
-
-
-def shard_params(
-    model: nnx.Module, mesh: Mesh, rules: parallel.LogicalRules = parallel.DEFAULT_RULES
-) -> nnx.Module:
-  """Places every ``nnx.Param`` of ``model`` on ``mesh`` by its logical axes (in place)."""
-  for _, var in nnx.iter_graph(model):
-    if isinstance(var, nnx.Param):
-      var.set_value(jax.device_put(var.get_value(), param_sharding(var, mesh, rules)))
-  return model
-
-
-# ----------------------------------------------------------------------------------------------
 # Loading Hugging Face safetensors
 
 Path = tuple[str | int, ...]
@@ -461,8 +418,10 @@ def assign_hf_tensors(
     if new.shape != var.get_value().shape:
       raise ValueError(f"{source}: tensor {name!r} maps to shape {new.shape}, but parameter "
                        f"{'/'.join(map(str, path))} is {var.get_value().shape}")
-    var.set_value(jax.device_put(new, param_sharding(var, mesh, rules)) if mesh is not None
-                  else jnp.asarray(new))
+    if mesh is not None:
+      var.set_value(jax.device_put(new, parallel.variable_sharding(var, new.shape, mesh, rules)))
+    else:
+      var.set_value(jnp.asarray(new))
     assigned.add(path)
   left = sorted("/".join(map(str, p)) for p in set(params) - assigned)
   if left:

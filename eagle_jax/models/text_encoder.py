@@ -25,7 +25,7 @@ program on a 2-core CPU), paid once per (length bucket, rows) a run meets; pass 
 ``length_buckets`` for short one-off runs over very varied lengths. Calls are dispatched
 asynchronously, so the host pads the next call while the device runs.
 
-With a mesh, parameters are placed by their logical axes (``bert.shard_params``) and the token
+With a mesh, parameters are placed by their logical axes (``parallel.shard_module``) and the token
 arrays are sharded over the ``batch`` logical axis; the jitted function runs under ``jax.set_mesh``
 so the model's activation constraints apply.
 """
@@ -114,7 +114,7 @@ class SentenceEncoder:
     self._rules = rules
     self._batch_shards = 1 if mesh is None else parallel.axis_size(mesh, "batch", rules)
     if mesh is not None:
-      bert.shard_params(model, mesh, rules)
+      parallel.shard_module(model, mesh, rules)
       self._token_sharding = parallel.named_sharding(mesh, ("batch", "length"), rules)
     self.micro_batch = None if mesh is not None else micro_batch
     graphdef, self._state = nnx.split(model)
