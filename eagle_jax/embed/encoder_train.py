@@ -1,0 +1,248 @@
+"""Training job of the encoder E_D (text -> Z): MiniLM embedding + MLP head onto WALS item vectors.
+
+``run(config, workdir)`` is what ``python -m launch.train_encoder`` calls.
+
+Target. E_D must map a description into the space where EAGLE's utility and the user vectors live,
+so the regression target of movie ``i`` is its **augmented** WALS item vector
+``z_i = [y_i, 1, c_i, 1]`` (``WALSFactors.augmented``, [I, k+3]; ``<z_u, z_i>`` is the predicted
+rating): the factors and the item bias both matter for a user's utility. The two constant columns
+have zero variance; they add nothing to the pooled R^2 (nor to nearest-neighbour distances) and
+the head learns them trivially. ``config.target = "factors"`` uses the raw ``y_i`` [I, k] instead.
+
+Training rows. The environment LLM describes only a small subset of movies on a CPU (24 by
+default), far too few rows to fit a 384 -> d head. So E_D is trained on a **metadata text for all
+movies** ("Title (year). Genres: A, B, C." plus tags when the data has them) **plus the LLM
+description** (metadata line followed by ``Description.render()``) for every described movie: one
+or two rows per movie, all with the movie's vector as target.
+
+Split. A deterministic ``heldout_fraction`` (default 20%) of movies (a permutation seeded by
+``config.split_seed``) is held out with all its rows; the head and both baselines are fitted on the
+other movies only. Reported for the held-out movies:
+
+* R^2 (pooled over dimensions, ``encoder.r2_score``) and nearest-neighbour recall@k among all
+  items' vectors (``encoder.nn_recall_at_k``), on the metadata rows (every held-out movie) and on
+  the description rows (held-out described movies, if any);
+* the same for the genre-only ridge baseline (multi-hot genres -> vector, ``ridge_fit_predict``)
+  and a MiniLM ridge baseline (the frozen embedding -> vector, linear), which isolates what the MLP
+  head adds.
+
+Targets are standardised for training by a per-column mean and one global scale (the root mean
+square of the centred targets), so the pooled loss keeps the variance weighting of the pooled R^2;
+predictions are mapped back. The head parameters, the mean and the scale are saved with orbax
+(``eagle_jax.checkpoint``) under ``workdir/checkpoints/<steps>``; ``report.json`` holds the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from eagle_jax import checkpoint
+from eagle_jax.embed import encoder, wals_train
+from eagle_jax.env import build
+
+
+def metadata_text(title: str, genres: Sequence[str], tags: Sequence[str] = ()) -> str:
+  """"Title (year). Genres: A, B." (+ " Tags: ..." when there are tags)."""
+  text = f"{title}. Genres: {', '.join(genres) if genres else 'unknown'}."
+  if tags:
+    text += f" Tags: {', '.join(tags[:8])}."
+  return text
+
+
+def load_targets(path: str, item_ids: np.ndarray, target: str) -> np.ndarray:
+  """Item vectors [I, d] from a WALS ``embeddings.npz``, in the order of ``item_ids``.
+
+  Args:
+    path: ``embeddings.npz`` written by ``wals_train`` (read with ``allow_pickle=False``).
+    item_ids: [I] raw item ids of the ratings data.
+    target: "augmented" ([y_i, 1, c_i, 1]) or "factors" (y_i).
+  """
+  if target not in ("augmented", "factors"):
+    raise ValueError(f"config.target: expected 'augmented' or 'factors', got {target!r}")
+  with np.load(path, allow_pickle=False) as z:
+    arrays = {k: z[k] for k in z.files}
+  missing = {"item_ids", "item_factors", "item_bias"} - set(arrays)
+  if missing:
+    raise ValueError(f"{path}: missing arrays {sorted(missing)}")
+  index = {int(i): n for n, i in enumerate(arrays["item_ids"])}
+  absent = [int(i) for i in item_ids if int(i) not in index]
+  if absent:
+    raise ValueError(f"{path}: no vectors for item ids {absent[:5]} ({len(absent)} in all)")
+  order = np.asarray([index[int(i)] for i in item_ids])
+  y = arrays["item_factors"][order].astype(np.float32)
+  if target == "factors":
+    return y
+  ones = np.ones((len(order), 1), np.float32)
+  return np.concatenate([y, ones, arrays["item_bias"][order, None].astype(np.float32), ones], 1)
+
+
+def heldout_mask(num_items: int, fraction: float, seed: int) -> np.ndarray:
+  """[I] bool: a deterministic ``fraction`` of items (random permutation with ``seed``)."""
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"config.heldout_fraction: expected in (0, 1), got {fraction}")
+  n = int(round(fraction * num_items))
+  mask = np.zeros(num_items, bool)
+  mask[np.random.default_rng(seed).permutation(num_items)[:n]] = True
+  return mask
+
+
+def _metrics(pred: np.ndarray, y: np.ndarray, index: np.ndarray, table: np.ndarray,
+             k: int) -> dict[str, float]:
+  if len(index) == 0:
+    return {"r2": None, f"recall@{k}": None, "rows": 0}
+  return {"r2": encoder.r2_score(y, pred),
+          f"recall@{k}": encoder.nn_recall_at_k(pred, index, table, k), "rows": int(len(index))}
+
+
+def save_head(directory: str, step: int, head: encoder.RegressionHead, y_mean: np.ndarray,
+              y_scale: float, metadata: Mapping[str, Any]) -> None:
+  """Saves ``{"head": nnx state, "y_mean": [d], "y_scale": []}`` and ``metadata`` with orbax."""
+  state = {"head": nnx.to_pure_dict(nnx.state(head, nnx.Param)),
+           "y_mean": np.asarray(y_mean, np.float32),
+           "y_scale": np.asarray(y_scale, np.float32)}
+  with checkpoint.Checkpointer(directory, max_to_keep=1) as ckpt:
+    ckpt.save(step, state, dict(metadata), force=True)
+
+
+def load_head(directory: str) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
+  """Restores E_D's head: returns ``(predict, metadata)`` with ``predict: [N, e] -> [N, d]``."""
+  with checkpoint.Checkpointer(directory, max_to_keep=1) as ckpt:
+    _, state, meta = ckpt.restore()
+  h = meta["head_config"]
+  params = state["head"]
+  head = encoder.RegressionHead(int(meta["in_dim"]), int(meta["out_dim"]), int(h["hidden"]),
+                                dropout=float(h["dropout"]), rngs=nnx.Rngs(0))
+  state_params = nnx.state(head, nnx.Param)
+  nnx.replace_by_pure_dict(state_params, jax.tree.map(np.asarray, params))
+  nnx.update(head, state_params)
+  head.eval()
+  mean, scale = np.asarray(state["y_mean"]), float(np.asarray(state["y_scale"]))
+
+  def predict(x: np.ndarray) -> np.ndarray:
+    return encoder.predict(head, np.asarray(x, np.float32)) * scale + mean
+
+  return predict, meta
+
+
+def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] | None = None
+        ) -> dict[str, Any]:
+  """Trains E_D's head and writes ``report.json`` and the orbax checkpoint in ``workdir``.
+
+  Args:
+    config: see ``configs/encoder_ml100k.py``.
+    workdir: output folder.
+    encode: texts -> [N, e] sentence embeddings (default: MiniLM ``SentenceEncoder``).
+
+  Returns:
+    The report.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  t_start = time.perf_counter()
+  ratings = wals_train.load_data(config.wals.data)
+  emb_path = config.embeddings
+  if not emb_path:
+    emb_path = os.path.join(workdir, "wals", "embeddings.npz")
+    if not os.path.exists(emb_path):
+      logging.info("no embeddings given: training WALS into %s", os.path.dirname(emb_path))
+      wals_train.run(config.wals, os.path.dirname(emb_path))
+  y_items = load_targets(emb_path, np.asarray(ratings.item_ids), config.target)
+  num_items = ratings.num_items
+
+  # Rows: metadata text for every movie, plus the LLM description where there is one.
+  texts, item_of_row, kind = [], [], []
+  for i in range(num_items):
+    texts.append(metadata_text(ratings.titles[i], ratings.genres[i], ratings.tags[i]))
+    item_of_row.append(i)
+    kind.append("metadata")
+  index_of_id = {int(m): i for i, m in enumerate(ratings.item_ids)}
+  described = 0
+  for path in ([config.descriptions] if isinstance(config.descriptions, str)
+               else list(config.descriptions)):
+    if not path:
+      continue
+    if not os.path.exists(path):
+      raise ValueError(f"config.descriptions: {path!r} does not exist")
+    for rec in build.read_jsonl(path, key="movie_id"):
+      if not rec.get("ok") or int(rec["movie_id"]) not in index_of_id:
+        continue
+      i = index_of_id[int(rec["movie_id"])]
+      texts.append(texts[i] + "\n" + rec["text"])
+      item_of_row.append(i)
+      kind.append("description")
+      described += 1
+  item_of_row = np.asarray(item_of_row)
+  kind = np.asarray(kind)
+  logging.info("%d rows: %d metadata, %d descriptions", len(texts), num_items, described)
+
+  t0 = time.perf_counter()
+  if encode is None:
+    from eagle_jax.models.text_encoder import SentenceEncoder  # noqa: PLC0415 (heavy import)
+
+    encode = SentenceEncoder.from_pretrained(config.minilm or None).encode
+  x = np.asarray(encode(texts), np.float32)
+  encode_seconds = time.perf_counter() - t0
+
+  held_item = heldout_mask(num_items, config.heldout_fraction, config.split_seed)
+  held = held_item[item_of_row]
+  y = y_items[item_of_row]
+  y_mean = y[~held].mean(0)
+  y_scale = float(np.sqrt(np.mean((y[~held] - y_mean) ** 2))) or 1.0
+  head_cfg = encoder.HeadConfig(**dict(config.head))
+  t0 = time.perf_counter()
+  head, losses = encoder.fit_head(x[~held], (y[~held] - y_mean) / y_scale, head_cfg)
+  train_seconds = time.perf_counter() - t0
+  pred = encoder.predict(head, x) * y_scale + y_mean
+
+  k = config.recall_k
+  genre_x, _ = encoder.genre_features(ratings.genres)
+  genre_pred = encoder.ridge_fit_predict(genre_x[~held_item], y_items[~held_item], genre_x,
+                                         config.ridge_reg)
+  text_pred = encoder.ridge_fit_predict(x[~held], y[~held], x, config.ridge_reg)
+  metrics: dict[str, Any] = {}
+  for name, rows in (("metadata", held & (kind == "metadata")),
+                     ("description", held & (kind == "description")),
+                     ("train_metadata", ~held & (kind == "metadata"))):
+    r = np.flatnonzero(rows)
+    items = item_of_row[r]
+    metrics[name] = {
+        "head": _metrics(pred[r], y[r], items, y_items, k),
+        "minilm_ridge": _metrics(text_pred[r], y[r], items, y_items, k),
+        "genre_ridge": _metrics(genre_pred[items], y[r], items, y_items, k)}
+  metrics["heldout_r2"] = metrics["metadata"]["head"]["r2"]
+  metrics["genre_baseline_r2"] = metrics["metadata"]["genre_ridge"]["r2"]
+  metrics["beats_genre_baseline"] = bool(metrics["heldout_r2"] > metrics["genre_baseline_r2"])
+
+  meta = {"in_dim": int(x.shape[1]), "out_dim": int(y.shape[1]),
+          "head_config": dict(config.head), "target": config.target, "embeddings": emb_path,
+          "config": config.to_dict()}
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  save_head(ckpt_dir, head_cfg.steps, head, y_mean, y_scale, meta)
+  np.savez(os.path.join(workdir, "split.npz"), item_of_row=item_of_row, heldout_row=held,
+           kind=kind, heldout_item=held_item)
+  with open(os.path.join(workdir, "texts.jsonl"), "w") as f:
+    for t in texts:
+      f.write(json.dumps(t, ensure_ascii=False) + "\n")
+  report = {
+      "data": {"source": ratings.source, "num_items": num_items, "rows": len(texts),
+               "description_rows": described, "heldout_items": int(held_item.sum()),
+               "heldout_fraction": config.heldout_fraction},
+      "target": config.target, "target_dim": int(y.shape[1]), "embeddings": emb_path,
+      "metrics": metrics, "losses": losses, "checkpoint": ckpt_dir,
+      "seconds": {"encode": encode_seconds, "train": train_seconds,
+                  "total": time.perf_counter() - t_start},
+      "config": config.to_dict()}
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  logging.info("E_D held-out R^2 %.4f (genre ridge %.4f)", metrics["heldout_r2"],
+               metrics["genre_baseline_r2"])
+  return report
+
