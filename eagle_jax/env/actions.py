@@ -116,6 +116,30 @@ def dedupe(texts: Sequence[str], embeddings: np.ndarray, threshold: float = 0.9)
   return kept
 
 
+@dataclasses.dataclass(frozen=True)
+class ActionRequest:
+  """One LLM request for a candidate action: its category, personalisation, seed and prompt."""
+
+  category: str
+  personalised: bool
+  seed: int
+  messages: list[prompts.Message]
+
+
+def action_requests(
+    description: str, profile: str | None, llm_calls: int, seed: int
+) -> list[ActionRequest]:
+  """The requests ``build_action_set`` sends: categories in turn, every second one personalised
+  (when ``profile`` is given), request ``i`` with seed ``seed + i``."""
+  out = []
+  for i in range(llm_calls):
+    category = prompts.ACTION_CATEGORIES[i % len(prompts.ACTION_CATEGORIES)]
+    personal = profile is not None and i % 2 == 1
+    out.append(ActionRequest(category, personal, seed + i, prompts.action_prompt(
+        description, category, profile if personal else None)))
+  return out
+
+
 @dataclasses.dataclass
 class ActionStats:
   """Provenance counts of one ``build_action_set`` call."""
@@ -161,13 +185,9 @@ async def build_action_set(
   if k <= 0 or llm_calls < 0:
     raise ValueError(f"k must be > 0 and llm_calls >= 0, got k={k}, llm_calls={llm_calls}")
   stats = ActionStats(requested=llm_calls)
-  meta = []
-  messages = []
-  for i in range(llm_calls):
-    category = prompts.ACTION_CATEGORIES[i % len(prompts.ACTION_CATEGORIES)]
-    personal = profile is not None and i % 2 == 1
-    meta.append((category, personal, seed + i))
-    messages.append(prompts.action_prompt(description, category, profile if personal else None))
+  requests = action_requests(description, profile, llm_calls, seed)
+  meta = [(r.category, r.personalised, r.seed) for r in requests]
+  messages = [r.messages for r in requests]
   answers = await asyncio.gather(*[
       client.sample([msg], max_tokens=max_tokens, temperature=temperature, seed=s)
       for (_, _, s), msg in zip(meta, messages)])

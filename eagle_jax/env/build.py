@@ -490,20 +490,17 @@ async def build_action_sets(
   async def one(i: int, d: Mapping[str, Any]) -> dict[str, Any]:
     user = users[i % len(users)] if users else None
     seed = derive_seed(gen.seed, "actions", d["movie_id"])
+    profile = user["profile"] if user else None
     acts, stats = await actions_lib.build_action_set(
         client=client, encode=encode, description=d["text"], genres=d["genres"], tags=d["tags"],
-        profile=user["profile"] if user else None, k=k, llm_calls=llm_calls, seed=seed,
+        profile=profile, k=k, llm_calls=llm_calls, seed=seed,
         max_tokens=gen.action_tokens, temperature=gen.temperature,
         dedupe_threshold=dedupe_threshold)
-    requests = []
-    for c in range(llm_calls):  # the same rule as actions.build_action_set
-      category = prompts_lib.ACTION_CATEGORIES[c % len(prompts_lib.ACTION_CATEGORIES)]
-      personal = user is not None and c % 2 == 1
-      params = SamplingParams(max_tokens=gen.action_tokens, temperature=gen.temperature,
-                              seed=seed + c, chat=True)
-      requests.append({"category": category, "personalised": personal, "params": params.to_dict(),
-                       "prompt": prompts_lib.action_prompt(
-                           d["text"], category, user["profile"] if personal else None)})
+    requests = [
+        {"category": r.category, "personalised": r.personalised, "prompt": r.messages,
+         "params": SamplingParams(max_tokens=gen.action_tokens, temperature=gen.temperature,
+                                  seed=r.seed, chat=True).to_dict()}
+        for r in actions_lib.action_requests(d["text"], profile, llm_calls, seed)]
     return {"movie_id": d["movie_id"], "item_index": d["item_index"],
             "user_id": user["user_id"] if user else None, "k": k,
             "actions": [dataclasses.asdict(a) for a in acts],
