@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "matplotlib>=3.8",
     "aiohttp>=3.9",  # OpenAI-compatible sampling client and server (eagle_jax.env).
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
 ]
 
 EXTRAS_REQUIRE = {

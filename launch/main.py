@@ -1,17 +1,16 @@
-r"""The quick-start main job: offline assets, behavioural latent space, evaluation from the checkpoint.
+r"""The quick-start main job: EAGLE CPU smoke training, then evaluation from its orbax checkpoints.
 
-  python -m launch.main --workdir=runs/quickstart [--config=configs/wals_ml100k.py]
+  python -m launch.main --workdir=runs/quickstart [--config=configs/movielens_smoke.py]
 
-Steps (each resumable; rerunning with the same ``--workdir`` continues where it stopped):
-1. fetch the pinned offline assets (SmolLM2 GGUF, MiniLM, MovieLens-100K) into the cache;
-2. train WALS user/item factors on MovieLens-100K with the per-user time split
-   (``launch.wals``: orbax checkpoints, ``embeddings.npz``, ``report.json``);
-3. restore the factors from the newest orbax checkpoint in a fresh ``Checkpointer`` and evaluate them
-   again, checking that the restored metrics equal those of the training run;
-4. write ``summary.json`` and print the headline numbers.
+1. fetches the pinned offline assets (SmolLM2 GGUF, MiniLM, MovieLens-100K) into the cache;
+2. ``launch.train``: builds the world (WALS on ML-100K, E_D, environment cache, anchors and candidate
+   actions) and trains one agent per reference policy (uniform, optimistic, G-optimal), with orbax
+   checkpoints under ``<workdir>/agents/<kind>``;
+3. ``launch.evaluate``: restores every agent from its newest checkpoint and evaluates it on held-out
+   (user, anchor) pairs against random actions and its untrained reference policy
+   (``<workdir>/eval/report.json`` and PNG plots per held-out split).
 
-When the EAGLE trainer lands (issue 7) this job becomes the CPU smoke training of the agent followed
-by ``launch.evaluate`` on its checkpoint.
+Each step resumes: rerunning the command with the same ``--workdir`` continues where it stopped.
 """
 
 from __future__ import annotations
@@ -24,65 +23,46 @@ from collections.abc import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from eagle_jax import assets, checkpoint, data
-from eagle_jax.embed import wals, wals_train
+from eagle_jax import assets, training
+from eagle_jax.agent import trainer
+from eagle_jax.agent.world import build_world
+from eagle_jax.evaluation import agent_eval
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "wals_ml100k.py"),
-    "WALS configuration of the behavioural latent space.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; the job resumes from it.")
-
-
-def evaluate_from_checkpoint(config, workdir: str) -> dict:
-  """Restores the newest WALS checkpoint of ``workdir`` and recomputes the report metrics."""
-  ratings = wals_train.load_data(config.data)
-  train, test = data.split(ratings, test_fraction=config.data.test_fraction,
-                           min_train=config.data.min_train)
-  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
-    step, state, _ = ckpt.restore()
-  factors = wals.WALSFactors.from_dict(state)
-  return {"step": step, **wals_train.evaluate(factors, train, test, config.eval)}
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "movielens_smoke.py"),
+    "EAGLE run configuration.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; the job resumes from it.")
 
 
 def run(config, workdir: str) -> dict:
   t0 = time.perf_counter()
+  training.check_workdir(workdir)
+  trainer.validate(config, training.build_mesh(config.mesh))
   for asset in assets.ALL_ASSETS:
     assets.fetch(asset, progress=lambda msg: print(msg, flush=True))
-  wals_dir = os.path.join(workdir, "wals")
-  print(f"[main] training WALS embeddings into {wals_dir}", flush=True)
-  report = wals_train.run(config, wals_dir)
-  restored = evaluate_from_checkpoint(config, wals_dir)
-  trained = report["metrics"]
-  mismatch = {k: (trained[k], restored[k]) for k in trained
-              if isinstance(trained[k], float) and abs(trained[k] - restored[k]) > 1e-6}
-  if mismatch:
-    raise RuntimeError(f"metrics from the restored checkpoint differ from training: {mismatch}")
-  summary = {
-      "data": report["data"],
-      "wals_checkpoint_step": restored["step"],
-      "metrics_from_checkpoint": restored,
-      "seconds_per_sweep_steady": report["seconds_per_sweep_steady"],
-      "peak_rss_bytes": report["peak_rss_bytes"],
-      "wall_seconds": time.perf_counter() - t0,
-  }
+  world = build_world(config, workdir)
+  print(f"[main] world ready in {time.perf_counter() - t0:.0f} s; training agents for "
+        f"{list(config.reference.kinds)}", flush=True)
+  summary = trainer.run(config, workdir, world=world)
+  report = agent_eval.run(config, workdir, world=world)
+  out = {"wall_seconds": time.perf_counter() - t0, "train": summary,
+         "headline": {s: r["headline"] for s, r in report["splits"].items()},
+         "env": report["env"]}
   with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2, default=float)
-  print(f"[main] {report['data']['num_users']} users x {report['data']['num_items']} items; "
-        f"restored sweep {restored['step']}: test RMSE {restored['test_rmse']:.4f}, "
-        f"recall@{config.eval.recall_k} {restored[f'recall@{config.eval.recall_k}']:.4f}; "
-        f"summary in {os.path.join(workdir, 'summary.json')}", flush=True)
-  return summary
+    json.dump(out, f, indent=2, default=float)
+  print(f"[main] done in {out['wall_seconds']:.0f} s; summary in "
+        f"{os.path.join(workdir, 'summary.json')}", flush=True)
+  return out
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  if not os.access(_WORKDIR.value, os.W_OK):
-    raise app.UsageError(f"--workdir {_WORKDIR.value!r} is not writable")
-  run(_CONFIG.value, _WORKDIR.value)
+  training.quiet_library_logs()
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except training.ConfigError as e:
+    raise app.UsageError(str(e)) from e
 
 
 if __name__ == "__main__":

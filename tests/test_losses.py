@@ -76,3 +76,16 @@ def test_reference_cross_entropy_hand_computed():
   q = jnp.array([[0.5, 0.5, 0.0]])
   got = losses.reference_cross_entropy(logits, q, mask)
   assert float(got) == pytest.approx(-(0.5 * math.log(0.25) + 0.5 * math.log(0.75)), rel=1e-6)
+
+
+def test_truncated_importance_weights_hand_computed():
+  # Behaviour probabilities of the taken actions: 0.8 at t=0 (pi = 3/4 -> ratio 0.9375, kept) and
+  # 0.25 at t=1 (pi = 1/2 -> ratio 2, clipped to 1.5 with importance_clip=1.5); A = [0.5, 1].
+  mu = jnp.log(jnp.array([[0.8, 0.25]]))
+  t = _loss(behaviour_logp=mu, importance_clip=1.5)
+  pg = -(0.9375 * 0.5 * math.log(0.75) + 1.5 * 1.0 * math.log(0.5)) / 2
+  assert float(t.policy_gradient) == pytest.approx(pg, rel=1e-6)
+  # A behaviour policy equal to pi gives the on-policy loss.
+  logp = jax.nn.log_softmax(LOGITS, -1)
+  same = jnp.take_along_axis(logp, ACTIONS[..., None], -1)[..., 0]
+  assert float(_loss(behaviour_logp=same).total) == pytest.approx(float(_loss().total), rel=1e-6)

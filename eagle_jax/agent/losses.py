@@ -124,6 +124,8 @@ def eagle_loss(
     kl_coef: float,
     value_coef: float,
     entropy_coef: float = 0.0,
+    behaviour_logp: jax.Array | None = None,
+    importance_clip: float = 1.0,
 ) -> LossTerms:
   """The EAGLE policy-gradient loss (see module docstring).
 
@@ -140,6 +142,11 @@ def eagle_loss(
     kl_coef: alpha, weight of KL(pi || pi_ref).
     value_coef: weight of the value regression loss.
     entropy_coef: weight of the entropy bonus.
+    behaviour_logp: [B, H] log-probability of ``actions`` under the policy that collected them,
+      when it lags the learner (rollouts overlapped with learner steps). The policy-gradient term is
+      then weighted by the truncated importance ratio min(importance_clip, pi/mu) (constant), as
+      in V-trace's rho-bar; None means on-policy (ratio 1).
+    importance_clip: rho-bar.
 
   Returns:
     ``LossTerms``; ``total`` is what the optimiser minimises.
@@ -155,6 +162,9 @@ def eagle_loss(
   rewards = jnp.zeros((b, h), reward.dtype).at[:, -1].set(reward)
   adv = jax.lax.stop_gradient(
       gae_advantages(rewards, jax.lax.stop_gradient(values), gamma=gamma, lam=gae_lambda))
+  if behaviour_logp is not None:
+    rho = jax.lax.stop_gradient(jnp.minimum(jnp.exp(logp_taken - behaviour_logp), importance_clip))
+    adv = rho * adv
   pg = -mean(adv * logp_taken)
   kl = mean(categorical_kl(logp, logp_ref, candidate_mask))
   value = 0.5 * mean((values - returns) ** 2)

@@ -1,0 +1,117 @@
+"""The EAGLE environment seen by the agent: LLM transitions and the content-gap utility.
+
+A state is a description (plot text) of a possibly hypothetical movie together with the user it is
+written for; an action is a textual change ("Turn it into a horror film"). ``step`` asks the frozen
+environment LLM to rewrite each description with its action (``prompts.transition_prompt``), all
+requests of a call in flight at once through the async sampling client, so a batching backend (the
+local sampler, our HTTP server, vLLM) runs them as one batch. Every answer goes through the client's
+response cache: transitions are greedy with a fixed seed, hence a deterministic function of
+(description, action), and a rerun or a resumed run replays them from disk.
+
+``embed`` is E_D: frozen MiniLM features (memoised per text) through the trained regression head onto
+the behavioural latent space Z; ``utility`` is ``eagle_jax.utility.content_gap_utility``.
+
+Choice where the paper is silent: an answer that does not parse as a plot (too short) leaves the state
+unchanged (counted in ``parse_failures``), rather than ending the episode.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eagle_jax import utility as utility_lib
+from eagle_jax.agent.features import TextFeatures
+from eagle_jax.env import client as client_lib
+from eagle_jax.env import prompts
+
+
+@functools.partial(jax.jit, static_argnames=("k", "lam"))
+def _utility(z, z_user, items, lam, *, k):
+  u = utility_lib.content_gap_utility(z, z_user, items, lam=lam, k=k)
+  _, dist = utility_lib.nearest_items(z, items, k=k)
+  return u, jnp.sum(z * z_user, -1), dist
+
+
+class ContentGapEnv:
+  """Transitions through an LLM client, E_D embeddings and the utility.
+
+  Args:
+    client: a ``SamplingBackend`` (normally a ``CachedClient``).
+    params: sampling parameters of every transition (greedy by default in the configs).
+    features: memoised MiniLM features (the input of E_D's head).
+    ed_head: [N, e] MiniLM features -> [N, d] points of Z.
+    item_table: [I, d] existing items in Z (augmented WALS item vectors).
+    user_table: [U, d] users in Z (augmented WALS user vectors).
+    lam: novelty weight of the utility.
+    k: nearest existing items of the novelty term.
+    max_sentences: sentences kept of a rewritten plot.
+  """
+
+  def __init__(self, client, params: client_lib.SamplingParams, features: TextFeatures,
+               ed_head: Callable[[np.ndarray], np.ndarray], item_table: np.ndarray,
+               user_table: np.ndarray, *, lam: float, k: int = 3, max_sentences: int = 3):
+    self.client = client
+    self.params = params
+    self.features = features
+    self._ed_head = ed_head
+    self.item_table = jnp.asarray(item_table, jnp.float32)
+    self.user_table = np.asarray(user_table, np.float32)
+    self.lam = float(lam)
+    self.k = int(k)
+    self.max_sentences = int(max_sentences)
+    self.steps = 0
+    self.parse_failures = 0
+    self._z_memo: dict[str, np.ndarray] = {}
+
+  @property
+  def dim(self) -> int:
+    return int(self.item_table.shape[1])
+
+  async def step(self, descriptions: Sequence[str], actions: Sequence[str]) -> list[str]:
+    """Next descriptions: [N] descriptions x [N] actions -> [N] rewritten descriptions."""
+    if len(descriptions) != len(actions):
+      raise ValueError(f"{len(descriptions)} descriptions but {len(actions)} actions")
+    if not descriptions:
+      return []
+    msgs = [prompts.transition_prompt(f"Plot: {d}", a) for d, a in zip(descriptions, actions)]
+    answers = await self.client.generate(msgs, [self.params] * len(msgs))
+    out = []
+    for d, c in zip(descriptions, answers):
+      try:
+        out.append(prompts.clean_paragraph(c.text, max_sentences=self.max_sentences))
+      except prompts.ParseError:
+        self.parse_failures += 1
+        out.append(d)
+    self.steps += len(out)
+    return out
+
+  def embed(self, texts: Sequence[str]) -> np.ndarray:
+    """E_D: [N] texts -> [N, d]."""
+    todo = sorted({t for t in texts if t not in self._z_memo})
+    if todo:
+      z = np.asarray(self._ed_head(self.features(todo)), np.float32)
+      self._z_memo.update(zip(todo, z))
+    if not texts:
+      return np.zeros((0, self.dim), np.float32)
+    return np.stack([self._z_memo[t] for t in texts])
+
+  def utility(self, z: np.ndarray, users: np.ndarray) -> dict[str, np.ndarray]:
+    """U for each (z, user): z [..., d], users [...] int -> dict of [...] arrays.
+
+    Returns ``utility``, ``preference`` (<z_user, z>) and ``distance`` (sum of the k nearest
+    existing items' distances; ``utility = preference + lam * distance``).
+    """
+    z = jnp.asarray(z, jnp.float32)
+    zu = jnp.asarray(self.user_table[np.asarray(users)])
+    u, pref, dist = _utility(z, zu, self.item_table, lam=self.lam, k=self.k)
+    return {"utility": np.asarray(u), "preference": np.asarray(pref),
+            "distance": np.asarray(jnp.sum(dist, -1))}
+
+  def text_utility(self, texts: Sequence[str], users: np.ndarray) -> dict[str, np.ndarray]:
+    """``utility(embed(texts), users)`` for [N] texts and [N] users."""
+    return self.utility(self.embed(texts), np.asarray(users))

@@ -1,0 +1,177 @@
+"""Episodes: featurisation of states and actions, and batched asynchronous rollouts.
+
+An episode starts at an anchor movie's plot for a user, takes H actions (each chosen among the
+anchor's K candidates) and is scored at the end: the reward is terminal, r_{H-1} = U(E_D(x_H)) or,
+with ``reward="gain"`` (the default), U(E_D(x_H)) - U(E_D(x_0)), the utility gained over the anchor
+for that user (same optimum per pair, lower variance across pairs).
+
+All episodes of a batch advance in lockstep: at step t the policy scores every episode's candidates in
+one jitted call, then one ``env.step`` sends all B rewrite requests at once (the async client keeps
+them in flight together; the local sampler decodes them as one batch).
+
+Features (``Featurizer``), all from memoised frozen encoders:
+  state  [S] = [phi(x_t), phi(profile_u), z_u, E_D(x_t), onehot(t; H)]
+  action [A] = [phi(a), E_D(a)]
+where phi is the policy's text feature (MiniLM sentence embedding, or the decoder's mean-pooled hidden
+states with ``policy.backbone="decoder"``) and E_D(.) the encoder's point of Z for that text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from eagle_jax.agent import losses
+from eagle_jax.agent.world import World
+
+PolicyFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # ([N,S], [N,K,A]) -> logits [N,K]
+
+
+def feature_dims(text_dim: int, latent_dim: int, horizon: int) -> tuple[int, int]:
+  """(S, A): widths of the state and action feature vectors."""
+  return 2 * text_dim + 2 * latent_dim + horizon, text_dim + latent_dim
+
+
+class Featurizer:
+  """State and action feature arrays of a world (see module docstring)."""
+
+  def __init__(self, world: World, horizon: int):
+    self.world = world
+    self.horizon = int(horizon)
+    self.text_dim = world.policy_features.dim
+    self.latent_dim = world.env.dim
+    self.state_dim, self.action_dim = feature_dims(self.text_dim, self.latent_dim, self.horizon)
+    self._action_memo: dict[int, np.ndarray] = {}
+
+  def state(self, users: np.ndarray, texts: list[str], t: np.ndarray | int) -> np.ndarray:
+    """[N] users, [N] descriptions, step t ([N] or scalar) -> [N, S] float32."""
+    users = np.asarray(users)
+    n = len(texts)
+    phi = self.world.policy_features(texts)
+    prof = self.world.policy_features([self.world.profiles[int(u)] for u in users])
+    zu = self.world.env.user_table[users]
+    zx = self.world.env.embed(texts)
+    onehot = np.zeros((n, self.horizon), np.float32)
+    onehot[np.arange(n), np.broadcast_to(np.asarray(t), (n,))] = 1.0
+    return np.concatenate([phi, prof, zu, zx, onehot], axis=1).astype(np.float32)
+
+  def actions(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N] anchor items -> ([N, K, A] features, [N, K] bool mask)."""
+    out = []
+    for i in np.asarray(items):
+      i = int(i)
+      if i not in self._action_memo:
+        texts = self.world.anchors[i].actions
+        self._action_memo[i] = np.concatenate(
+            [self.world.policy_features(texts), self.world.env.embed(texts)], axis=1).astype(np.float32)
+      out.append(self._action_memo[i])
+    feats = np.stack(out)
+    return feats, np.ones(feats.shape[:2], bool)
+
+
+@dataclasses.dataclass
+class Episodes:
+  """A batch of B finished episodes of horizon H over K candidates.
+
+  Attributes:
+    pairs: [B, 2] int (user, anchor item).
+    texts: B lists of H + 1 descriptions (x_0 = anchor plot, ..., x_H).
+    actions: [B, H] int32 chosen candidate indices.
+    behaviour_logp: [B, H] log-probability of the chosen action under the behaviour policy.
+    state: [B, H, S] state features of x_0..x_{H-1}.
+    action_feats: [B, H, K, A] candidate features.
+    mask: [B, H, K] valid candidates.
+    utility, preference, distance: [B, H + 1] of each x_t for its user.
+    reward: [B] terminal reward.
+  """
+
+  pairs: np.ndarray
+  texts: list[list[str]]
+  actions: np.ndarray
+  behaviour_logp: np.ndarray
+  state: np.ndarray
+  action_feats: np.ndarray
+  mask: np.ndarray
+  utility: np.ndarray
+  preference: np.ndarray
+  distance: np.ndarray
+  reward: np.ndarray
+
+  def batch(self) -> dict[str, np.ndarray]:
+    """The arrays the RL train step consumes."""
+    return {"state": self.state, "action_feats": self.action_feats, "mask": self.mask,
+            "actions": self.actions, "behaviour_logp": self.behaviour_logp,
+            "reward": self.reward}
+
+  def action_texts(self, world: World) -> list[list[str]]:
+    return [[world.anchors[int(i)].actions[int(a)] for a in row]
+            for (_, i), row in zip(self.pairs, self.actions)]
+
+
+def choose(logits: np.ndarray, mask: np.ndarray, key: jax.Array | None, greedy: bool
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """Samples (or argmaxes) one candidate per row: ([N] int32 choice, [N] its log-probability)."""
+  logp = np.asarray(losses.masked_log_softmax(logits, mask))
+  if greedy:
+    a = np.argmax(np.where(mask, logp, -np.inf), axis=-1)
+  else:
+    a = np.asarray(jax.random.categorical(key, logp, axis=-1))
+  a = a.astype(np.int32)
+  return a, logp[np.arange(len(a)), a]
+
+
+async def collect(world: World, featurizer: Featurizer, policy: PolicyFn | None,
+                  pairs: np.ndarray, key: jax.Array, *, horizon: int, reward: str = "gain",
+                  greedy: bool = False) -> Episodes:
+  """Runs B episodes to the horizon.
+
+  Args:
+    world: environment and anchors.
+    featurizer: state/action features.
+    policy: logits of a batch of states, or None for the uniformly random policy.
+    pairs: [B, 2] (user, anchor item).
+    key: PRNG key of the action draws (step t uses ``fold_in(key, t)``).
+    horizon: H.
+    reward: "gain" (U(x_H) - U(x_0)) or "utility" (U(x_H)).
+    greedy: take the most probable action instead of sampling.
+  """
+  if reward not in ("gain", "utility"):
+    raise ValueError(f"reward must be 'gain' or 'utility', got {reward!r}")
+  pairs = np.asarray(pairs, np.int32)
+  users, items = pairs[:, 0], pairs[:, 1]
+  texts = [[world.anchors[int(i)].plot] for i in items]
+  feats, mask = featurizer.actions(items)
+  states, acts, logps = [], [], []
+  for t in range(horizon):
+    cur = [x[-1] for x in texts]
+    s = featurizer.state(users, cur, t)
+    logits = np.zeros(mask.shape, np.float32) if policy is None else np.asarray(policy(s, feats))
+    a, lp = choose(logits, mask, jax.random.fold_in(key, t), greedy)
+    nxt = await world.env.step(cur, [world.anchors[int(i)].actions[j] for i, j in zip(items, a)])
+    for x, y in zip(texts, nxt):
+      x.append(y)
+    states.append(s)
+    acts.append(a)
+    logps.append(lp)
+  flat = [x for row in texts for x in row]
+  u = world.env.text_utility(flat, np.repeat(users, horizon + 1))
+  shape = (len(pairs), horizon + 1)
+  util = u["utility"].reshape(shape)
+  r = util[:, -1] - util[:, 0] if reward == "gain" else util[:, -1]
+  return Episodes(
+      pairs=pairs, texts=texts, actions=np.stack(acts, 1), behaviour_logp=np.stack(logps, 1),
+      state=np.stack(states, 1), action_feats=np.repeat(feats[:, None], horizon, axis=1),
+      mask=np.repeat(mask[:, None], horizon, axis=1), utility=util,
+      preference=u["preference"].reshape(shape), distance=u["distance"].reshape(shape),
+      reward=r.astype(np.float32))
+
+
+def sample_pairs(pairs: np.ndarray, batch: int, seed: int, step: int) -> np.ndarray:
+  """The (user, anchor) pairs of batch ``step``: a deterministic function of (seed, step), so the
+  data iterator's state is the step number (restored with the checkpoint)."""
+  rng = np.random.default_rng([int(seed), int(step)])
+  idx = rng.choice(len(pairs), size=batch, replace=batch > len(pairs))
+  return pairs[idx]

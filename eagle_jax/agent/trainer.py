@@ -1,0 +1,414 @@
+"""The EAGLE agent trainer: reference phase, then RL with KL to the reference, resumable.
+
+One run trains one agent for one reference policy ``kind`` in ``<workdir>/agents/<kind>``:
+
+1. **Reference phase** (global steps ``[0, reference.steps)``): a ``PolicyValueNet`` learns the
+   reference targets (``agent/reference.py``) by cross-entropy on minibatches.
+2. **RL phase** (steps ``[reference.steps, reference.steps + rl.steps)``): the agent starts from the
+   reference network, which is frozen as pi_ref; each step collects ``rl.batch_size`` episodes and
+   minimises ``losses.eagle_loss`` (REINFORCE with the learned value baseline or GAE, + alpha
+   KL(pi || pi_ref)).
+
+Sharding: parameters are created directly sharded (``training.FunctionalModel``: ``nnx.eval_shape``,
+then one jitted init with ``out_shardings`` from the logical axes); every batch array has the logical
+``batch`` axis first and is placed with ``parallel.named_sharding`` before a ``jax.jit`` step whose
+in/out shardings are explicit. The same code runs on one CPU device, 8 forced host devices, or a TPU
+slice (``config.mesh``).
+
+Overlap: with ``rl.overlap``, the episodes of step i+1 are collected (environment calls in flight)
+while the learner runs step i, with the parameters from before step i: behaviour lags the learner by
+one step and the policy-gradient term carries the truncated importance ratio (``eagle_loss``). The
+lagged parameters are part of the checkpoint, so a resumed run collects exactly what an uninterrupted
+one would have.
+
+Checkpoint (orbax, every ``checkpoint.every`` steps, at the phase boundary and at the end; newest
+``checkpoint.max_to_keep`` kept): agent, reference and behaviour parameters, optimizer state, the
+run's PRNG key; the metadata holds the step, which is also the data iterator's state (batch i's
+pairs and draws are functions of (seed, i)). Restarting the same command resumes from the newest
+checkpoint; the environment replays from the response cache, so the resumed run's metrics equal an
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from eagle_jax import checkpoint, parallel, training
+from eagle_jax.agent import losses, reference, rollout
+from eagle_jax.agent.policy import PolicyConfig, PolicyValueNet
+from eagle_jax.agent.world import World, cache_stats
+
+PHASES = ("reference", "rl")
+
+
+def agent_dir(workdir: str, kind: str) -> str:
+  return os.path.join(workdir, "agents", kind)
+
+
+def validate(config, mesh: jax.sharding.Mesh) -> None:
+  """Checks every field the trainer reads, before any compute; errors name the field."""
+  for kind in config.reference.kinds:
+    reference.check_kind(kind, "config.reference.kinds")
+  training.check_divisible(int(config.rl.batch_size), mesh, "config.rl.batch_size")
+  training.check_divisible(int(config.reference.batch_size), mesh, "config.reference.batch_size")
+  checks = [
+      ("config.rl.horizon", int(config.rl.horizon) >= 1, "an int >= 1"),
+      ("config.rl.steps", int(config.rl.steps) >= 0, "an int >= 0"),
+      ("config.reference.steps", int(config.reference.steps) >= 0, "an int >= 0"),
+      ("config.rl.gamma", 0.0 < float(config.rl.gamma) <= 1.0, "in (0, 1]"),
+      ("config.rl.gae_lambda", 0.0 <= float(config.rl.gae_lambda) <= 1.0, "in [0, 1]"),
+      ("config.rl.kl_coef", float(config.rl.kl_coef) >= 0.0, ">= 0"),
+      ("config.utility.reward", config.utility.reward in ("gain", "utility"),
+       "'gain' or 'utility'"),
+      ("config.reference.exploratory_m",
+       1 <= int(config.reference.exploratory_m) <= int(config.actions.k), "in [1, actions.k]"),
+      ("config.checkpoint.every", int(config.checkpoint.every) >= 1, "an int >= 1"),
+  ]
+  for field, ok, expected in checks:
+    if not ok:
+      value = config
+      for part in field.split(".")[1:]:
+        value = value[part]
+      raise training.ConfigError(f"{field}={value!r} must be {expected}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Train steps (pure functions of pytrees; jitted with shardings by the trainer).
+
+
+def reference_loss(model: training.FunctionalModel, params, batch) -> tuple[jax.Array, dict]:
+  logits, _ = model.module(params)(batch["state"], batch["action_feats"])
+  loss = losses.reference_cross_entropy(logits, batch["targets"], batch["mask"])
+  logp = losses.masked_log_softmax(logits, batch["mask"])
+  agree = jnp.mean(jnp.take_along_axis(batch["targets"], jnp.argmax(logp, -1)[:, None], -1) > 0)
+  return loss, {"loss": loss, "target_agreement": agree}
+
+
+def rl_loss(model: training.FunctionalModel, rl_config, params, ref_params, batch
+            ) -> tuple[jax.Array, dict]:
+  net = model.module(params)
+  logits, values = net(batch["state"], batch["action_feats"])
+  ref_logits, _ = model.module(ref_params)(batch["state"], batch["action_feats"])
+  terms = losses.eagle_loss(
+      logits=logits, ref_logits=ref_logits, candidate_mask=batch["mask"],
+      actions=batch["actions"], values=values, reward=batch["reward"],
+      gamma=rl_config["gamma"], gae_lambda=rl_config["gae_lambda"],
+      kl_coef=rl_config["kl_coef"], value_coef=rl_config["value_coef"],
+      entropy_coef=rl_config["entropy_coef"],
+      behaviour_logp=batch["behaviour_logp"] if rl_config["overlap"] else None)
+  return terms.total, terms._asdict()
+
+
+def _update(loss_fn, tx, params, opt_state, *args):
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *args)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  metrics = dict(metrics, grad_norm=training.global_norm(grads))
+  return params, opt_state, metrics
+
+
+def batch_shardings(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+  """Every batch array is sharded over its leading (logical ``batch``) axis."""
+  return {k: parallel.named_sharding(mesh, ("batch",) + (None,) * (np.ndim(v) - 1))
+          for k, v in batch.items()}
+
+
+class Learner:
+  """The agent's parameters, optimizers and jitted, sharded train steps (no environment).
+
+  Args:
+    config: the run config (``policy``, ``reference``, ``rl``, ``seed``).
+    state_dim, action_dim: S and A of the features (``rollout.feature_dims``).
+    mesh: the device mesh.
+  """
+
+  def __init__(self, config, state_dim: int, action_dim: int, mesh: jax.sharding.Mesh):
+    self.config = config
+    self.mesh = mesh
+    pcfg = PolicyConfig(int(state_dim), int(action_dim), int(config.policy.hidden))
+    self.model = training.FunctionalModel(lambda rngs: PolicyValueNet(pcfg, rngs=rngs),
+                                          seed=int(config.seed), mesh=mesh)
+    self.ref_steps = int(config.reference.steps)
+    self.rl_steps = int(config.rl.steps)
+    self.tx_ref = training.make_optimizer(config.reference.optim, max(self.ref_steps, 1))
+    self.tx_rl = training.make_optimizer(config.rl.optim, max(self.rl_steps, 1))
+    rl_cfg = {k: float(config.rl[k]) for k in ("gamma", "gae_lambda", "kl_coef", "value_coef",
+                                                 "entropy_coef")}
+    rl_cfg["overlap"] = bool(config.rl.overlap)
+    self._ref_loss = functools.partial(reference_loss, self.model)
+    self._rl_loss = functools.partial(rl_loss, self.model, rl_cfg)
+    p_sh = self.model.shardings
+    self.opt_shardings = self._opt_shardings()
+    self._ref_update = jax.jit(functools.partial(_update, self._ref_loss, self.tx_ref),
+                               out_shardings=(p_sh, self.opt_shardings, None))
+    self._rl_update = jax.jit(functools.partial(_update, self._rl_loss, self.tx_rl),
+                              out_shardings=(p_sh, self.opt_shardings, None))
+    self._policy = jax.jit(lambda p, s, a: self.model.module(p)(s, a)[0])
+    self._copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=p_sh)
+
+  def _opt_shardings(self):
+    abstract = jax.eval_shape(self.tx_ref.init, self.model.abstract_params())
+    repl = parallel.replicated(self.mesh)
+    return optax.tree_map_params(self.tx_ref, lambda _, s: s, abstract, self.model.shardings,
+                                 transform_non_params=lambda _: repl)
+
+  def init_state(self) -> dict[str, Any]:
+    """Fresh train state, every array created with its sharding."""
+    params = self.model.init()
+    return {"params": params, "ref_params": self._copy(params),
+            "behaviour_params": self._copy(params),
+            "opt_state": jax.jit(self.tx_ref.init, out_shardings=self.opt_shardings)(params),
+            "rng": jax.random.key_data(jax.random.key(int(self.config.seed)))}
+
+  def abstract_state(self) -> dict[str, Any]:
+    """``ShapeDtypeStruct`` pytree (with shardings) of ``init_state``: restore target, AOT input."""
+    p = self.model.abstract_params()
+    opt = jax.eval_shape(self.tx_ref.init, p)
+    opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt,
+                       self.opt_shardings)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(self.mesh))
+    return {"params": p, "ref_params": p, "behaviour_params": p, "opt_state": opt, "rng": rng}
+
+  def start_rl(self, state: dict) -> dict:
+    """Freezes the reference network and starts the agent from it (fresh optimizer)."""
+    opt = jax.jit(self.tx_rl.init, out_shardings=self.opt_shardings)(state["params"])
+    return dict(state, ref_params=self._copy(state["params"]),
+                behaviour_params=self._copy(state["params"]), opt_state=opt)
+
+  def policy_fn(self, params) -> rollout.PolicyFn:
+    """Host-callable logits of a parameter set: ([N, S], [N, K, A]) -> [N, K]."""
+    def fn(state, actions):
+      return np.asarray(self._policy(params, jnp.asarray(state), jnp.asarray(actions)))
+    return fn
+
+  def put(self, batch: dict) -> dict:
+    """Places a host batch on the mesh, sharded over its leading axis."""
+    return jax.device_put({k: np.asarray(v) for k, v in batch.items()},
+                          batch_shardings(batch, self.mesh))
+
+  def reference_step(self, params, opt_state, batch):
+    """One cross-entropy step: -> (params, opt_state, metrics)."""
+    return self._ref_update(params, opt_state, self.put(batch))
+
+  def rl_step(self, params, opt_state, ref_params, batch):
+    """One EAGLE-loss step on a batch of episodes: -> (params, opt_state, metrics)."""
+    return self._rl_update(params, opt_state, ref_params, self.put(batch))
+
+  def lower_rl_step(self, batch_size: int, horizon: int, num_actions: int):
+    """AOT-lowers the RL step for abstract inputs (the dry run of paper-scale configs)."""
+    s_dim = self.model.abstract.state_norm.scale.get_value().shape[0]
+    a_dim = self.model.abstract.action_norm.scale.get_value().shape[0]
+    b, h, k = batch_size, horizon, num_actions
+    shapes = {"state": ((b, h, s_dim), jnp.float32), "action_feats": ((b, h, k, a_dim), jnp.float32),
+              "mask": ((b, h, k), jnp.bool_), "actions": ((b, h), jnp.int32),
+              "behaviour_logp": ((b, h), jnp.float32), "reward": ((b,), jnp.float32)}
+    batch = {n: jax.ShapeDtypeStruct(shp, dt, sharding=parallel.named_sharding(
+        self.mesh, ("batch",) + (None,) * (len(shp) - 1))) for n, (shp, dt) in shapes.items()}
+    st = self.abstract_state()
+    return self._rl_update.lower(st["params"], st["opt_state"], st["ref_params"], batch)
+
+
+class AgentTrainer:
+  """Trains one agent (one reference ``kind``) on a ``World``; see module docstring."""
+
+  def __init__(self, config, world: World, workdir: str, kind: str,
+               mesh: jax.sharding.Mesh | None = None):
+    self.config = config
+    self.world = world
+    self.kind = reference.check_kind(kind, "kind")
+    self.workdir = agent_dir(workdir, kind)
+    self.mesh = mesh if mesh is not None else training.build_mesh(config.mesh)
+    validate(config, self.mesh)
+    self.horizon = int(config.rl.horizon)
+    self.featurizer = rollout.Featurizer(world, self.horizon)
+    self.learner = Learner(config, self.featurizer.state_dim, self.featurizer.action_dim,
+                           self.mesh)
+    self.ref_steps = self.learner.ref_steps
+    self.rl_steps = self.learner.rl_steps
+    self.total_steps = self.ref_steps + self.rl_steps
+
+  def restore(self, step: int | None = None) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """(step, state, metadata) of this agent's checkpoint (default: the newest)."""
+    with checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints")) as ckpt:
+      return ckpt.restore(step, target=self.learner.abstract_state())
+
+  def policy_fn(self, params) -> rollout.PolicyFn:
+    return self.learner.policy_fn(params)
+
+  # -- loop ----------------------------------------------------------------------------------------
+
+  def train(self) -> dict[str, Any]:
+    """Runs (or resumes) the whole schedule; returns a summary."""
+    return asyncio.run(self._train())
+
+  async def _train(self) -> dict[str, Any]:
+    cfg = self.config
+    os.makedirs(self.workdir, exist_ok=True)
+    ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                   max_to_keep=int(cfg.checkpoint.max_to_keep))
+    resumed = ckpt.latest_step() is not None
+    step, state, meta = ckpt.restore_or_init(lambda: (0, self.learner.init_state(), {}),
+                                             target=self.learner.abstract_state())
+    if resumed:
+      logging.info("agent %s: resumed from step %d in %s", self.kind, step, ckpt.directory)
+    writer = training.MetricsWriter(self.workdir, resume_step=step if resumed else None,
+                                    tensorboard=bool(cfg.tensorboard))
+    progress = training.Progress(self.total_steps, initial=step, desc=f"agent[{self.kind}]",
+                                 keys=("loss", "reward", "kl"))
+    key = jax.random.wrap_key_data(jnp.asarray(state["rng"]))
+    t_start = time.perf_counter()
+    last: dict[str, Any] = {}
+
+    def save(step: int, state: dict, force: bool = False) -> None:
+      if step == ckpt.latest_step():
+        return
+      if force or step % int(cfg.checkpoint.every) == 0:
+        ckpt.save(step, state, {"step": step, "kind": self.kind,
+                                "phase": "reference" if step < self.ref_steps else "rl",
+                                "data_state": {"next_batch": step}}, force=force)
+
+    try:
+      if step < self.ref_steps:
+        data = await reference.reference_dataset(self.kind, self.world, self.featurizer, cfg,
+                                                 jax.random.fold_in(key, 1))
+        logging.info("reference[%s]: %d states %s", self.kind, len(data), data.stats)
+        while step < self.ref_steps:
+          rng = np.random.default_rng([int(cfg.seed), 11, step])
+          idx = rng.choice(len(data), int(cfg.reference.batch_size),
+                           replace=len(data) < int(cfg.reference.batch_size))
+          batch = {"state": data.state[idx], "action_feats": data.action_feats[idx],
+                   "mask": data.mask[idx], "targets": data.targets[idx]}
+          params, opt, m = self.learner.reference_step(state["params"], state["opt_state"], batch)
+          state = dict(state, params=params, opt_state=opt)
+          step += 1
+          last = writer.write(step, {**m, **{f"ref_{k}": v for k, v in data.stats.items()
+                                              if isinstance(v, float)}}, phase="reference")
+          progress.update(1, last)
+          if step == self.ref_steps:
+            state = self.learner.start_rl(state)
+            save(step, state, force=True)
+          else:
+            save(step, state)
+      elif step == self.ref_steps == 0 and not resumed:
+        state = self.learner.start_rl(state)
+      state, step, last = await self._rl_loop(state, step, key, writer, progress, save)
+      save(step, state, force=True)
+    finally:
+      ckpt.close()
+      writer.close()
+      progress.close()
+    return {"kind": self.kind, "step": step, "seconds": time.perf_counter() - t_start,
+            "last_metrics": last, "env_transitions": self.world.env.steps}
+
+  async def _collect(self, i: int, params, key) -> rollout.Episodes:
+    cfg = self.config
+    pairs = rollout.sample_pairs(self.world.train_pairs, int(cfg.rl.batch_size), int(cfg.seed), i)
+    return await rollout.collect(self.world, self.featurizer, self.policy_fn(params), pairs,
+                                 jax.random.fold_in(jax.random.fold_in(key, 2), i),
+                                 horizon=self.horizon, reward=cfg.utility.reward)
+
+  def _learn(self, state: dict, episodes: rollout.Episodes):
+    out = self.learner.rl_step(state["params"], state["opt_state"], state["ref_params"],
+                               episodes.batch())
+    return jax.block_until_ready(out)
+
+  async def _rl_loop(self, state, step, key, writer, progress, save):
+    overlap = bool(self.config.rl.overlap)
+    i = step - self.ref_steps
+    last: dict[str, Any] = {}
+    if i >= self.rl_steps:
+      return state, step, last
+    pending = asyncio.ensure_future(self._collect(i, state["behaviour_params"], key))
+    while i < self.rl_steps:
+      t0 = time.perf_counter()
+      episodes = await pending
+      t_env = time.perf_counter() - t0
+      old_params = state["params"]
+      if overlap and i + 1 < self.rl_steps:  # collect step i+1 with theta_i while step i trains
+        pending = asyncio.ensure_future(self._collect(i + 1, old_params, key))
+      t0 = time.perf_counter()
+      params, opt, m = await asyncio.to_thread(self._learn, state, episodes)
+      t_learn = time.perf_counter() - t0
+      behaviour = old_params if overlap else params
+      state = dict(state, params=params, opt_state=opt, behaviour_params=behaviour)
+      i += 1
+      step += 1
+      if not overlap and i < self.rl_steps:
+        pending = asyncio.ensure_future(self._collect(i, params, key))
+      last = writer.write(step, {
+          **m, "reward": episodes.reward.mean(), "final_utility": episodes.utility[:, -1].mean(),
+          "anchor_utility": episodes.utility[:, 0].mean(),
+          "final_distance": episodes.distance[:, -1].mean(),
+          "final_preference": episodes.preference[:, -1].mean(),
+          "env_seconds": t_env, "learner_seconds": t_learn,
+          "env_transitions": self.world.env.steps,
+          **cache_stats(self.world.env.client)}, phase="rl")
+      progress.update(1, {**last, "loss": last["total"]})
+      save(step, state)
+    return state, step, last
+
+
+def run(config, workdir: str, *, world: World | None = None) -> dict[str, Any]:
+  """Trains one agent per ``config.reference.kinds`` in ``workdir`` (resuming each)."""
+  import json  # noqa: PLC0415
+
+  from eagle_jax.agent.world import build_world  # noqa: PLC0415
+
+  training.check_workdir(workdir)
+  training.maybe_initialize_distributed(bool(config.distributed))
+  mesh = training.build_mesh(config.mesh)
+  validate(config, mesh)
+  reference.check_kind(config.reference.main, "config.reference.main")
+  t0 = time.perf_counter()
+  world = world or build_world(config, workdir)
+  world_seconds = time.perf_counter() - t0
+  summary = {"world_seconds": world_seconds, "agents": {}}
+  for kind in config.reference.kinds:
+    summary["agents"][kind] = AgentTrainer(config, world, workdir, kind, mesh).train()
+  summary["env_transitions"] = world.env.steps
+  summary["env_parse_failures"] = world.env.parse_failures
+  summary["seconds"] = time.perf_counter() - t0
+  with open(os.path.join(workdir, "train_summary.json"), "w") as f:
+    json.dump(summary, f, indent=2, default=float)
+  return summary
+
+
+def dry_run(config, devices=None) -> dict[str, Any]:
+  """Validates a (paper-scale) config without data or models: builds the mesh, the sharded
+  parameter and optimizer shapes (``jax.eval_shape``) and AOT-lowers and compiles the RL step.
+
+  Runs on fake devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+  """
+  mesh = training.build_mesh(config.mesh, devices=devices)
+  validate(config, mesh)
+  horizon = int(config.rl.horizon)
+  s_dim, a_dim = rollout.feature_dims(int(config.policy.text_dim),
+                                      int(config.wals.wals.rank) + 3, horizon)
+  learner = Learner(config, s_dim, a_dim, mesh)
+  t0 = time.perf_counter()
+  lowered = learner.lower_rl_step(int(config.rl.batch_size), horizon, int(config.actions.k))
+  compiled = lowered.compile()
+  abstract = learner.abstract_state()
+  param_specs = {"/".join(map(str, path)): str(x.sharding.spec) for path, x in
+                 jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
+                 for path in [[getattr(k, "key", k) for k in path]]}
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  return {
+      "mesh": dict(mesh.shape), "devices": int(mesh.size), "compiled": compiled is not None,
+      "compile_seconds": time.perf_counter() - t0,
+      "param_count": learner.model.num_params(), "state_dim": s_dim, "action_dim": a_dim,
+      "param_shardings": param_specs,
+      "batch_sharding": {"state": str(parallel.named_sharding(mesh, ("batch", None, None)).spec)},
+      "flops_per_step": float(cost.get("flops", float("nan"))) if isinstance(cost, dict) else None,
+  }

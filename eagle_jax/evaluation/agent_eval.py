@@ -1,0 +1,186 @@
+"""Evaluation of trained EAGLE agents on held-out (user, anchor) pairs, from their checkpoints.
+
+Two held-out splits (``World.heldout_pairs``): ``new_users`` (held-out users on the training anchors)
+and ``new_anchors`` (held-out users on held-out anchor movies with their own candidate actions). For
+every policy the report gives, over a split's pairs:
+
+* ``gain``: U(E_D(x_H)) - U(E_D(x_0)) for the pair's user, the utility of the final description over
+  the anchor's, averaged over ``eval.samples`` sampled episodes per pair (greedy policies: one);
+  mean with a normal-approximation confidence interval across pairs;
+* ``fraction_improved``: share of episodes whose final utility beats the anchor's;
+* ``final_distance``: summed distance of x_H to its 3 nearest existing items (novelty), and
+  ``final_preference`` <z_u, E_D(x_H)>;
+* paired differences (same pairs) of each trained agent against the random-action baseline and
+  against its own untrained reference policy, with confidence intervals.
+
+Policies: ``random`` (uniform over candidates), ``reference[kind]`` (the reference network before RL,
+sampled), ``agent[kind]`` (after RL, sampled) and ``agent[kind]/greedy``. Plots: mean gain with
+intervals per policy, and mean utility along the episode, one pair of PNGs per split.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+from typing import Any
+
+import jax
+import numpy as np
+
+from eagle_jax import training
+from eagle_jax.agent import rollout
+from eagle_jax.agent.trainer import AgentTrainer, validate
+from eagle_jax.agent.world import World, build_world
+
+
+def mean_ci(x: np.ndarray, confidence: float) -> dict[str, float]:
+  """Mean and normal-approximation interval of the mean of [N] values."""
+  x = np.asarray(x, np.float64)
+  z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+  se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+  m = float(x.mean())
+  return {"mean": m, "ci_low": m - z * se, "ci_high": m + z * se, "stderr": se, "n": int(len(x))}
+
+
+async def _episodes(world, featurizer, policy, pairs, key, config, greedy) -> rollout.Episodes:
+  n = 1 if greedy else int(config.eval.samples)
+  rep = np.repeat(pairs, n, axis=0)
+  return await rollout.collect(world, featurizer, policy, rep, key, horizon=int(config.rl.horizon),
+                               reward="gain", greedy=greedy)
+
+
+def _summary(ep: rollout.Episodes, n_pairs: int, confidence: float) -> dict[str, Any]:
+  per = ep.reward.reshape(n_pairs, -1).mean(1)
+  return {
+      "gain": mean_ci(per, confidence),
+      "gain_per_pair": per.tolist(),
+      "fraction_improved": float(np.mean(ep.utility[:, -1] > ep.utility[:, 0])),
+      "final_utility": float(ep.utility[:, -1].mean()),
+      "anchor_utility": float(ep.utility[:, 0].mean()),
+      "final_distance": float(ep.distance[:, -1].mean()),
+      "anchor_distance": float(ep.distance[:, 0].mean()),
+      "final_preference": float(ep.preference[:, -1].mean()),
+      "utility_by_step": ep.utility.mean(0).tolist(),
+  }
+
+
+SPLITS = ("new_users", "new_anchors")
+
+
+def _split_report(config, episodes: dict[str, rollout.Episodes], n_pairs: int) -> dict[str, Any]:
+  conf = float(config.eval.confidence)
+  results = {name: _summary(ep, n_pairs, conf) for name, ep in episodes.items()}
+  comparisons = {}
+  for kind in config.reference.kinds:
+    agent = np.asarray(results[f"agent[{kind}]"]["gain_per_pair"])
+    for other in ("random", f"reference[{kind}]"):
+      diff = agent - np.asarray(results[other]["gain_per_pair"])
+      comparisons[f"agent[{kind}] - {other}"] = mean_ci(diff, conf)
+  main = config.reference.main
+  return {"pairs": n_pairs, "policies": results, "comparisons": comparisons, "headline": {
+      "agent_gain": results[f"agent[{main}]"]["gain"],
+      "random_gain": results["random"]["gain"],
+      "reference_gain": results[f"reference[{main}]"]["gain"],
+      "agent_minus_random": comparisons[f"agent[{main}] - random"],
+      "agent_minus_reference": comparisons[f"agent[{main}] - reference[{main}]"]}}
+
+
+def evaluate(config, workdir: str, world: World, *, mesh=None) -> dict[str, Any]:
+  """Runs every policy on both held-out splits; writes ``eval/report.json`` and PNG plots."""
+  key = jax.random.key(int(config.eval.seed))
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  episodes: dict[str, dict[str, rollout.Episodes]] = {s: {} for s in SPLITS}
+  steps: dict[str, int] = {}
+
+  async def run_all():
+    featurizer = rollout.Featurizer(world, int(config.rl.horizon))
+    for j, kind in enumerate(config.reference.kinds):
+      trainer = AgentTrainer(config, world, workdir, kind, mesh)
+      step, state, _ = trainer.restore()
+      steps[kind] = int(step)
+      for name, params, greedy in ((f"reference[{kind}]", state["ref_params"], False),
+                                   (f"agent[{kind}]", state["params"], False),
+                                   (f"agent[{kind}]/greedy", state["params"], True)):
+        for split in SPLITS:
+          episodes[split][name] = await _episodes(
+              world, featurizer, trainer.policy_fn(params), world.heldout_pairs[split],
+              jax.random.fold_in(key, 1 + j), config, greedy)
+    for split in SPLITS:
+      episodes[split]["random"] = await _episodes(world, featurizer, None,
+                                                  world.heldout_pairs[split], key, config, False)
+
+  asyncio.run(run_all())
+  splits = {s: _split_report(config, episodes[s], len(world.heldout_pairs[s])) for s in SPLITS}
+  main = config.reference.main
+  trajectories = []
+  for split in SPLITS:
+    ep = episodes[split][f"agent[{main}]/greedy"]
+    actions = ep.action_texts(world)
+    for b in range(min(int(config.eval.trajectories) // len(SPLITS), len(ep.pairs))):
+      u, i = (int(x) for x in ep.pairs[b])
+      trajectories.append({
+          "split": split, "user": u, "profile": world.profiles[u],
+          "anchor": world.anchors[i].title,
+          "steps": [{"description": ep.texts[b][t], "utility": float(ep.utility[b, t]),
+                     "action": actions[b][t] if t < len(actions[b]) else None}
+                    for t in range(len(ep.texts[b]))]})
+  report = {
+      "samples_per_pair": int(config.eval.samples), "confidence": float(config.eval.confidence),
+      "checkpoint_steps": steps, "main_reference": main, "splits": splits,
+      "trajectories": trajectories,
+      "env": {"transitions": world.env.steps, "parse_failures": world.env.parse_failures},
+  }
+  with open(os.path.join(out_dir, "report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  for split in SPLITS:
+    _plots(splits[split]["policies"], out_dir, split)
+  return report
+
+
+def _plots(results: dict[str, Any], out_dir: str, split: str) -> None:
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  names = list(results)
+  means = [results[n]["gain"]["mean"] for n in names]
+  lo = [results[n]["gain"]["mean"] - results[n]["gain"]["ci_low"] for n in names]
+  fig, ax = plt.subplots(figsize=(8, 4))
+  ax.barh(names, means, xerr=lo, color=["tab:gray" if n == "random" else "tab:blue" for n in names])
+  ax.axvline(0.0, color="black", lw=0.8)
+  ax.set_xlabel(f"utility gain over the anchor (held-out pairs: {split})")
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, f"gain_{split}.png"), dpi=120)
+  plt.close(fig)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for n in names:
+    ax.plot(results[n]["utility_by_step"], marker="o", label=n)
+  ax.set_xlabel("step t")
+  ax.set_ylabel("mean utility U(E_D(x_t))")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, f"utility_by_step_{split}.png"), dpi=120)
+  plt.close(fig)
+
+
+def run(config, workdir: str, world=None) -> dict:
+  """Evaluates the agents of ``workdir`` (``world``: reuse an already built world)."""
+  if not workdir or not os.path.isdir(os.path.join(workdir, "agents")):
+    raise training.ConfigError(f"--workdir={workdir!r} holds no trained agents (agents/ missing)")
+  mesh = training.build_mesh(config.mesh)
+  validate(config, mesh)
+  world = world or build_world(config, workdir)
+  report = evaluate(config, workdir, world, mesh=mesh)
+  for split in SPLITS:
+    h = report["splits"][split]["headline"]
+    print(f"[evaluate] {split}: {report['splits'][split]['pairs']} held-out pairs, "
+          f"agent[{report['main_reference']}] gain {h['agent_gain']['mean']:+.4f} "
+          f"[{h['agent_gain']['ci_low']:+.4f}, {h['agent_gain']['ci_high']:+.4f}] vs random "
+          f"{h['random_gain']['mean']:+.4f}, untrained reference "
+          f"{h['reference_gain']['mean']:+.4f}", flush=True)
+  print(f"[evaluate] report in {os.path.join(workdir, 'eval', 'report.json')}", flush=True)
+  return report

@@ -1,0 +1,306 @@
+"""Training machinery shared by the EAGLE agent trainer and the ELM trainer.
+
+One job per piece:
+
+* ``check_workdir``: the output folder exists and is writable, checked before any compute.
+* ``build_mesh`` / ``check_divisible``: a mesh from ``config.mesh`` and batch sizes that split over
+  its data axes, with errors naming the config field.
+* ``FunctionalModel``: an NNX module split into a static graph and a *pure* parameter pytree (nested
+  dicts of arrays), so the train step is a plain ``jax.jit`` over pytrees with named shardings,
+  and orbax saves and restores exactly what the step consumes. Parameters are created sharded:
+  ``nnx.eval_shape`` gives shapes and logical axes, then one jitted init with ``out_shardings``
+  materialises every array directly on its devices (no host copy of the full model).
+* ``make_optimizer``: optax AdamW with warm-up + cosine decay and global-norm clipping from a config.
+* ``MetricsWriter``: metrics to ``metrics.jsonl`` and TensorBoard event files (tensorboardX; no
+  TensorFlow). On resume, records after the restored step are dropped first, so a killed-and-resumed
+  run's log equals an uninterrupted one.
+* ``Progress``: a tqdm bar with ETA and the latest metrics.
+* ``maybe_initialize_distributed``: ``jax.distributed.initialize()`` for multi-host pods behind a flag.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from eagle_jax import parallel
+
+PyTree = Any
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks that run before any compute.
+
+
+def check_workdir(path: str | None, flag: str = "--workdir") -> str:
+  """Creates ``path`` if needed and checks it is a writable folder; returns it.
+
+  Raises:
+    ConfigError: naming ``flag`` when the path is empty, a file, or not writable.
+  """
+  if not path:
+    raise ConfigError(f"{flag} is required")
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"{flag}={path!r} exists and is not a folder")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"{flag}={path!r} cannot be created: {e.strerror}") from e
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise ConfigError(f"{flag}={path!r} is not writable by this user")
+  return path
+
+
+def build_mesh(mesh_config: Mapping[str, int] | None, field: str = "config.mesh",
+               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """``parallel.make_mesh`` over ``mesh_config`` ({axis: size}, -1 = the rest).
+
+  Raises:
+    ConfigError: naming ``field`` (unknown axis, sizes that do not multiply to the devices).
+  """
+  shape = {k: int(v) for k, v in dict(mesh_config or {"data": -1}).items()}
+  try:
+    return parallel.make_mesh(shape, devices=devices)
+  except ValueError as e:
+    raise ConfigError(f"{field}: {e}") from e
+
+
+def data_parallelism(mesh: jax.sharding.Mesh, rules=parallel.DEFAULT_RULES) -> int:
+  """How many shards the logical ``batch`` axis has on ``mesh``."""
+  return parallel.axis_size(mesh, "batch", rules)
+
+
+def check_divisible(value: int, mesh: jax.sharding.Mesh, field: str,
+                    rules=parallel.DEFAULT_RULES) -> None:
+  """Raises ``ConfigError`` naming ``field`` unless ``value`` splits over the batch axes."""
+  n = data_parallelism(mesh, rules)
+  if value <= 0 or value % n:
+    raise ConfigError(
+        f"{field}={value} must be a positive multiple of the mesh's data parallelism {n} "
+        f"(mesh {dict(mesh.shape)}; batch is sharded over data x fsdp)")
+
+
+def maybe_initialize_distributed(enabled: bool) -> None:
+  """Multi-host pods: one process per host, coordinated by ``jax.distributed`` (TPU VM env vars)."""
+  if enabled:
+    jax.distributed.initialize()
+
+
+# ---------------------------------------------------------------------------------------------------
+# NNX module <-> pure pytree, created sharded.
+
+
+class FunctionalModel:
+  """An NNX module as ``apply(params, *args)`` over a pure parameter pytree.
+
+  Attributes:
+    graphdef: the module's static structure.
+    abstract: ``nnx.State`` of ``ShapeDtypeStruct`` leaves with the variables' logical axes.
+    shardings: pure-dict pytree of ``NamedSharding`` (None without a mesh).
+  """
+
+  def __init__(self, ctor: Callable[[nnx.Rngs], nnx.Module], *, seed: int = 0,
+               mesh: jax.sharding.Mesh | None = None, rules=parallel.DEFAULT_RULES):
+    self._ctor = ctor
+    self.seed = seed
+    self.mesh = mesh
+    self.rules = rules
+    with nnx.use_eager_sharding(False):
+      abstract_module = nnx.eval_shape(lambda: ctor(nnx.Rngs(seed)))
+    self.graphdef, self.abstract = nnx.split(abstract_module, nnx.Param)
+    if mesh is None:
+      self.shardings = None
+    else:
+      flat = nnx.to_flat_state(self.abstract)
+      specs = [(path, parallel.variable_sharding(var, var.get_value().shape, mesh, rules))
+               for path, var in flat]
+      self.shardings = _nested(specs)
+
+  def init(self) -> PyTree:
+    """Fresh parameters (pure dict), created directly with their shardings."""
+    def make():
+      with nnx.use_eager_sharding(False):
+        _, state = nnx.split(self._ctor(nnx.Rngs(self.seed)), nnx.Param)
+      return nnx.to_pure_dict(state)
+
+    return jax.jit(make, out_shardings=self.shardings)()
+
+  def abstract_params(self) -> PyTree:
+    """``ShapeDtypeStruct`` pytree of the parameters (with shardings if there is a mesh)."""
+    pure = nnx.to_pure_dict(self.abstract)
+    if self.shardings is None:
+      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pure)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        pure, self.shardings)
+
+  def module(self, params: PyTree) -> nnx.Module:
+    """The module with ``params`` (usable inside ``jax.jit``)."""
+    state = jax.tree.map(lambda x: x, self.abstract)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state)
+
+  def num_params(self) -> int:
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.to_pure_dict(self.abstract))))
+
+
+def _nested(flat: Sequence[tuple[tuple, Any]]) -> dict:
+  out: dict = {}
+  for path, value in flat:
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return out
+
+
+def tree_shardings_like(tree: PyTree, mesh: jax.sharding.Mesh | None) -> PyTree:
+  """Replicated shardings for a pytree (optimizer moments follow the params via jit propagation)."""
+  if mesh is None:
+    return None
+  return jax.tree.map(lambda _: parallel.replicated(mesh), tree)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimizer.
+
+
+def make_optimizer(config: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
+  """AdamW, linear warm-up then cosine decay to ``final_lr_fraction``, global-norm clipping.
+
+  Args:
+    config: fields ``learning_rate``, ``warmup_steps``, ``final_lr_fraction``, ``weight_decay``,
+      ``grad_clip`` (0 = off), ``b1``, ``b2``.
+    total_steps: steps of the schedule (>= 1).
+  """
+  lr = float(config["learning_rate"])
+  warmup = int(config.get("warmup_steps", 0))
+  total = max(int(total_steps), warmup + 1)
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup, decay_steps=total,
+      end_value=lr * float(config.get("final_lr_fraction", 1.0)))
+  parts = []
+  if float(config.get("grad_clip", 0.0)) > 0:
+    parts.append(optax.clip_by_global_norm(float(config["grad_clip"])))
+  parts.append(optax.adamw(schedule, b1=float(config.get("b1", 0.9)),
+                           b2=float(config.get("b2", 0.999)),
+                           weight_decay=float(config.get("weight_decay", 0.0))))
+  return optax.chain(*parts)
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics and progress.
+
+
+def _scalar(v: Any) -> float | int | str | bool:
+  if isinstance(v, (str, bool, int)):
+    return v
+  return float(np.asarray(v))
+
+
+class MetricsWriter:
+  """JSONL + TensorBoard metrics of one run folder.
+
+  ``metrics.jsonl`` holds one ``{"step": s, "phase": ..., name: value}`` object per line.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard: bool = True,
+               is_primary: bool | None = None):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.primary = jax.process_index() == 0 if is_primary is None else is_primary
+    self._tb = None
+    if not self.primary:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    kept = [r for r in read_metrics(self.path)
+            if resume_step is not None and r["step"] <= resume_step]
+    with open(self.path + ".tmp", "w") as f:
+      for r in kept:
+        f.write(json.dumps(r) + "\n")
+    os.replace(self.path + ".tmp", self.path)
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # noqa: PLC0415 (optional heavy import)
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=(
+          None if resume_step is None else resume_step + 1))
+
+  def write(self, step: int, metrics: Mapping[str, Any], phase: str = "train") -> dict[str, Any]:
+    record = {"step": int(step), "phase": phase,
+              **{k: _scalar(v) for k, v in metrics.items()}}
+    if self.primary:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      if self._tb is not None:
+        for k, v in record.items():
+          if k not in ("step", "phase") and isinstance(v, (int, float)) and not isinstance(v, bool):
+            self._tb.add_scalar(f"{phase}/{k}", v, int(step))
+    return record
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  """The records of a ``metrics.jsonl`` (empty if missing; a torn last line is ignored)."""
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
+  return out
+
+
+class Progress:
+  """A tqdm bar over steps ``[initial, total)`` with ETA and a few metrics in the postfix."""
+
+  def __init__(self, total: int, *, initial: int = 0, desc: str = "train",
+               keys: Sequence[str] = ()):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    self.keys = tuple(keys)
+    self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                     mininterval=2.0, disable=jax.process_index() != 0)
+
+  def update(self, n: int = 1, metrics: Mapping[str, Any] | None = None) -> None:
+    if metrics:
+      self._bar.set_postfix({k: f"{float(metrics[k]):.4g}" for k in self.keys if k in metrics},
+                            refresh=False)
+    self._bar.update(n)
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+def quiet_library_logs() -> None:
+  """Drops orbax's INFO lines (dozens per checkpoint) from the absl log; warnings still show."""
+  import logging as py_logging  # noqa: PLC0415
+
+  from absl import logging as absl_logging  # noqa: PLC0415
+
+  class _Filter(py_logging.Filter):
+    def filter(self, record: py_logging.LogRecord) -> bool:
+      return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+
+  absl_logging.get_absl_handler().addFilter(_Filter())

@@ -1,0 +1,41 @@
+"""Frozen text features of the agent: memoisation and the decoder pooler against PyTorch."""
+
+import decoder_fixtures
+import numpy as np
+import torch
+
+from eagle_jax.agent.features import DecoderPooler, TextFeatures
+from eagle_jax.models import loading
+
+
+class _CharTokenizer:
+  def encode(self, text):
+    return [1 + (ord(c) % 90) for c in text]
+
+
+def test_decoder_pooler_equals_pytorch_mean_pooled_hidden_states(tmp_path):
+  tmodel = decoder_fixtures.make_torch_llama()
+  _, model = loading.load_llama_safetensors(decoder_fixtures.save_torch(tmodel, tmp_path))
+  texts = ["a short one", "a noticeably longer text with many more characters in it", "mid size",
+           "x" * 40, "y"]
+  pooler = DecoderPooler(model, _CharTokenizer(), batch=2)  # 3 calls, mixed lengths, padded rows
+  got = pooler(texts)
+  for text, row in zip(texts, got):
+    ids = torch.tensor([_CharTokenizer().encode(text)])
+    with torch.no_grad():
+      hidden = tmodel.model(input_ids=ids).last_hidden_state[0].numpy()
+    np.testing.assert_allclose(row, hidden.mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_text_features_encode_each_text_once():
+  calls = []
+
+  def encode(texts):
+    calls.append(list(texts))
+    return np.array([[len(t), t.count("a")] for t in texts], np.float32)
+
+  f = TextFeatures(encode, 2)
+  out = f(["aa", "b", "aa"])
+  np.testing.assert_array_equal(out, [[2, 2], [1, 0], [2, 2]])
+  np.testing.assert_array_equal(f(["b", "ccc"]), [[1, 0], [3, 0]])
+  assert calls == [["aa", "b"], ["ccc"]] and f.encoded == 3 and len(f) == 3
