@@ -178,4 +178,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.trajectories = 6
   # Confidence level of the reported intervals.
   config.eval.confidence = 0.95
+  # Workdir of a trained ELM (launch.train_elm, same config.wals) for the paper's ELM baseline;
+  # "" skips it.
+  config.eval.elm_workdir = ""
+  # Gradient-ascent steps on U in Z for the ELM baseline.
+  config.eval.elm_steps = 100
+  # Step size of that ascent.
+  config.eval.elm_lr = 0.05
   return config

@@ -48,9 +48,10 @@ class PolicyConfig:
 
 
 def _dense(rngs: nnx.Rngs, din: int, dout: int, axes: tuple[str | None, str | None],
-           scale: float = 1.0) -> nnx.Linear:
+           scale: float = 1.0, use_bias: bool = True) -> nnx.Linear:
   init = nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
-  return nnx.Linear(din, dout, rngs=rngs, kernel_init=nnx.with_partitioning(init, axes),
+  return nnx.Linear(din, dout, rngs=rngs, use_bias=use_bias,
+                    kernel_init=nnx.with_partitioning(init, axes),
                     bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
 
 
@@ -76,7 +77,8 @@ class PolicyValueNet(nnx.Module):
       self.action_out = _dense(rngs, n, n, ("mlp", "embed"))
       self.score_hidden = _dense(rngs, 3 * n, n, ("embed", "mlp"))
       # Small last layers: the initial policy is close to uniform and the initial value close to 0.
-      self.score_out = _dense(rngs, n, 1, ("mlp", None), scale=0.01)
+      # No score bias: a softmax over candidates is invariant to it (its gradient is exactly 0).
+      self.score_out = _dense(rngs, n, 1, ("mlp", None), scale=0.01, use_bias=False)
       self.value_hidden = _dense(rngs, n, n, ("embed", "mlp"))
       self.value_out = _dense(rngs, n, 1, ("mlp", None), scale=0.01)
 

@@ -14,7 +14,9 @@ every policy the report gives, over a split's pairs:
   against its own untrained reference policy, with confidence intervals.
 
 Policies: ``random`` (uniform over candidates), ``reference[kind]`` (the reference network before RL,
-sampled), ``agent[kind]`` (after RL, sampled) and ``agent[kind]/greedy``. Plots: mean gain with
+sampled), ``agent[kind]`` (after RL, sampled) and ``agent[kind]/greedy``; with
+``eval.elm_workdir``, also ``elm_baseline`` (the paper's ELM baseline: the utility optimum of Z near
+the anchor decoded by a trained ELM), compared pairwise with every agent. Plots: mean gain with
 intervals per policy, and mean utility along the episode, one pair of PNGs per split.
 """
 
@@ -69,13 +71,74 @@ def _summary(ep: rollout.Episodes, n_pairs: int, confidence: float) -> dict[str,
 SPLITS = ("new_users", "new_anchors")
 
 
-def _split_report(config, episodes: dict[str, rollout.Episodes], n_pairs: int) -> dict[str, Any]:
+def elm_baseline(config, world: World, pairs: np.ndarray, elm) -> dict[str, Any]:
+  """The paper's ELM baseline on the same (user, anchor) pairs as the agents.
+
+  Projected gradient ascent on U from the anchor's item vector (``elm.baseline``), the optimum
+  decoded by a trained ELM, and the decoded text scored like an agent's final description:
+  U(E_D(text)) - U(E_D(anchor plot)). ``latent_gain`` is U(z*) - U(z_anchor) before decoding (what
+  the ascent promised; the gap to ``gain`` is what is lost going back to text).
+  """
+  from eagle_jax.elm import baseline  # noqa: PLC0415
+
+  items = np.asarray(world.env.item_table)
+  users, anchors = pairs[:, 0], pairs[:, 1]
+  zu = world.env.user_table[users]
+  lam, k = float(config.utility.lam), int(config.utility.k)
+  z_star, texts = baseline.decode_utility_optimum(elm, zu, items[anchors], items, lam=lam, k=k,
+                                                  steps=int(config.eval.elm_steps),
+                                                  lr=float(config.eval.elm_lr))
+  final = world.env.text_utility(texts, users)
+  start = world.env.text_utility([world.anchors[int(i)].plot for i in anchors], users)
+  gain = final["utility"] - start["utility"]
+  latent = (baseline.utilities(z_star, zu, items, lam=lam, k=k)
+            - baseline.utilities(items[anchors], zu, items, lam=lam, k=k))
+  conf = float(config.eval.confidence)
+  return {
+      "gain": mean_ci(gain, conf), "gain_per_pair": gain.tolist(),
+      "latent_gain": mean_ci(latent, conf),
+      "fraction_improved": float(np.mean(gain > 0)),
+      "final_utility": float(final["utility"].mean()),
+      "anchor_utility": float(start["utility"].mean()),
+      "final_distance": float(final["distance"].mean()),
+      "anchor_distance": float(start["distance"].mean()),
+      "final_preference": float(final["preference"].mean()),
+      "utility_by_step": [float(start["utility"].mean()), float(final["utility"].mean())],
+      "samples": [{"user": int(u), "anchor": world.anchors[int(i)].title, "text": t}
+                  for (u, i), t in list(zip(pairs, texts))[:3]],
+  }
+
+
+def _load_elm(config, world: World):
+  """The trained ELM of ``config.eval.elm_workdir``, checked to live in the world's latent space."""
+  from eagle_jax.elm import trainer as elm_trainer  # noqa: PLC0415
+
+  path = config.eval.elm_workdir
+  report = os.path.join(path, "encoder", "report.json")
+  if not os.path.exists(report):
+    raise training.ConfigError(f"config.eval.elm_workdir={path!r}: no ELM run there "
+                               f"({report} missing)")
+  with open(report) as f:
+    emb = json.load(f)["embeddings"]
+  with np.load(emb, allow_pickle=False) as z:
+    theirs = np.asarray(z["item_factors"])
+  ours = np.asarray(world.env.item_table)[:, : theirs.shape[1]]
+  if theirs.shape[0] != ours.shape[0] or not np.allclose(theirs, ours, atol=1e-4):
+    raise training.ConfigError(
+        f"config.eval.elm_workdir={path!r}: the ELM was trained on other WALS factors ({emb}) "
+        "than this run's latent space; train both with the same config.wals")
+  return elm_trainer.load_elm(path)
+
+
+def _split_report(config, episodes: dict[str, rollout.Episodes], n_pairs: int,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
   conf = float(config.eval.confidence)
   results = {name: _summary(ep, n_pairs, conf) for name, ep in episodes.items()}
+  results.update(extra or {})
   comparisons = {}
   for kind in config.reference.kinds:
     agent = np.asarray(results[f"agent[{kind}]"]["gain_per_pair"])
-    for other in ("random", f"reference[{kind}]"):
+    for other in ("random", f"reference[{kind}]") + (("elm_baseline",) if extra else ()):
       diff = agent - np.asarray(results[other]["gain_per_pair"])
       comparisons[f"agent[{kind}] - {other}"] = mean_ci(diff, conf)
   main = config.reference.main
@@ -113,7 +176,13 @@ def evaluate(config, workdir: str, world: World, *, mesh=None) -> dict[str, Any]
                                                   world.heldout_pairs[split], key, config, False)
 
   asyncio.run(run_all())
-  splits = {s: _split_report(config, episodes[s], len(world.heldout_pairs[s])) for s in SPLITS}
+  extra = {s: {} for s in SPLITS}
+  if config.eval.elm_workdir:
+    elm = _load_elm(config, world)
+    for s in SPLITS:
+      extra[s]["elm_baseline"] = elm_baseline(config, world, world.heldout_pairs[s], elm)
+  splits = {s: _split_report(config, episodes[s], len(world.heldout_pairs[s]), extra[s])
+            for s in SPLITS}
   main = config.reference.main
   trajectories = []
   for split in SPLITS:

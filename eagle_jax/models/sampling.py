@@ -21,6 +21,10 @@ Generation (``Sampler.generate_ids``):
    before penalty, temperature or truncation: what a policy-gradient agent needs as ``log pi``. A
    row stops after its first stop token, which is included (with its log-prob) in the output.
 
+Generation from input embeddings (``Sampler.generate_embeddings``): the same decode with the
+prefill run on caller-given ``[B, P, D]`` prompt embeddings (ELM soft tokens at placeholder
+positions, ``eagle_jax/elm``); the prompt token ids only feed the penalty and n-gram history.
+
 Scoring (``Sampler.score``): ``log p(continuation | prompt)`` per sequence, summed and per token,
 from one cache-free forward pass over left-padded ``prompt + continuation`` (bucketed); logits are
 computed only over the last ``C`` positions (continuation bucket), not the full vocabulary at every
@@ -236,6 +240,7 @@ def _generate_impl(
     mode: _Mode,
     new_bucket: int,
     pad_id: int,
+    embeddings: jax.Array | None = None,
 ):
   """Prefill + while-loop decode.
 
@@ -243,6 +248,8 @@ def _generate_impl(
     tokens, mask: [B, P] left-padded prompts.
     keys: [B] PRNG keys, one per row: a row's samples depend on its own key only, never on the
       other rows of the batch.
+    embeddings: optional [B, P, D] prompt input embeddings used for the prefill instead of
+      ``embed(tokens)`` (soft tokens, ELM); ``tokens`` still feed the penalty and n-gram history.
 
   Returns:
     (tokens [B, N] int32, mask [B, N] bool, logprobs [B, N] float32).
@@ -253,7 +260,8 @@ def _generate_impl(
   v = config.vocab_size
   s = p + new_bucket
   cache = llama_lib.KVCache.init(config, b, s)
-  hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
+  hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache,
+                                      input_embeddings=embeddings)
   logits = model.logits(hidden[:, -1:])[:, 0]  # [B, V]
   rows = jnp.arange(b)[:, None]
   presence = None
@@ -400,12 +408,64 @@ class Sampler:
     self._check_ids("prompts", prompts, allow_empty=False)
     if seeds is not None and len(seeds) != len(prompts):
       raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
+    p_bucket = bucket(max(len(x) for x in prompts), self.min_bucket)
+    tokens, mask = self._pad(prompts, p_bucket)
+    return self._decode(tokens, mask, params, self._row_keys(len(prompts), seed, seeds))
+
+  def generate_embeddings(
+      self,
+      embeddings: jax.Array | np.ndarray,
+      mask: np.ndarray,
+      params: SamplingParams = SamplingParams(),
+      *,
+      tokens: np.ndarray | None = None,
+      seed: int = 0,
+      seeds: Sequence[int] | None = None,
+  ) -> GenerationResult:
+    """Generates continuations of prompts given as input embeddings (e.g. with ELM soft tokens).
+
+    The caller left-pads the prompts itself (use ``bucket`` for the width ``P`` so the decode
+    compiles once per bucket); everything else is as in ``generate_ids``: the same decode loop,
+    stop ids, per-row keys and log-probs, and ``generate_embeddings(model.embed(tokens), mask,
+    tokens=tokens)`` gives the tokens of ``generate_ids`` on the same padded prompts.
+
+    Args:
+      embeddings: [B, P, D] left-padded prompt embeddings (padding rows are ignored).
+      mask: [B, P] bool, True on real prompt positions (each row needs at least one, the last
+        column must be real: left padding).
+      params: sampling settings.
+      tokens: optional [B, P] int32 ids of the prompt positions for the repetition penalty and the
+        n-gram ban (default: the pad id everywhere, i.e. the prompt does not count).
+      seed, seeds: as in ``generate_ids``.
+    """
+    embeddings = jnp.asarray(embeddings)
+    mask = np.asarray(mask, bool)
+    if embeddings.ndim != 3 or embeddings.shape[-1] != self.config.hidden:
+      raise ValueError(f"embeddings: expected [B, P, {self.config.hidden}], got "
+                       f"{tuple(embeddings.shape)}")
+    b, p = embeddings.shape[:2]
+    if mask.shape != (b, p):
+      raise ValueError(f"mask: expected shape {(b, p)}, got {mask.shape}")
+    if not mask[:, -1].all():
+      raise ValueError("mask: prompts must be left-padded (last column real in every row)")
+    if tokens is None:
+      tokens = np.full((b, p), self.pad_id, np.int32)
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.shape != (b, p):
+      raise ValueError(f"tokens: expected shape {(b, p)}, got {tokens.shape}")
+    if seeds is not None and len(seeds) != b:
+      raise ValueError(f"seeds: expected one per prompt ({b}), got {len(seeds)}")
+    return self._decode(tokens, mask, params, self._row_keys(b, seed, seeds),
+                        embeddings=embeddings.astype(self.config.dtype))
+
+  def _decode(self, tokens: np.ndarray, mask: np.ndarray, params: SamplingParams,
+              keys: jax.Array, embeddings: jax.Array | None = None) -> GenerationResult:
+    """The decode shared by ``generate_ids`` and ``generate_embeddings``: [B, P] left-padded
+    tokens and mask (and optional [B, P, D] input embeddings) -> ``GenerationResult``."""
     stop = params.stop_ids
     if stop is None:
       stop = self.tokenizer.stop_ids if self.tokenizer is not None else ()
-    p_bucket = bucket(max(len(x) for x in prompts), self.min_bucket)
     n_bucket = bucket(params.max_new_tokens, self.min_bucket)
-    tokens, mask = self._pad(prompts, p_bucket)
     mode = _Mode(
         greedy=params.temperature == 0.0,
         top_k=params.top_k > 0 and params.temperature > 0,
@@ -424,10 +484,10 @@ class Sampler:
         stop_ids=jnp.asarray(stop_arr),
         max_new=jnp.int32(params.max_new_tokens),
     )
+    extra = {} if embeddings is None else {"embeddings": embeddings}
     out_tokens, out_mask, out_logp = self._run(
-        self._generate, self.state, jnp.asarray(tokens), jnp.asarray(mask), knobs,
-        self._row_keys(len(prompts), seed, seeds), mode=mode, new_bucket=n_bucket,
-        pad_id=self.pad_id)
+        self._generate, self.state, jnp.asarray(tokens), jnp.asarray(mask), knobs, keys,
+        mode=mode, new_bucket=n_bucket, pad_id=self.pad_id, **extra)
     n = params.max_new_tokens
     out_tokens = np.asarray(out_tokens)[:, :n]
     out_mask = np.asarray(out_mask)[:, :n]
