@@ -13,14 +13,17 @@ profiles) and ``encoder/`` when E_D was trained here. ``eagle_jax/elm/trainer.py
 from __future__ import annotations
 
 import json
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from eagle_jax import training
 from eagle_jax.elm import trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ELM configuration file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "elm_ml100k.py"),
+    "ELM configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, report).")
 
 
@@ -29,12 +32,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
-  report = trainer.run(_CONFIG.value, _WORKDIR.value)
+  training.quiet_library_logs()
+  try:
+    report = trainer.run(_CONFIG.value, _WORKDIR.value)
+  except training.ConfigError as e:
+    raise app.UsageError(str(e)) from e
   print(json.dumps({"headline": report.get("headline"), "seconds": report["seconds"],
                     "bc": report.get("eval", {}).get("behavioural_consistency", {}).get("elm")},
                    indent=2))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -2,13 +2,14 @@
 
 import json
 import os
+import types
 
 import jax
 import numpy as np
 import pytest
 
 from eagle_jax import parallel
-from eagle_jax.embed import wals, wals_metrics, wals_plan
+from eagle_jax.embed import wals, wals_metrics, wals_plan, wals_train
 
 
 def _random_problem(num_users=37, num_items=29, num_ratings=400, seed=0):
@@ -262,3 +263,26 @@ def test_ml100k_time_split_quality_and_launch(tmp_path):
   assert len(again["history"]) == config.wals.sweeps
   assert again["metrics"]["test_rmse"] == pytest.approx(metrics["test_rmse"], rel=1e-6)
   assert os.path.getmtime(tmp_path / "checkpoints" / str(step)) == mtime
+
+
+def test_load_npz_reorders_and_augments_like_walsfactors(tmp_path):
+  rng = np.random.default_rng(0)
+  factors = wals.WALSFactors.from_dict({
+      "user_factors": rng.normal(size=(5, 3)), "item_factors": rng.normal(size=(4, 3)),
+      "user_bias": rng.normal(size=5), "item_bias": rng.normal(size=4),
+      "global_mean": np.float32(3.5)})
+  ratings = types.SimpleNamespace(user_ids=np.array([10, 11, 12, 13, 14]),
+                                  item_ids=np.array([7, 8, 9, 6]))
+  wals_train.export_npz(str(tmp_path / "e.npz"), factors, ratings)
+  out = wals_train.load_npz(str(tmp_path / "e.npz"), item_ids=np.array([6, 9, 7]),
+                            user_ids=np.array([14, 10]))
+  zu, zi = (np.asarray(x) for x in factors.augmented())
+  np.testing.assert_allclose(out["item_augmented"], zi[[3, 2, 0]], rtol=1e-6)
+  np.testing.assert_allclose(out["user_augmented"], zu[[4, 0]], rtol=1e-6)
+  # Their inner product is the predicted rating mu + b_u + c_i + <x_u, y_i>.
+  x = factors
+  want = (3.5 + np.asarray(x.user_bias)[4] + np.asarray(x.item_bias)[3]
+          + np.asarray(x.user_factors)[4] @ np.asarray(x.item_factors)[3])
+  assert out["user_augmented"][0] @ out["item_augmented"][0] == pytest.approx(want, rel=1e-5)
+  with pytest.raises(ValueError, match="no vectors for item ids \\[99\\]"):
+    wals_train.load_npz(str(tmp_path / "e.npz"), item_ids=np.array([99]))

@@ -39,7 +39,7 @@ from absl import logging
 from eagle_jax import training
 from eagle_jax.agent.env import ContentGapEnv
 from eagle_jax.agent.features import TextFeatures
-from eagle_jax.embed import encoder_train, wals, wals_train
+from eagle_jax.embed import encoder_train, wals_train
 from eagle_jax.env import actions as actions_lib
 from eagle_jax.env import build, prompts
 from eagle_jax.env import cache as cache_lib
@@ -274,7 +274,8 @@ def build_world(config, workdir: str, *, client=None, encoder=None) -> World:
       enc_cfg.wals = config.wals
     encoder_train.run(enc_cfg, enc_dir, encode=features)
   ed_head, ed_meta = encoder_train.load_head(os.path.join(enc_dir, "checkpoints"))
-  z_users, z_items = load_latent(emb_path, ratings)
+  latent = wals_train.load_npz(emb_path, item_ids=ratings.item_ids, user_ids=ratings.user_ids)
+  z_users, z_items = latent["user_augmented"], latent["item_augmented"]
 
   train_items, held_items, train_users, held_users = _select(config, ratings)
   if client is None:
@@ -308,18 +309,6 @@ def build_world(config, workdir: str, *, client=None, encoder=None) -> World:
     world.info["prefetched_states"] = n
   _write_world(world, os.path.join(workdir, "world.json"), ratings)
   return world
-
-
-def load_latent(path: str, ratings) -> tuple[np.ndarray, np.ndarray]:
-  """Augmented user [U, d] and item [I, d] vectors of a WALS ``embeddings.npz`` (no pickle)."""
-  with np.load(path, allow_pickle=False) as f:
-    arrays = {k: f[k] for k in f.files}
-  if not (np.array_equal(arrays["item_ids"], ratings.item_ids)
-          and np.array_equal(arrays["user_ids"], ratings.user_ids)):
-    raise ValueError(f"{path}: user/item ids differ from the ratings of config.wals.data")
-  factors = wals.WALSFactors.from_dict(arrays)
-  z_users, z_items = factors.augmented()
-  return np.asarray(z_users, np.float32), np.asarray(z_items, np.float32)
 
 
 async def expand(world: World, texts: Sequence[str], items: np.ndarray) -> list[list[str]]:

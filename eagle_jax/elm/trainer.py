@@ -518,25 +518,6 @@ class ELM:
 # Data preparation.
 
 
-def user_vectors(path: str, user_ids: np.ndarray) -> np.ndarray:
-  """Augmented WALS user vectors ``[x_u, b_u, 1, mu]`` [U, k+3] in the order of ``user_ids``."""
-  with np.load(path, allow_pickle=False) as z:
-    arrays = {k: z[k] for k in z.files}
-  missing = {"user_ids", "user_factors", "user_bias", "global_mean"} - set(arrays)
-  if missing:
-    raise ValueError(f"{path}: missing arrays {sorted(missing)}")
-  index = {int(u): n for n, u in enumerate(arrays["user_ids"])}
-  absent = [int(u) for u in user_ids if int(u) not in index]
-  if absent:
-    raise ValueError(f"{path}: no vectors for user ids {absent[:5]} ({len(absent)} in all)")
-  order = np.asarray([index[int(u)] for u in user_ids])
-  n = len(order)
-  mu = np.full((n, 1), float(arrays["global_mean"]), np.float32)
-  return np.concatenate([arrays["user_factors"][order].astype(np.float32),
-                         arrays["user_bias"][order, None].astype(np.float32),
-                         np.ones((n, 1), np.float32), mu], 1)
-
-
 def _encoder(config, workdir: str):
   """E_D ``(predict, meta, folder)``, training it (and WALS) into ``<workdir>/encoder`` when needed."""
   from eagle_jax.embed import encoder_train  # noqa: PLC0415
@@ -686,11 +667,10 @@ def run(config, workdir: str) -> dict[str, Any]:
   t0 = time.perf_counter()
   predict, enc_meta, enc_dir = _encoder(config, workdir)
   ratings = wals_train.load_data(config.encoder.wals.data)
-  from eagle_jax.embed import encoder_train  # noqa: PLC0415
 
-  item_z = encoder_train.load_targets(enc_meta["embeddings"], np.asarray(ratings.item_ids),
-                                      "augmented")
-  user_z = user_vectors(enc_meta["embeddings"], np.asarray(ratings.user_ids))
+  latent = wals_train.load_npz(enc_meta["embeddings"], item_ids=np.asarray(ratings.item_ids),
+                               user_ids=np.asarray(ratings.user_ids))
+  item_z, user_z = latent["item_augmented"], latent["user_augmented"]
   seconds["encoder_and_embeddings"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()

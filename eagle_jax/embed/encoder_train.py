@@ -68,21 +68,8 @@ def load_targets(path: str, item_ids: np.ndarray, target: str) -> np.ndarray:
   """
   if target not in ("augmented", "factors"):
     raise ValueError(f"config.target: expected 'augmented' or 'factors', got {target!r}")
-  with np.load(path, allow_pickle=False) as z:
-    arrays = {k: z[k] for k in z.files}
-  missing = {"item_ids", "item_factors", "item_bias"} - set(arrays)
-  if missing:
-    raise ValueError(f"{path}: missing arrays {sorted(missing)}")
-  index = {int(i): n for n, i in enumerate(arrays["item_ids"])}
-  absent = [int(i) for i in item_ids if int(i) not in index]
-  if absent:
-    raise ValueError(f"{path}: no vectors for item ids {absent[:5]} ({len(absent)} in all)")
-  order = np.asarray([index[int(i)] for i in item_ids])
-  y = arrays["item_factors"][order].astype(np.float32)
-  if target == "factors":
-    return y
-  ones = np.ones((len(order), 1), np.float32)
-  return np.concatenate([y, ones, arrays["item_bias"][order, None].astype(np.float32), ones], 1)
+  return wals_train.load_npz(path, item_ids=item_ids)[
+      "item_augmented" if target == "augmented" else "item_factors"]
 
 
 def heldout_mask(num_items: int, fraction: float, seed: int) -> np.ndarray:

@@ -70,6 +70,52 @@ def export_npz(path: str, factors: wals.WALSFactors, ratings: data.RatingsData) 
            **arrays)
 
 
+def _rows(path: str, arrays: dict, kind: str, ids: np.ndarray, names: tuple[str, ...]
+          ) -> dict[str, np.ndarray]:
+  missing = {f"{kind}_ids", *names} - set(arrays)
+  if missing:
+    raise ValueError(f"{path}: missing arrays {sorted(missing)}")
+  index = {int(i): n for n, i in enumerate(arrays[f"{kind}_ids"])}
+  absent = [int(i) for i in ids if int(i) not in index]
+  if absent:
+    raise ValueError(f"{path}: no vectors for {kind} ids {absent[:5]} ({len(absent)} in all)")
+  order = np.asarray([index[int(i)] for i in ids], np.int64)
+  return {n: np.asarray(arrays[n])[order].astype(np.float32) for n in names}
+
+
+def load_npz(path: str, *, item_ids: np.ndarray | None = None, user_ids: np.ndarray | None = None
+             ) -> dict[str, np.ndarray]:
+  """Vectors of an ``export_npz`` file, rows reordered to the given raw ids (never unpickles).
+
+  Returns a dict with, for items (when ``item_ids`` is given), ``item_factors`` [I, k] and
+  ``item_augmented`` [I, k+3] = ``[y_i, 1, c_i, 1]``, and for users ``user_factors`` [U, k] and
+  ``user_augmented`` [U, k+3] = ``[x_u, b_u, 1, mu]`` (``WALSFactors.augmented``'s layout: their
+  inner product is the predicted rating).
+
+  Raises:
+    ValueError: naming the file when an array or an id is missing.
+  """
+  with np.load(path, allow_pickle=False) as z:
+    arrays = {k: z[k] for k in z.files}
+  out = {}
+  if item_ids is not None:
+    r = _rows(path, arrays, "item", item_ids, ("item_factors", "item_bias"))
+    ones = np.ones((len(item_ids), 1), np.float32)
+    out["item_factors"] = r["item_factors"]
+    out["item_augmented"] = np.concatenate(
+        [r["item_factors"], ones, r["item_bias"][:, None], ones], 1)
+  if user_ids is not None:
+    r = _rows(path, arrays, "user", user_ids, ("user_factors", "user_bias"))
+    if "global_mean" not in arrays:
+      raise ValueError(f"{path}: missing arrays ['global_mean']")
+    n = len(user_ids)
+    out["user_factors"] = r["user_factors"]
+    out["user_augmented"] = np.concatenate(
+        [r["user_factors"], r["user_bias"][:, None], np.ones((n, 1), np.float32),
+         np.full((n, 1), float(arrays["global_mean"]), np.float32)], 1)
+  return out
+
+
 def run(config, workdir: str) -> dict:
   """Trains (resuming from ``workdir``), exports and reports. Returns the report."""
   os.makedirs(workdir, exist_ok=True)
