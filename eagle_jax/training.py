@@ -166,11 +166,11 @@ def _nested(flat: Sequence[tuple[tuple, Any]]) -> dict:
   return out
 
 
-def tree_shardings_like(tree: PyTree, mesh: jax.sharding.Mesh | None) -> PyTree:
-  """Replicated shardings for a pytree (optimizer moments follow the params via jit propagation)."""
-  if mesh is None:
-    return None
-  return jax.tree.map(lambda _: parallel.replicated(mesh), tree)
+def batch_shardings(batch: Mapping[str, Any], mesh: jax.sharding.Mesh,
+                    rules=parallel.DEFAULT_RULES) -> dict:
+  """Shardings of a batch dict: every array split over its leading (logical ``batch``) axis."""
+  return {k: parallel.named_sharding(mesh, ("batch",) + (None,) * (np.ndim(v) - 1), rules)
+          for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -58,15 +58,15 @@ class ContentGapEnv:
     self.client = client
     self.params = params
     self.features = features
-    self._ed_head = ed_head
     self.item_table = jnp.asarray(item_table, jnp.float32)
+    # E_D of each distinct text, computed once: MiniLM features (memoised too) through the head.
+    self._z = TextFeatures(lambda texts: ed_head(features(texts)), self.item_table.shape[1])
     self.user_table = np.asarray(user_table, np.float32)
     self.lam = float(lam)
     self.k = int(k)
     self.max_sentences = int(max_sentences)
     self.steps = 0
     self.parse_failures = 0
-    self._z_memo: dict[str, np.ndarray] = {}
 
   @property
   def dim(self) -> int:
@@ -92,13 +92,7 @@ class ContentGapEnv:
 
   def embed(self, texts: Sequence[str]) -> np.ndarray:
     """E_D: [N] texts -> [N, d]."""
-    todo = sorted({t for t in texts if t not in self._z_memo})
-    if todo:
-      z = np.asarray(self._ed_head(self.features(todo)), np.float32)
-      self._z_memo.update(zip(todo, z))
-    if not texts:
-      return np.zeros((0, self.dim), np.float32)
-    return np.stack([self._z_memo[t] for t in texts])
+    return self._z(texts)
 
   def utility(self, z: np.ndarray, users: np.ndarray) -> dict[str, np.ndarray]:
     """U for each (z, user): z [..., d], users [...] int -> dict of [...] arrays.

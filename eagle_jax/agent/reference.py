@@ -30,14 +30,13 @@ from eagle_jax import design as design_lib
 from eagle_jax.agent import rollout
 from eagle_jax.agent import world as world_lib
 from eagle_jax.agent.world import World
+from eagle_jax.training import ConfigError
 
 KINDS = ("uniform", "optimistic", "g_optimal")
 
 
 def check_kind(kind: str, field: str = "config.reference.kind") -> str:
   if kind not in KINDS:
-    from eagle_jax.training import ConfigError  # noqa: PLC0415
-
     raise ConfigError(f"{field}={kind!r} is not a reference policy; expected one of {KINDS}")
   return kind
 

@@ -48,8 +48,6 @@ from eagle_jax.agent import losses, reference, rollout
 from eagle_jax.agent.policy import PolicyConfig, PolicyValueNet
 from eagle_jax.agent.world import World, cache_stats
 
-PHASES = ("reference", "rl")
-
 
 def agent_dir(workdir: str, kind: str) -> str:
   return os.path.join(workdir, "agents", kind)
@@ -115,12 +113,6 @@ def _update(loss_fn, tx, params, opt_state, *args):
   params = optax.apply_updates(params, updates)
   metrics = dict(metrics, grad_norm=training.global_norm(grads))
   return params, opt_state, metrics
-
-
-def batch_shardings(batch: dict, mesh: jax.sharding.Mesh) -> dict:
-  """Every batch array is sharded over its leading (logical ``batch``) axis."""
-  return {k: parallel.named_sharding(mesh, ("batch",) + (None,) * (np.ndim(v) - 1))
-          for k, v in batch.items()}
 
 
 class Learner:
@@ -194,7 +186,7 @@ class Learner:
   def put(self, batch: dict) -> dict:
     """Places a host batch on the mesh, sharded over its leading axis."""
     return jax.device_put({k: np.asarray(v) for k, v in batch.items()},
-                          batch_shardings(batch, self.mesh))
+                          training.batch_shardings(batch, self.mesh))
 
   def reference_step(self, params, opt_state, batch):
     """One cross-entropy step: -> (params, opt_state, metrics)."""

@@ -86,10 +86,10 @@ class World:
 
 def _policy_features(config, client, features: TextFeatures) -> TextFeatures:
   """The policy's text features: MiniLM (shared with E_D) or the decoder's pooled hidden states."""
-  backbone = config.policy.backbone
+  backbone = config.policy.backbone  # "minilm" or "decoder" (_check_config)
   if backbone == "minilm":
     out = features
-  elif backbone == "decoder":
+  else:
     from eagle_jax.agent.features import DecoderPooler  # noqa: PLC0415
     from eagle_jax.env.local import LocalSampler  # noqa: PLC0415
 
@@ -107,9 +107,6 @@ def _policy_features(config, client, features: TextFeatures) -> TextFeatures:
     else:
       pooler = DecoderPooler(inner.sampler.model, inner.tokenizer)
     out = TextFeatures(pooler, pooler.dim)
-  else:
-    raise training.ConfigError(
-        f"config.policy.backbone={backbone!r}: expected 'minilm' or 'decoder'")
   if out.dim != int(config.policy.text_dim):
     raise training.ConfigError(
         f"config.policy.text_dim={config.policy.text_dim} but the {backbone} features have "

@@ -225,12 +225,6 @@ def loss_fn(adapter_params, decoder_params, batch, *, parts: Parts, target_start
   return total / jnp.maximum(count, 1.0), (total, count)
 
 
-def batch_shardings(mesh: jax.sharding.Mesh, batch: Mapping[str, np.ndarray]) -> dict:
-  """Batch arrays sharded over the logical ``batch`` axis (other axes replicated)."""
-  return {k: parallel.named_sharding(mesh, ("batch",) + (None,) * (np.ndim(v) - 1))
-          for k, v in batch.items()}
-
-
 def make_train_step(parts: Parts, optimizer: optax.GradientTransformation, *, stage: int,
                     target_start: int, state_shardings, decoder_shardings, batch_sharding):
   """The jitted step ``(state, decoder_params, batch) -> (state, metrics)``.
@@ -308,7 +302,7 @@ def train(config, workdir: str, parts: Parts, decoder_params, data: Dataset,
                                  max_to_keep=int(tc.max_to_keep))
   pad_id = parts.tokenizer.pad_id
   example = data.batch(0, tc.batch_size, tc.seed, pad_id)
-  b_shard = batch_shardings(mesh, example)
+  b_shard = training.batch_shardings(example, mesh)
   d_shard = parts.decoder_fm.shardings
 
   def opt_for(stage):
