@@ -43,6 +43,7 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",  # CPU build from the local wheel; never a runtime dependency.
         "psutil>=5.9",
         "threadpoolctl>=3.1",  # pins BLAS threads of the numpy/implicit references.
+        "scikit-surprise>=1.1.4",  # independent rating models for wals_quality_bench.
     ],
 }
 

@@ -15,13 +15,16 @@ import ml_collections
 from configs import encoder_ml100k
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "rating") -> ml_collections.ConfigDict:
+  """``variant`` picks the latent space and E_D (``configs/encoder_ml100k.py``): "rating" (the
+  README's ELM numbers) or "implicit" (EAGLE's smoke Z; needed for the ELM baseline of
+  ``launch.evaluate --config.eval.elm_workdir``): ``--config=configs/elm_ml100k.py:implicit``."""
   config = ml_collections.ConfigDict()
 
   # E_D checkpoint folder (a launch.train_encoder workdir); "" = train E_D into <workdir>/encoder.
   config.encoder_dir = ""
   # E_D (and WALS) job used when encoder_dir == ""; config.encoder.wals.data names the ratings.
-  config.encoder = encoder_ml100k.get_config()
+  config.encoder = encoder_ml100k.get_config(variant)
 
   config.decoder = ml_collections.ConfigDict()
   # "gguf" (a llama-architecture GGUF) or "random" (random init of config.decoder.random; tests).

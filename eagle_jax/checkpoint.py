@@ -125,6 +125,15 @@ class Checkpointer:
         state=state_args, meta=ocp.args.JsonRestore()))
     return step, out["state"], dict(out["meta"] or {})
 
+  def metadata(self, step: int | None = None) -> dict[str, Any]:
+    """The JSON metadata of ``step`` (default: the latest) without reading the arrays."""
+    step = self.latest_step() if step is None else int(step)
+    if step is None or step not in self._manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} "
+                              f"(have {self.all_steps()})")
+    out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"] or {})
+
   def restore_or_init(
       self, init_fn: Callable[[], tuple[int, PyTree, dict[str, Any]]], *,
       target: PyTree | None = None, shardings: PyTree | None = None,

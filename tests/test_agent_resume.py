@@ -32,6 +32,7 @@ ARGS = [
     "--config.reference.steps=6", "--config.reference.batch_size=8",
     "--config.rl.steps=80", "--config.rl.batch_size=8", "--config.checkpoint.every=4",
     "--config.eval.samples=2",
+    "--config.encoder.finetune.epochs=1",  # a real (fine-tuned) E_D, one epoch to keep CI short
 ]
 VOLATILE = {"env_seconds", "learner_seconds", "cache_hits", "cache_misses", "env_transitions"}
 

@@ -70,7 +70,7 @@ def trained(tmp_path_factory):
       {"movie_id": int(ratings.item_ids[1]), "ok": False, "text": None},  # skipped
   ]
   desc.write_text("".join(json.dumps(r) + "\n" for r in recs))
-  config = encoder_ml100k.get_config()
+  config = encoder_ml100k.get_config("rating")
   config.descriptions = str(desc)
   config.wals.wals.sweeps = 3
   config.head.steps = 300
@@ -156,3 +156,55 @@ def test_bad_config_values_are_named(tmp_path):
     encoder_train.load_targets(str(tmp_path / "e.npz"), np.array([1, 2]), "augmented")
   with pytest.raises(ValueError, match="config.target"):
     encoder_train.load_targets(str(tmp_path / "e.npz"), np.array([1, 2]), "both")
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+  config = encoder_ml100k.get_config()  # "implicit": fine-tuned MiniLM onto implicit WALS vectors
+  config.wals.wals.sweeps = 3
+  config.finetune.epochs = 1
+  workdir = tmp_path_factory.mktemp("encoder_ft") / "run"
+  report = encoder_train.run(config, str(workdir))
+  return config, workdir, report, data.load_ml100k_assets()
+
+
+@pytest.mark.slow
+def test_finetuned_encoder_restores_its_best_validation_epoch(finetuned):
+  config, workdir, report, ratings = finetuned
+  split = np.load(workdir / "split.npz", allow_pickle=False)
+  held, val = split["heldout_item"], split["validation_item"]
+  # Validation movies: the documented rule (10% of the non-held-out movies), recomputed.
+  others = np.flatnonzero(~held)
+  expected = np.zeros(ratings.num_items, bool)
+  expected[np.random.default_rng(config.split_seed + 1).permutation(others)[
+      :round(config.finetune.validation_fraction * len(others))]] = True
+  np.testing.assert_array_equal(val, expected)
+  assert report["kind"] == "finetuned" and report["validation_items"] == expected.sum()
+  texts = [json.loads(x) for x in (workdir / "texts.jsonl").read_text().splitlines()]
+  z = np.load(workdir / "wals" / "embeddings.npz", allow_pickle=False)
+  ones = np.ones((ratings.num_items, 1))
+  table = np.concatenate([z["item_factors"], ones, z["item_bias"][:, None], ones], 1)
+  item_of_row = split["item_of_row"]
+  fit_rows = np.flatnonzero(~held[item_of_row] & ~val[item_of_row])
+  val_rows = np.flatnonzero(val[item_of_row])
+  y = table[item_of_row]
+  # Epoch 0 is the warm start: ridge on frozen embeddings (PyTorch, lstsq) scores the same R^2.
+  x = _torch_embed(texts)
+  ridge = _ridge_lstsq(x[fit_rows], y[fit_rows], x[val_rows], config.finetune.ridge_reg)
+  history = report["losses"]
+  assert [h["epoch"] for h in history] == [0, 1]
+  assert _r2(y[val_rows], ridge) == pytest.approx(history[0]["val_r2"], abs=2e-3)
+  # The restored E_D is the best validation epoch, and scores the reported held-out R^2.
+  ed, meta = encoder_train.load_encoder(str(workdir / "checkpoints"))
+  assert meta["kind"] == "finetuned"
+  pred_val = ed([texts[r] for r in val_rows])
+  best = max(history, key=lambda h: h["val_r2"])
+  assert _r2(y[val_rows], pred_val) == pytest.approx(best["val_r2"], abs=1e-3)
+  if best["epoch"] > 0:  # the encoder itself changed, not just the head
+    assert np.abs(pred_val - ridge).max() > 1e-2
+  rows = np.flatnonzero(split["heldout_row"] & (split["kind"] == "metadata"))
+  pred = ed([texts[r] for r in rows])
+  assert _r2(y[rows], pred) == pytest.approx(report["metrics"]["heldout_r2"], abs=1e-4)
+  # A frozen-head loader refuses it by name.
+  with pytest.raises(ValueError, match="fine-tuned"):
+    encoder_train.load_head(str(workdir / "checkpoints"))

@@ -8,7 +8,7 @@ local sampler, our HTTP server, vLLM) runs them as one batch. Every answer goes 
 response cache: transitions are greedy with a fixed seed, hence a deterministic function of
 (description, action), and a rerun or a resumed run replays them from disk.
 
-``embed`` is E_D: frozen MiniLM features (memoised per text) through the trained regression head onto
+``embed`` is E_D (memoised per text): MiniLM, fine-tuned or frozen, through its regression head onto
 the behavioural latent space Z; ``utility`` is ``eagle_jax.utility.content_gap_utility``.
 
 Choice where the paper is silent: an answer that does not parse as a plot (too short) leaves the state
@@ -43,8 +43,7 @@ class ContentGapEnv:
   Args:
     client: a ``SamplingBackend`` (normally a ``CachedClient``).
     params: sampling parameters of every transition (greedy by default in the configs).
-    features: memoised MiniLM features (the input of E_D's head).
-    ed_head: [N, e] MiniLM features -> [N, d] points of Z.
+    ed: E_D, ``texts -> [N, d]`` points of Z (``encoder_train.load_encoder``).
     item_table: [I, d] existing items in Z (augmented WALS item vectors).
     user_table: [U, d] users in Z (augmented WALS user vectors).
     lam: novelty weight of the utility.
@@ -52,15 +51,14 @@ class ContentGapEnv:
     max_sentences: sentences kept of a rewritten plot.
   """
 
-  def __init__(self, client, params: client_lib.SamplingParams, features: TextFeatures,
-               ed_head: Callable[[np.ndarray], np.ndarray], item_table: np.ndarray,
+  def __init__(self, client, params: client_lib.SamplingParams,
+               ed: Callable[[Sequence[str]], np.ndarray], item_table: np.ndarray,
                user_table: np.ndarray, *, lam: float, k: int = 3, max_sentences: int = 3):
     self.client = client
     self.params = params
-    self.features = features
     self.item_table = jnp.asarray(item_table, jnp.float32)
-    # E_D of each distinct text, computed once: MiniLM features (memoised too) through the head.
-    self._z = TextFeatures(lambda texts: ed_head(features(texts)), self.item_table.shape[1])
+    # E_D of each distinct text, computed once.
+    self._z = TextFeatures(ed, self.item_table.shape[1])
     self.user_table = np.asarray(user_table, np.float32)
     self.lam = float(lam)
     self.k = int(k)

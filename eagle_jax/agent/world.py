@@ -3,8 +3,10 @@
 ``build_world(config, workdir)`` is idempotent and resumable; each piece lives in its own subfolder:
 
 * ``wals/``: behavioural embeddings (``launch.wals`` job; orbax checkpoints, ``embeddings.npz``).
-  Z is the augmented space of ``WALSFactors.augmented``: <z_u, z_i> is the predicted rating.
-* ``encoder/``: E_D, frozen MiniLM + MLP head regressed onto the augmented item vectors
+  Z is the augmented space of ``WALSFactors.augmented``: <z_u, z_i> is the WALS prediction. With
+  the smoke config's implicit-feedback WALS that is the rating where one was given and ~0 elsewhere,
+  so it scores preference and exposure together, as the paper's Hu-Koren-Volinsky factors do.
+* ``encoder/``: E_D, MiniLM (fine-tuned, or frozen + MLP head) regressed onto the augmented item vectors
   (``launch.train_encoder`` job; trained once, then restored).
 * ``env/cache.jsonl``: the environment LLM's response cache. Anchor plots, LLM-written actions and
   every transition go through it, so a rerun replays the environment from disk.
@@ -270,14 +272,15 @@ def build_world(config, workdir: str, *, client=None, encoder=None) -> World:
       enc_cfg.embeddings = emb_path
       enc_cfg.wals = config.wals
     encoder_train.run(enc_cfg, enc_dir, encode=features)
-  ed_head, ed_meta = encoder_train.load_head(os.path.join(enc_dir, "checkpoints"))
+  ed, ed_meta = encoder_train.load_encoder(os.path.join(enc_dir, "checkpoints"),
+                                           frozen_encode=features, minilm=config.encoder.minilm)
   latent = wals_train.load_npz(emb_path, item_ids=ratings.item_ids, user_ids=ratings.user_ids)
   z_users, z_items = latent["user_augmented"], latent["item_augmented"]
 
   train_items, held_items, train_users, held_users = _select(config, ratings)
   if client is None:
     client = make_client(config, workdir)
-  env = ContentGapEnv(client, transition_params(config), features, ed_head, z_items, z_users,
+  env = ContentGapEnv(client, transition_params(config), ed, z_items, z_users,
                       lam=float(config.utility.lam), k=int(config.utility.k),
                       max_sentences=int(config.env.max_sentences))
   items = np.concatenate([train_items, held_items])
@@ -299,7 +302,7 @@ def build_world(config, workdir: str, *, client=None, encoder=None) -> World:
                                "new_anchors": _pairs(held_users, held_items)},
                 num_actions=int(config.actions.k),
                 info={"encoder_heldout_r2": _ed_r2(enc_dir), "latent_dim": int(z_items.shape[1]),
-                      "ed_target": ed_meta.get("target")})
+                      "ed_target": ed_meta.get("target"), "ed_kind": ed_meta.get("kind", "head")})
   if int(config.env.prefetch_depth) > 0:
     n = asyncio.run(prefetch_tree(world, sorted(anchors), int(config.env.prefetch_depth)))
     logging.info("world: %d states prefetched to depth %d", n, config.env.prefetch_depth)
@@ -324,7 +327,7 @@ async def expand(world: World, texts: Sequence[str], items: np.ndarray) -> list[
 
 async def prefetch_tree(world: World, items: Sequence[int], depth: int) -> int:
   """Computes every state reachable from the anchors ``items`` in ``depth`` steps (and their E_D
-  embeddings), level by level with all of a level's transitions in flight at once; returns the
+  embeddings and policy features), level by level with all of a level's transitions in flight at once; returns the
   number of distinct states. Small trees only (K + K^2 + ... per anchor): the smoke config uses it
   so that training steps replay the environment from the cache instead of waiting on stragglers.
   """
@@ -335,7 +338,11 @@ async def prefetch_tree(world: World, items: Sequence[int], depth: int) -> int:
     level = [(c, i) for (_, i), row in zip(level, children) for c in row if (c, i) not in seen]
     level = list(dict.fromkeys(level))
     seen.update(level)
-  world.env.embed(sorted({x for x, _ in seen}))
+  # E_D and the policy's features of every state in one call each: a text's row then does not
+  # depend on which texts a later batch happens to group it with (resumed runs equal uninterrupted).
+  states = sorted({x for x, _ in seen})
+  world.env.embed(states)
+  world.policy_features(states)
   return len(seen)
 
 

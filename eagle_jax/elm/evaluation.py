@@ -19,9 +19,12 @@ from eagle_jax.elm import tasks as tasks_lib
 from eagle_jax.elm.trainer import ELM
 
 
-def evaluate(config, elm: ELM, *, encode, predict, ratings, item_z, user_z, split
+def evaluate(config, elm: ELM, *, encode, ed, ratings, item_z, user_z, split
              ) -> dict[str, Any]:
-  """The SC / BC report (see the module docstring). ``encode``: texts -> [N, 384] MiniLM."""
+  """The SC / BC report (see the module docstring).
+
+  ``encode``: texts -> [N, 384] frozen MiniLM (behavioural consistency); ``ed``: E_D, texts -> Z.
+  """
   from eagle_jax.embed import encoder_train  # noqa: PLC0415
 
   ec = config.eval
@@ -38,9 +41,6 @@ def evaluate(config, elm: ELM, *, encode, predict, ratings, item_z, user_z, spli
     texts[name] = fn()
     timings[name] = time.perf_counter() - t0
     return texts[name]
-
-  def ed(ts):
-    return predict(np.asarray(encode(list(ts)), np.float32))
 
   def sc(ts, target, target_item, cross: bool = False):
     e = ed(ts)

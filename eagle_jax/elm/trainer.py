@@ -513,7 +513,8 @@ class ELM:
 
 
 def _encoder(config, workdir: str):
-  """E_D ``(predict, meta, folder)``, training it (and WALS) into ``<workdir>/encoder`` when needed."""
+  """E_D ``(ed: texts -> Z, meta, folder)``, training it (and WALS) into ``<workdir>/encoder`` when
+  needed."""
   from eagle_jax.embed import encoder_train  # noqa: PLC0415
 
   directory = config.encoder_dir
@@ -525,11 +526,11 @@ def _encoder(config, workdir: str):
   ckpt_dir = os.path.join(directory, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise ConfigError(f"config.encoder_dir: {directory!r} has no checkpoints/ (not an E_D run)")
-  predict, meta = encoder_train.load_head(ckpt_dir)
+  ed, meta = encoder_train.load_encoder(ckpt_dir, minilm=config.encoder.minilm or None)
   if meta.get("target") != "augmented":
     raise ConfigError(f"config.encoder_dir: E_D in {directory!r} regresses {meta.get('target')!r},"
                       " expected 'augmented' WALS vectors")
-  return predict, meta, directory
+  return ed, meta, directory
 
 
 def encoder_heldout(directory: str, num_items: int) -> np.ndarray:
@@ -659,7 +660,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   seconds: dict[str, float] = {}
 
   t0 = time.perf_counter()
-  predict, enc_meta, enc_dir = _encoder(config, workdir)
+  ed, enc_meta, enc_dir = _encoder(config, workdir)
   ratings = wals_train.load_data(config.encoder.wals.data)
 
   latent = wals_train.load_npz(enc_meta["embeddings"], item_ids=np.asarray(ratings.item_ids),
@@ -728,7 +729,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     elm = ELM(parts, state["adapter"], dec_params, norms, batch=config.eval.batch)
     from eagle_jax.elm import evaluation  # noqa: PLC0415 (evaluation imports this module)
 
-    report["eval"] = evaluation.evaluate(config, elm, encode=encoder.encode, predict=predict,
+    report["eval"] = evaluation.evaluate(config, elm, encode=encoder.encode, ed=ed,
                               ratings=ratings, item_z=item_z, user_z=user_z, split=split)
     seconds["eval"] = time.perf_counter() - t0
     sc = report["eval"]["semantic_consistency"]

@@ -1,9 +1,13 @@
 """The encoder E_D: text -> behavioural latent space Z.
 
 The paper fine-tunes Gemini Nano-2 with an l2 regression loss from a movie description to the movie's
-WALS factor (PAPER_SPEC.md, section 1.7). Here E_D is a frozen sentence encoder (all-MiniLM-L6-v2,
-mean-pooled, normalised; ``models/text_encoder.py``) followed by a small MLP head trained with the same
-l2 loss. Freezing the backbone keeps E_D trainable on a CPU in seconds and makes it deterministic.
+WALS factor (PAPER_SPEC.md, section 1.7). Here E_D is all-MiniLM-L6-v2 (mean-pooled, normalised;
+``models/text_encoder.py``) followed by a regression head, in one of two forms:
+
+* frozen encoder + a small MLP head (``RegressionHead``, ``fit_head``): trains in seconds;
+* fine-tuned end to end (``TextRegressor``, ``finetune``): encoder and a linear head, the head
+  warm-started at the ridge solution on the frozen embeddings, the epoch chosen on validation rows.
+  This is the paper's recipe at MiniLM scale and what reaches the held-out R^2 target on ML-100K.
 
 Metrics reported for a held-out set of movies:
 * R^2 = 1 - sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 (pooled over dimensions);
@@ -142,7 +146,118 @@ def ridge_fit_predict(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, reg: float = 1.0
 ) -> np.ndarray:
   """Closed-form ridge regression with an unpenalised intercept: predictions [M, d]."""
-  xm, ym = x_train.mean(0), y_train.mean(0)
-  a = (x_train - xm).T @ (x_train - xm) + reg * np.eye(x_train.shape[1])
-  w = np.linalg.solve(a, (x_train - xm).T @ (y_train - ym))
-  return (x_test - xm) @ w + ym
+  w, b = ridge_weights(x_train, y_train, reg)
+  return x_test @ w + b
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """End-to-end fine-tuning of the sentence encoder with a linear head (see configs)."""
+
+  epochs: int = 3
+  validation_fraction: float = 0.1
+  learning_rate: float = 3e-5
+  weight_decay: float = 0.01
+  batch_size: int = 32
+  ridge_reg: float = 10.0
+  seed: int = 0
+
+
+class TextRegressor(nnx.Module):
+  """E_D fine-tuned end to end: BERT sentence embedding -> linear -> Z (standardised).
+
+  ``(ids [N, T], mask [N, T]) -> [N, d]``; the linear map starts at a ridge solution on the frozen
+  embeddings, so epoch 0 is the frozen-encoder ridge model.
+  """
+
+  def __init__(self, bert_model: nnx.Module, w: np.ndarray, b: np.ndarray):
+    self.bert = bert_model
+    self.w = nnx.Param(jnp.asarray(w, jnp.float32))
+    self.b = nnx.Param(jnp.asarray(b, jnp.float32))
+
+  def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    return self.bert.embed(ids, mask) @ self.w[...] + self.b[...]
+
+
+def ridge_weights(x: np.ndarray, y: np.ndarray, reg: float) -> tuple[np.ndarray, np.ndarray]:
+  """``(w [e, d], b [d])`` of ridge regression with an unpenalised intercept."""
+  xm, ym = x.mean(0), y.mean(0)
+  w = np.linalg.solve((x - xm).T @ (x - xm) + reg * np.eye(x.shape[1]), (x - xm).T @ (y - ym))
+  return w, ym - xm @ w
+
+
+def finetune(
+    model: TextRegressor,
+    tokenize,
+    texts: Sequence[str],
+    y: np.ndarray,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    cfg: FinetuneConfig,
+) -> tuple[dict, list[dict[str, float]]]:
+  """Fine-tunes ``model`` (encoder and head) with AdamW on the mean squared l2 error.
+
+  Every epoch ends with the pooled R^2 on ``val_rows``; the parameters of the best epoch (epoch 0 =
+  before any update) are returned, so the number of epochs is chosen on validation rows only.
+
+  Args:
+    model: the regressor (updated in place; left at the last epoch).
+    tokenize: texts -> ``(ids [N, T], mask [N, T])`` int32 (each batch padded to its own bucket).
+    texts: [R] row texts.
+    y: [R, d] standardised targets.
+    train_rows, val_rows: disjoint row indices.
+    cfg: settings.
+
+  Returns:
+    ``(best_params, history)``: the best epoch's ``nnx.Param`` state as a pure dict, and per epoch
+    ``{"epoch", "train_loss", "val_r2"}``.
+  """
+  if len(train_rows) == 0 or len(val_rows) == 0:
+    raise ValueError("fine-tuning needs training and validation rows "
+                     f"(got {len(train_rows)} and {len(val_rows)})")
+  opt = nnx.Optimizer(model, optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay),
+                      wrt=nnx.Param)
+
+  @nnx.jit
+  def step(m, opt, ids, mask, target):
+    def loss_fn(m):
+      return jnp.mean(jnp.sum((m(ids, mask) - target) ** 2, axis=-1))
+
+    loss, grads = nnx.value_and_grad(loss_fn)(m)
+    opt.update(m, grads)
+    return loss
+
+  def val_r2() -> float:
+    pred = predict_texts(model, tokenize, [texts[i] for i in val_rows], cfg.batch_size)
+    return r2_score(y[val_rows], pred)
+
+  def snapshot() -> dict:
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+  rng = np.random.default_rng(cfg.seed)
+  best, best_r2 = snapshot(), val_r2()
+  history = [{"epoch": 0, "train_loss": float("nan"), "val_r2": best_r2}]
+  bs = min(cfg.batch_size, len(train_rows))
+  for epoch in range(1, cfg.epochs + 1):
+    order = rng.permutation(train_rows)
+    losses = []
+    for start in range(0, len(order) - bs + 1, bs):  # full batches: one compile per length bucket
+      rows = order[start:start + bs]
+      ids, mask = tokenize([texts[i] for i in rows])
+      losses.append(float(step(model, opt, ids, mask, jnp.asarray(y[rows]))))
+    r2 = val_r2()
+    history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_r2": r2})
+    if r2 > best_r2:
+      best, best_r2 = snapshot(), r2
+  return best, history
+
+
+def predict_texts(model: TextRegressor, tokenize, texts: Sequence[str], batch: int = 64
+                  ) -> np.ndarray:
+  """[N] texts -> [N, d] through a ``TextRegressor`` (batches padded to their own bucket)."""
+  fn = nnx.jit(lambda m, ids, mask: m(ids, mask))
+  out = []
+  for start in range(0, len(texts), batch):
+    ids, mask = tokenize(list(texts[start:start + batch]))
+    out.append(np.asarray(fn(model, ids, mask)))
+  return np.concatenate(out, 0) if out else np.zeros((0, model.w.shape[1]), np.float32)

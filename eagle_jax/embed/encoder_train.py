@@ -1,4 +1,4 @@
-"""Training job of the encoder E_D (text -> Z): MiniLM embedding + MLP head onto WALS item vectors.
+"""Training job of the encoder E_D (text -> Z): MiniLM + a regression head onto WALS item vectors.
 
 ``run(config, workdir)`` is what ``python -m launch.train_encoder`` calls.
 
@@ -15,8 +15,15 @@ movies** ("Title (year). Genres: A, B, C." plus tags when the data has them) **p
 description** (metadata line followed by ``Description.render()``) for every described movie: one
 or two rows per movie, all with the movie's vector as target.
 
+Model. ``config.finetune.epochs > 0`` (the default): a fresh MiniLM and a linear head, warm-started
+at the ridge solution on the frozen embeddings, are fine-tuned end to end (``encoder.finetune``);
+after every epoch the pooled R^2 on the *validation* movies (``validation_fraction`` of the
+non-held-out movies, seed ``split_seed + 1``) is measured and the best epoch is kept (epoch 0 = the
+ridge warm start), so no choice ever reads the held-out movies. ``epochs = 0``: the frozen MiniLM
+embedding and an MLP head (``encoder.fit_head``).
+
 Split. A deterministic ``heldout_fraction`` (default 20%) of movies (a permutation seeded by
-``config.split_seed``) is held out with all its rows; the head and both baselines are fitted on the
+``config.split_seed``) is held out with all its rows; E_D and both baselines are fitted on the
 other movies only. Reported for the held-out movies:
 
 * R^2 (pooled over dimensions, ``encoder.r2_score``) and nearest-neighbour recall@k among all
@@ -28,8 +35,11 @@ other movies only. Reported for the held-out movies:
 
 Targets are standardised for training by a per-column mean and one global scale (the root mean
 square of the centred targets), so the pooled loss keeps the variance weighting of the pooled R^2;
-predictions are mapped back. The head parameters, the mean and the scale are saved with orbax
-(``eagle_jax.checkpoint``) under ``workdir/checkpoints/<steps>``; ``report.json`` holds the metrics.
+predictions are mapped back. The parameters (the head, or the whole fine-tuned regressor, MiniLM
+included), the mean and the scale are saved with orbax (``eagle_jax.checkpoint``) under
+``workdir/checkpoints/<steps or epochs>``, with ``kind`` ("head" or "finetuned") in the metadata;
+``load_encoder`` restores either as ``texts -> [N, d]``. ``report.json`` holds the metrics and, for
+fine-tuning, the per-epoch validation R^2.
 """
 
 from __future__ import annotations
@@ -90,26 +100,86 @@ def _metrics(pred: np.ndarray, y: np.ndarray, index: np.ndarray, table: np.ndarr
           f"recall@{k}": encoder.nn_recall_at_k(pred, index, table, k), "rows": int(len(index))}
 
 
-def save_head(directory: str, step: int, head: encoder.RegressionHead, y_mean: np.ndarray,
-              y_scale: float, metadata: Mapping[str, Any]) -> None:
-  """Saves ``{"head": nnx state, "y_mean": [d], "y_scale": []}`` and ``metadata`` with orbax."""
-  state = {"head": nnx.to_pure_dict(nnx.state(head, nnx.Param)),
-           "y_mean": np.asarray(y_mean, np.float32),
+def validation_mask(heldout: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """[I] bool: a deterministic ``fraction`` of the *non-held-out* items, for choosing epochs."""
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"config.finetune.validation_fraction: expected in (0, 1), got {fraction}")
+  candidates = np.flatnonzero(~heldout)
+  n = max(1, int(round(fraction * len(candidates))))
+  mask = np.zeros(heldout.shape[0], bool)
+  mask[np.random.default_rng(seed).permutation(candidates)[:n]] = True
+  return mask
+
+
+def _sentence_encoder(minilm: str):
+  from eagle_jax.models.text_encoder import SentenceEncoder  # noqa: PLC0415 (heavy import)
+
+  return SentenceEncoder.from_pretrained(minilm or None)
+
+
+def _finetune(config, texts, x, y_std, fit_rows, val_rows, cfg: encoder.FinetuneConfig):
+  """Fine-tunes a fresh MiniLM + linear head; returns ``(predict_texts, state, history)``."""
+  sent = _sentence_encoder(config.minilm)  # its own copy: the caller's encoder stays frozen
+  w, b = encoder.ridge_weights(x[fit_rows], y_std[fit_rows], cfg.ridge_reg)
+  model = encoder.TextRegressor(sent.model, w, b)
+  best, history = encoder.finetune(model, sent.tokenize, texts, y_std, np.flatnonzero(fit_rows),
+                                   np.flatnonzero(val_rows), cfg)
+  params = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(params, best)
+  nnx.update(model, params)
+  logging.info("E_D fine-tuning: %s", history)
+  return _text_predictor(model, sent), {"regressor": best}, history
+
+
+def _text_predictor(model: encoder.TextRegressor, sent) -> Callable[[Sequence[str]], np.ndarray]:
+  """``texts -> [N, d]`` (standardised) of a fine-tuned regressor.
+
+  The embedding runs through a ``SentenceEncoder`` over the tuned MiniLM, whose fixed call shapes
+  (micro-batches of sorted lengths, padded to length buckets) make a text's row independent of
+  which other texts share its call; the linear head is applied in float64. So E_D of a text does
+  not depend on how a run happened to group its requests (a resumed run equals an uninterrupted
+  one)."""
+  from eagle_jax.models.text_encoder import SentenceEncoder  # noqa: PLC0415 (heavy import)
+
+  tuned = SentenceEncoder(model.bert, sent.tokenizer, max_length=sent.max_length,
+                          batch_size=sent.batch_size, length_buckets=sent.length_buckets)
+  w = np.asarray(model.w[...], np.float64)
+  b = np.asarray(model.b[...], np.float64)
+  return lambda texts: (tuned.encode(list(texts)).astype(np.float64) @ w + b).astype(np.float32)
+
+
+def save_encoder(directory: str, step: int, state: Mapping[str, Any], y_mean: np.ndarray,
+                 y_scale: float, metadata: Mapping[str, Any]) -> None:
+  """Saves E_D as ``step`` (training steps or epochs): ``state`` (``{"head": ...}`` or
+  ``{"regressor": ...}``), the target mean and scale."""
+  state = {**state, "y_mean": np.asarray(y_mean, np.float32),
            "y_scale": np.asarray(y_scale, np.float32)}
   with checkpoint.Checkpointer(directory, max_to_keep=1) as ckpt:
     ckpt.save(step, state, dict(metadata), force=True)
 
 
+def _metadata(ckpt: checkpoint.Checkpointer) -> dict[str, Any]:
+  if ckpt.latest_step() is None:
+    raise ValueError(f"{ckpt.directory!r} holds no E_D checkpoint")
+  return ckpt.metadata()
+
+
 def load_head(directory: str) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
-  """Restores E_D's head: returns ``(predict, metadata)`` with ``predict: [N, e] -> [N, d]``."""
+  """Restores a frozen-encoder E_D's head: ``(predict, metadata)``, ``predict: [N, e] -> [N, d]``.
+
+  Raises ``ValueError`` for a fine-tuned E_D (its encoder changed: use ``load_encoder``).
+  """
   with checkpoint.Checkpointer(directory, max_to_keep=1) as ckpt:
-    _, state, meta = ckpt.restore()
+    meta = _metadata(ckpt)
+    if meta.get("kind", "head") != "head":
+      raise ValueError(f"E_D in {directory!r} is {meta['kind']!r}: its MiniLM is fine-tuned, so "
+                       "it maps texts, not frozen features (use encoder_train.load_encoder)")
+    _, state, _ = ckpt.restore()
   h = meta["head_config"]
-  params = state["head"]
   head = encoder.RegressionHead(int(meta["in_dim"]), int(meta["out_dim"]), int(h["hidden"]),
                                 dropout=float(h["dropout"]), rngs=nnx.Rngs(0))
   state_params = nnx.state(head, nnx.Param)
-  nnx.replace_by_pure_dict(state_params, jax.tree.map(np.asarray, params))
+  nnx.replace_by_pure_dict(state_params, jax.tree.map(np.asarray, state["head"]))
   nnx.update(head, state_params)
   head.eval()
   mean, scale = np.asarray(state["y_mean"]), float(np.asarray(state["y_scale"]))
@@ -118,6 +188,39 @@ def load_head(directory: str) -> tuple[Callable[[np.ndarray], np.ndarray], dict[
     return encoder.predict(head, np.asarray(x, np.float32)) * scale + mean
 
   return predict, meta
+
+
+def load_encoder(directory: str, *, frozen_encode: Callable[[Sequence[str]], np.ndarray] | None
+                 = None, minilm: str | None = None
+                 ) -> tuple[Callable[[Sequence[str]], np.ndarray], dict[str, Any]]:
+  """Restores E_D as ``texts -> [N, d]`` (either form), with its metadata.
+
+  Args:
+    directory: the ``checkpoints`` folder of an E_D run.
+    frozen_encode: the frozen MiniLM ``texts -> [N, e]`` to reuse for a frozen-encoder E_D (e.g. a
+      memo shared with the policy); default: load MiniLM.
+    minilm: MiniLM folder for a fine-tuned E_D's architecture and tokenizer (default: the one it
+      was trained from).
+  """
+  with checkpoint.Checkpointer(directory, max_to_keep=1) as ckpt:
+    meta = _metadata(ckpt)
+    if meta.get("kind", "head") == "head":
+      predict, meta = load_head(directory)
+      encode = frozen_encode or _sentence_encoder(meta.get("minilm", "")).encode
+      return (lambda ts: predict(np.asarray(encode(list(ts)), np.float32))), meta
+    sent = _sentence_encoder(meta.get("minilm", "") if minilm is None else minilm)
+    model = encoder.TextRegressor(sent.model, np.zeros((int(meta["in_dim"]), int(meta["out_dim"]))),
+                                  np.zeros(int(meta["out_dim"])))
+    params = nnx.state(model, nnx.Param)
+    target = {"regressor": jax.tree.map(np.asarray, nnx.to_pure_dict(params)),
+              "y_mean": np.zeros(int(meta["out_dim"]), np.float32),
+              "y_scale": np.zeros((), np.float32)}
+    _, state, _ = ckpt.restore(target=target)
+  nnx.replace_by_pure_dict(params, state["regressor"])
+  nnx.update(model, params)
+  mean, scale = np.asarray(state["y_mean"]), float(np.asarray(state["y_scale"]))
+  predict = _text_predictor(model, sent)
+  return (lambda texts: predict(texts) * scale + mean), meta
 
 
 def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] | None = None
@@ -183,11 +286,29 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
   y = y_items[item_of_row]
   y_mean = y[~held].mean(0)
   y_scale = float(np.sqrt(np.mean((y[~held] - y_mean) ** 2))) or 1.0
-  head_cfg = encoder.HeadConfig(**dict(config.head))
+  y_std = ((y - y_mean) / y_scale).astype(np.float32)
+  ft_cfg = encoder.FinetuneConfig(**dict(config.finetune))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  meta = {"in_dim": int(x.shape[1]), "out_dim": int(y.shape[1]), "target": config.target,
+          "embeddings": emb_path, "config": config.to_dict(), "minilm": config.minilm}
   t0 = time.perf_counter()
-  head, losses = encoder.fit_head(x[~held], (y[~held] - y_mean) / y_scale, head_cfg)
+  if ft_cfg.epochs > 0:
+    val_item = validation_mask(held_item, ft_cfg.validation_fraction, config.split_seed + 1)
+    val = val_item[item_of_row]
+    predict_texts, state, history = _finetune(config, texts, x, y_std, ~held & ~val, val, ft_cfg)
+    pred = predict_texts(texts) * y_scale + y_mean
+    losses = history
+    meta.update(kind="finetuned", head_config=dict(config.finetune),
+                validation_items=int(val_item.sum()))
+  else:
+    val_item = np.zeros(num_items, bool)
+    head_cfg = encoder.HeadConfig(**dict(config.head))
+    head, losses = encoder.fit_head(x[~held], y_std[~held], head_cfg)
+    pred = encoder.predict(head, x) * y_scale + y_mean
+    state = {"head": nnx.to_pure_dict(nnx.state(head, nnx.Param))}
+    meta.update(kind="head", head_config=dict(config.head))
   train_seconds = time.perf_counter() - t0
-  pred = encoder.predict(head, x) * y_scale + y_mean
+  save_encoder(ckpt_dir, ft_cfg.epochs or config.head.steps, state, y_mean, y_scale, meta)
 
   k = config.recall_k
   genre_x, _ = encoder.genre_features(ratings.genres)
@@ -208,13 +329,8 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
   metrics["genre_baseline_r2"] = metrics["metadata"]["genre_ridge"]["r2"]
   metrics["beats_genre_baseline"] = bool(metrics["heldout_r2"] > metrics["genre_baseline_r2"])
 
-  meta = {"in_dim": int(x.shape[1]), "out_dim": int(y.shape[1]),
-          "head_config": dict(config.head), "target": config.target, "embeddings": emb_path,
-          "config": config.to_dict()}
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  save_head(ckpt_dir, head_cfg.steps, head, y_mean, y_scale, meta)
   np.savez(os.path.join(workdir, "split.npz"), item_of_row=item_of_row, heldout_row=held,
-           kind=kind, heldout_item=held_item)
+           kind=kind, heldout_item=held_item, validation_item=val_item)
   with open(os.path.join(workdir, "texts.jsonl"), "w") as f:
     for t in texts:
       f.write(json.dumps(t, ensure_ascii=False) + "\n")
@@ -223,6 +339,7 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
                "description_rows": described, "heldout_items": int(held_item.sum()),
                "heldout_fraction": config.heldout_fraction},
       "target": config.target, "target_dim": int(y.shape[1]), "embeddings": emb_path,
+      "kind": meta["kind"], "validation_items": int(val_item.sum()),
       "metrics": metrics, "losses": losses, "checkpoint": ckpt_dir,
       "seconds": {"encode": encode_seconds, "train": train_seconds,
                   "total": time.perf_counter() - t_start},

@@ -17,7 +17,8 @@ every earlier record intact; unreadable lines are skipped with a warning when re
   "dislikes", "text", "provenance"}``. ``text`` is ``prompts.Description.render()``; ``ok`` is False
   when no plot could be parsed after all attempts (the record is still written so a rerun does not
   ask again and the failure is visible).
-* profiles: ``{"user_id", "user_index", "liked", "disliked", "ok", "profile", "provenance"}``.
+* profiles: ``{"user_id", "user_index", "liked", "disliked", "liked_genres", "ok", "profile",
+  "provenance"}`` (``liked_genres``: ``favourite_genres`` of the ratings; absent in older files).
 * action sets: ``{"movie_id", "item_index", "user_id", "k", "actions": [{"text", "category",
   "personalised", "source", "seed"}], "stats", "provenance"}``.
 
@@ -33,7 +34,8 @@ Choices where the paper is silent: a description is a plot (three sentences aske
 ``n_reasons`` distinct one-sentence reasons to like and to dislike it, each its own request (a 135M
 model cannot write a five-item list, DESIGN.md); a request whose answer does not parse is retried
 with a new seed up to ``retries`` times. A profile is written from the user's five best and five
-worst rated titles (ties broken by recency).
+worst rated titles (ties broken by recency); the favourite genres that fill the personalised action
+templates are those over-represented among the user's 4-5 star ratings (``favourite_genres``).
 """
 
 from __future__ import annotations
@@ -330,12 +332,14 @@ class Movie:
 
 @dataclasses.dataclass(frozen=True)
 class User:
-  """A user's best and worst rated titles (input of the profile prompt)."""
+  """A user's best and worst rated titles (input of the profile prompt) and favourite genres
+  (``favourite_genres``; they fill the personalised action templates)."""
 
   user_id: int
   user_index: int
   liked: tuple[str, ...]
   disliked: tuple[str, ...]
+  liked_genres: tuple[str, ...] = ()
 
 
 def movies_from_ratings(ratings, item_indices: Sequence[int]) -> list[Movie]:
@@ -362,8 +366,40 @@ def most_active_users(ratings, n: int) -> np.ndarray:
   return np.lexsort((np.arange(ratings.num_users), -counts))[:n]
 
 
+def favourite_genres(ratings, rows: np.ndarray, genre_share: Mapping[str, float], *, n: int = 3,
+                     min_rating: float = 4.0, min_support: int = 3) -> tuple[str, ...]:
+  """Up to ``n`` genres over-represented among a user's ratings >= ``min_rating``.
+
+  A genre qualifies with at least ``min_support`` such ratings and a lift (its share among them
+  over ``genre_share``, its share among all ratings) above 1; highest lift first (ties: name).
+
+  Args:
+    ratings: a ``data.RatingsData``.
+    rows: the user's rating rows.
+    genre_share: genre -> fraction of all ratings whose movie has it (``_genre_shares``).
+  """
+  liked = rows[ratings.rating[rows] >= min_rating]
+  counts: dict[str, int] = {}
+  for r in liked:
+    for g in ratings.genres[ratings.item[r]]:
+      counts[g] = counts.get(g, 0) + 1
+  lift = {g: c / len(liked) / genre_share[g] for g, c in counts.items() if c >= min_support}
+  return tuple(sorted((g for g in lift if lift[g] > 1), key=lambda g: (-lift[g], g))[:n])
+
+
+def _genre_shares(ratings) -> dict[str, float]:
+  per_item = np.bincount(ratings.item, minlength=ratings.num_items)
+  shares: dict[str, float] = {}
+  for i, genres in enumerate(ratings.genres):
+    for g in genres:
+      shares[g] = shares.get(g, 0.0) + per_item[i] / max(1, len(ratings.item))
+  return shares
+
+
 def users_from_ratings(ratings, user_indices: Sequence[int], n_titles: int = 5) -> list[User]:
-  """Each user's ``n_titles`` best and worst rated titles (ties: most recent first)."""
+  """Each user's ``n_titles`` best and worst rated titles (ties: most recent first) and
+  ``favourite_genres``."""
+  shares = _genre_shares(ratings)
   out = []
   for u in user_indices:
     u = int(u)
@@ -375,7 +411,8 @@ def users_from_ratings(ratings, user_indices: Sequence[int], n_titles: int = 5) 
     liked = [str(ratings.titles[ratings.item[r]]) for r in best[:n_titles]]
     disliked = [str(ratings.titles[ratings.item[r]]) for r in worst[:n_titles]
                 if str(ratings.titles[ratings.item[r]]) not in liked]
-    out.append(User(int(ratings.user_ids[u]), u, tuple(liked), tuple(disliked)))
+    out.append(User(int(ratings.user_ids[u]), u, tuple(liked), tuple(disliked),
+                    favourite_genres(ratings, rows, shares)))
   return out
 
 
@@ -440,7 +477,8 @@ async def profile_users(client, users: Sequence[User], gen: GenerationConfig,
             for u in todo]
     await _run_jobs(client, jobs, gen)
     new = [{"user_id": u.user_id, "user_index": u.user_index, "liked": list(u.liked),
-            "disliked": list(u.disliked), "ok": j.result is not None, "profile": j.result,
+            "disliked": list(u.disliked), "liked_genres": list(u.liked_genres),
+            "ok": j.result is not None, "profile": j.result,
             "provenance": _provenance(client, [j])} for u, j in zip(todo, jobs)]
     if out_path:
       append_jsonl(out_path, new)
@@ -462,8 +500,10 @@ async def build_action_sets(
 ) -> list[dict[str, Any]]:
   """K candidate actions for each described movie (``actions.build_action_set``).
 
-  Movie ``i`` (among the usable descriptions) is personalised to profile ``i % len(profiles)``
-  (generic only when no usable profile exists).
+  Movie ``i`` (among the usable descriptions) is personalised to profile ``i % len(profiles)``:
+  half of its LLM requests carry the profile text, and about half of its templates name the
+  profile's ``liked_genres`` (generic only when no usable profile exists; generic templates only
+  for a profile record without ``liked_genres``).
 
   Args:
     client: a ``SamplingClient``.
@@ -491,11 +531,12 @@ async def build_action_sets(
     user = users[i % len(users)] if users else None
     seed = derive_seed(gen.seed, "actions", d["movie_id"])
     profile = user["profile"] if user else None
+    liked_genres = list(user.get("liked_genres", ())) if user else []
     acts, stats = await actions_lib.build_action_set(
         client=client, encode=encode, description=d["text"], genres=d["genres"], tags=d["tags"],
         profile=profile, k=k, llm_calls=llm_calls, seed=seed,
         max_tokens=gen.action_tokens, temperature=gen.temperature,
-        dedupe_threshold=dedupe_threshold)
+        dedupe_threshold=dedupe_threshold, liked_genres=liked_genres)
     requests = [
         {"category": r.category, "personalised": r.personalised, "prompt": r.messages,
          "params": SamplingParams(max_tokens=gen.action_tokens, temperature=gen.temperature,
@@ -507,6 +548,7 @@ async def build_action_sets(
             "stats": dataclasses.asdict(stats),
             "provenance": {"model": getattr(client, "model_id", type(client).__name__),
                            "created": time.time(), "requests": requests,
+                           "liked_genres": liked_genres,
                            "parse_failures": stats.parse_failures, "failures": stats.failures}}
 
   if todo:
