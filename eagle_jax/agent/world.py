@@ -327,9 +327,10 @@ async def expand(world: World, texts: Sequence[str], items: np.ndarray) -> list[
 
 async def prefetch_tree(world: World, items: Sequence[int], depth: int) -> int:
   """Computes every state reachable from the anchors ``items`` in ``depth`` steps (and their E_D
-  embeddings and policy features), level by level with all of a level's transitions in flight at once; returns the
-  number of distinct states. Small trees only (K + K^2 + ... per anchor): the smoke config uses it
-  so that training steps replay the environment from the cache instead of waiting on stragglers.
+  embeddings and policy features), level by level with all of a level's transitions in flight at
+  once; returns the number of distinct states. Small trees only (K + K^2 + ... per anchor): the
+  smoke config uses it so that training steps replay the environment from the cache instead of
+  waiting on stragglers.
   """
   level = [(world.anchors[int(i)].plot, int(i)) for i in items]
   seen = set(level)
