@@ -82,14 +82,18 @@ def load_targets(path: str, item_ids: np.ndarray, target: str) -> np.ndarray:
       "item_augmented" if target == "augmented" else "item_factors"]
 
 
+def _subset_mask(size: int, candidates: np.ndarray, n: int, seed: int) -> np.ndarray:
+  """[size] bool: the first ``n`` of ``candidates`` in a random permutation seeded by ``seed``."""
+  mask = np.zeros(size, bool)
+  mask[np.random.default_rng(seed).permutation(candidates)[:n]] = True
+  return mask
+
+
 def heldout_mask(num_items: int, fraction: float, seed: int) -> np.ndarray:
   """[I] bool: a deterministic ``fraction`` of items (random permutation with ``seed``)."""
   if not 0.0 < fraction < 1.0:
     raise ValueError(f"config.heldout_fraction: expected in (0, 1), got {fraction}")
-  n = int(round(fraction * num_items))
-  mask = np.zeros(num_items, bool)
-  mask[np.random.default_rng(seed).permutation(num_items)[:n]] = True
-  return mask
+  return _subset_mask(num_items, np.arange(num_items), int(round(fraction * num_items)), seed)
 
 
 def _metrics(pred: np.ndarray, y: np.ndarray, index: np.ndarray, table: np.ndarray,
@@ -106,9 +110,7 @@ def validation_mask(heldout: np.ndarray, fraction: float, seed: int) -> np.ndarr
     raise ValueError(f"config.finetune.validation_fraction: expected in (0, 1), got {fraction}")
   candidates = np.flatnonzero(~heldout)
   n = max(1, int(round(fraction * len(candidates))))
-  mask = np.zeros(heldout.shape[0], bool)
-  mask[np.random.default_rng(seed).permutation(candidates)[:n]] = True
-  return mask
+  return _subset_mask(heldout.shape[0], candidates, n, seed)
 
 
 def _sentence_encoder(minilm: str):
@@ -175,6 +177,12 @@ def load_head(directory: str) -> tuple[Callable[[np.ndarray], np.ndarray], dict[
       raise ValueError(f"E_D in {directory!r} is {meta['kind']!r}: its MiniLM is fine-tuned, so "
                        "it maps texts, not frozen features (use encoder_train.load_encoder)")
     _, state, _ = ckpt.restore()
+  return _head_predictor(state, meta), meta
+
+
+def _head_predictor(state: Mapping[str, Any], meta: Mapping[str, Any]
+                    ) -> Callable[[np.ndarray], np.ndarray]:
+  """``[N, e] -> [N, d]`` of a restored frozen-encoder E_D (``state["head"]``, mean, scale)."""
   h = meta["head_config"]
   head = encoder.RegressionHead(int(meta["in_dim"]), int(meta["out_dim"]), int(h["hidden"]),
                                 dropout=float(h["dropout"]), rngs=nnx.Rngs(0))
@@ -187,7 +195,7 @@ def load_head(directory: str) -> tuple[Callable[[np.ndarray], np.ndarray], dict[
   def predict(x: np.ndarray) -> np.ndarray:
     return encoder.predict(head, np.asarray(x, np.float32)) * scale + mean
 
-  return predict, meta
+  return predict
 
 
 def load_encoder(directory: str, *, frozen_encode: Callable[[Sequence[str]], np.ndarray] | None
@@ -205,7 +213,7 @@ def load_encoder(directory: str, *, frozen_encode: Callable[[Sequence[str]], np.
   with checkpoint.Checkpointer(directory, max_to_keep=1) as ckpt:
     meta = _metadata(ckpt)
     if meta.get("kind", "head") == "head":
-      predict, meta = load_head(directory)
+      predict = _head_predictor(ckpt.restore()[1], meta)
       encode = frozen_encode or _sentence_encoder(meta.get("minilm", "")).encode
       return (lambda ts: predict(np.asarray(encode(list(ts)), np.float32))), meta
     sent = _sentence_encoder(meta.get("minilm", "") if minilm is None else minilm)
