@@ -7,15 +7,9 @@ INSTALL_REQUIRES = [
     "flax>=0.12.8",
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
-    "transformers>=5.0.0",  # tokenizers and configs only: transformers 5 has no Flax models.
     "tokenizers>=0.23.0",
-    "sentencepiece>=0.2.0",
     "numpy>=2.0",
     "pyarrow>=20.0",  # columnar CSV parsing of MovieLens 25M.
-    "tensorflow-datasets>=4.9.10",
-    "array-record>=0.8.6",
-    "h5py>=3.10",  # tfds registers its movielens builder only when h5py imports.
-    "importlib_resources>=6.0",  # tfds imports it unconditionally.
     "ml-collections>=1.1.0",
     "absl-py>=2.1.0",
     "gguf>=0.17.0",
@@ -23,24 +17,37 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "matplotlib>=3.8",
     "aiohttp>=3.9",  # OpenAI-compatible sampling client and server (eagle_jax.env).
+    "openai>=1.50",  # OpenAI-compatible sampling client (eagle_jax.env.openai).
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
 ]
 
+# The "tfds:movielens/..." data source (eagle_jax.data.tfds_source), imported only when configured.
+TFDS_REQUIRES = [
+    "tensorflow-datasets>=4.9.10",
+    "array-record>=0.8.6",
+    "h5py>=3.10",  # tfds registers its movielens builder only when h5py imports.
+    "importlib_resources>=6.0",  # tfds imports it unconditionally.
+]
+
 EXTRAS_REQUIRE = {
+    "tfds": TFDS_REQUIRES,
     "test": [
         "pytest>=8.0",
         "pytest-xdist>=3.5",
         "ruff>=0.6",
         "cvxpy>=1.5",
         "clarabel>=0.9",
-        "torch==2.13.0",  # PyTorch transformers models as test references; never at runtime.
+        "torch>=2.4",  # PyTorch transformers models as test references; never at runtime.
+        "transformers>=5.0.0",  # reference models and tokenizers; never imported by eagle_jax.
         "jinja2>=3.1",  # transformers' chat templates (tokenizer parity test).
+        *TFDS_REQUIRES,  # tests of the tfds data source.
     ],
     "bench": [
         "cvxpy>=1.5",
         "clarabel>=0.9",
         "implicit>=0.7.2",
-        "torch==2.13.0",  # CPU build from the local wheel; never a runtime dependency.
+        "torch>=2.4",  # CPU build; never a runtime dependency.
+        "transformers>=5.0.0",  # PyTorch references of models_bench and minilm_bench.
         "psutil>=5.9",
         "threadpoolctl>=3.1",  # pins BLAS threads of the numpy/implicit references.
         "scikit-surprise>=1.1.4",  # independent rating models for wals_quality_bench.

@@ -19,14 +19,17 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from configs import env_blocks
 from eagle_jax import data
+from eagle_jax.data import catalog
 from eagle_jax.env import build, local
+from eagle_jax.env.batching import BatchingClient
 
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer movies, reasons and tokens.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Decode batch bucket of the merged run.")
 
 
-class _Serial(build.BatchingClient):
+class _Serial(BatchingClient):
   """The reference: passes each call straight through (one decode call per one-prompt call)."""
 
   async def generate(self, prompts, params, *, on_result=None):
@@ -43,17 +46,17 @@ def main(argv: Sequence[str]) -> None:
   quick = _QUICK.value
   n_movies, n_reasons, tokens = (4, 1, 16) if quick else (8, 2, 32)
   ratings = data.load_ml100k_assets()
-  movies = build.movies_from_ratings(ratings, build.most_rated_items(ratings, n_movies))
-  gen = build.GenerationConfig(plot_tokens=tokens, reason_tokens=tokens, n_reasons=n_reasons,
-                               retries=0)
+  movies = catalog.movies_from_ratings(ratings, catalog.most_rated_items(ratings, n_movies))
+  gen = env_blocks.descriptions_config(plot_tokens=tokens, reason_tokens=tokens,
+                                       n_reasons=n_reasons, retries=0)
   sampler = local.LocalSampler.from_gguf(chat=True, batch_buckets=(1, _BATCH.value))
   # Compile every shape both runs use (a full run of each, untimed).
   warm = [m.__class__(m.movie_id + 10**6, m.item_index, m.title + " ", m.genres) for m in movies]
-  asyncio.run(_describe(build.BatchingClient(sampler), warm, gen))
+  asyncio.run(_describe(BatchingClient(sampler), warm, gen))
   asyncio.run(_describe(_Serial(sampler), warm, gen))
 
   results = {}
-  for name, wrap in (("one prompt per decode", _Serial), ("merged batches", build.BatchingClient)):
+  for name, wrap in (("one prompt per decode", _Serial), ("merged batches", BatchingClient)):
     client = wrap(sampler)
     calls0 = sampler.decode_calls
     t0 = time.perf_counter()

@@ -62,7 +62,7 @@ def run(
   model = loading.load_params(config, params, source=str(path))
   del params
   sampler = sampling.Sampler(model, tok)
-  sp = sampling.SamplingParams(max_new_tokens=new_tokens, stop_ids=())
+  sp = sampling.SamplingParams(max_tokens=new_tokens, stop_ids=())
   results: dict = {"new_tokens": new_tokens, "prompt_tokens": len(prompt),
                    "jax_devices": jax.device_count()}
   jax_out = {}

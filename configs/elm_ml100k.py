@@ -7,12 +7,13 @@ Domain embeddings are the augmented WALS vectors (the latent space Z of EAGLE's 
 vectors ``[y_i, 1, c_i, 1]`` for movies, user vectors ``[x_u, b_u, 1, mu]`` for the profile task.
 Targets are written by the environment LLM (the same SmolLM2) through an on-disk response cache.
 Stage 1 trains the adapter only (decoder frozen); stage 2 (``stage2_steps > 0``) fine-tunes adapter
-and decoder together. ``eagle_jax/elm/trainer.py`` documents the training and the report.
+and decoder together. ``eagle_jax/elm/job.py`` documents the training and the report.
 """
 
 import ml_collections
 
 from configs import encoder_ml100k
+from configs.env_blocks import llm_config
 
 
 def get_config(variant: str = "rating") -> ml_collections.ConfigDict:
@@ -64,20 +65,20 @@ def get_config(variant: str = "rating") -> ml_collections.ConfigDict:
   # Longest target in tokens (eos included); targets are cut to whole sentences.
   config.data.target_tokens = 48
 
-  config.env = ml_collections.ConfigDict()
-  # Response cache JSONL of the environment LLM ("" = <workdir>/responses.jsonl).
-  config.env.cache = ""
-  # Model id in the cache keys.
-  config.env.model_id = "smollm2-135m-instruct-q4_1"
-  # Decode batch size of the environment sampler (decoding is weight-bandwidth bound on a CPU:
-  # 16 rows cost little more than 8).
-  config.env.batch = 16
+  # The environment LLM that writes the targets (eagle_jax/env/stack.py): "" gguf and server_url
+  # = the ELM's own untrained decoder, in process (16 rows cost little more than 8 on a CPU);
+  # server_url = a (larger) served model as the teacher.
+  config.llm = llm_config(batch_buckets=(16,))
+
+  config.targets = ml_collections.ConfigDict()
+  # Response cache JSONL of the target requests ("" = <workdir>/responses.jsonl).
+  config.targets.cache = ""
   # Base seed of the target requests.
-  config.env.seed = 0
+  config.targets.seed = 0
   # Extra attempts (new seed) for an answer that does not parse.
-  config.env.retries = 1
+  config.targets.retries = 1
   # Sampling of the target requests (max_tokens: new tokens per answer).
-  config.env.sampling = ml_collections.ConfigDict(dict(
+  config.targets.sampling = ml_collections.ConfigDict(dict(
       max_tokens=56, temperature=0.7, top_p=0.9, repetition_penalty=1.2, no_repeat_ngram=3))
 
   config.train = ml_collections.ConfigDict()

@@ -3,7 +3,8 @@
 Train on a TPU VM (see ``launch/tpu_vm.sh``)::
 
   python -m launch.train --config=configs/movielens_25m.py --workdir=/mnt/runs/ml25m \\
-      --config.wals.data.source=/mnt/data/ml-25m --config.llm.server_url=http://ENV_HOST:8000
+      --config.wals.data.source=/mnt/data/ml-25m --config.llm.server_url=http://ENV_HOST:8000 \\
+      --config.llm.served_model=MODEL_NAME
 
 Dry run (mesh, sharded shapes, AOT-compiled train step; no data, no models)::
 
@@ -38,6 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.actions.k = 100
   # LLM-written candidates per anchor (the rest from templates).
   config.actions.llm_calls = 10
+  # Half of each action set personalised to a user profile (paper, App. C).
+  config.actions.personalised = True
+  # Profiles written by the environment LLM under the paper's headings.
+  config.profiles.kind = "llm"
+  config.profiles.titles = 5
   # Anchors and users.
   config.world.anchor_pool = 5000
   config.world.num_train_anchors = 2000

@@ -15,6 +15,7 @@ Every choice the papers leave open is recorded next to its field.
 import ml_collections
 
 from configs import encoder_ml100k, wals_ml100k
+from configs.env_blocks import actions_config, descriptions_config, llm_config, profiles_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -33,34 +34,28 @@ def get_config() -> ml_collections.ConfigDict:
   # E_D: MiniLM fine-tuned with a linear head onto the augmented WALS item vectors (metadata text).
   config.encoder = encoder_ml100k.get_config("implicit")
 
-  config.llm = ml_collections.ConfigDict()
-  # GGUF of the environment LLM ("" = pinned SmolLM2-135M-Instruct asset).
-  config.llm.gguf = ""
-  # Model id in response-cache keys (change it when the model changes).
-  config.llm.model_id = "smollm2-135m-instruct-q4_1"
-  # OpenAI-compatible server (vLLM, JetStream, launch.serve_env) instead of the local sampler.
-  config.llm.server_url = ""
-  # Decode batch sizes of the local sampler (one size: one compile; 16 measured 0.62 s/transition).
-  config.llm.batch_buckets = (16,)
+  # The environment LLM (eagle_jax/env/stack.py; the same block in every job's config).
+  config.llm = llm_config(batch_buckets=(16,))
 
   config.env = ml_collections.ConfigDict()
-  # New tokens of a transition (rewritten plot).
-  config.env.transition_tokens = 40
-  # New tokens of an anchor's plot.
-  config.env.plot_tokens = 48
-  # Sentences kept of a plot (shorter states: shorter transition prompts; prefill dominates on CPU).
+  # Sampling of a transition (rewritten plot): greedy, so a transition is a function of (state,
+  # action); the repetition penalty and no-repeat n-grams keep the 135M model from looping.
+  config.env.sampling = ml_collections.ConfigDict(dict(
+      max_tokens=40, temperature=0.0, repetition_penalty=1.2, no_repeat_ngram=3, seed=0))
+  # Sentences kept of a rewritten plot (shorter states: shorter transition prompts; prefill
+  # dominates on CPU).
   config.env.max_sentences = 2
-  # Transition temperature: 0 = greedy, so a transition is a function of (state, action).
-  config.env.temperature = 0.0
-  # Repetition penalty of transitions (> 1 discourages repeats; the 135M model loops otherwise).
-  config.env.repetition_penalty = 1.2
-  # No-repeat n-gram size of transitions (0: off).
-  config.env.no_repeat_ngram = 3
-  # Seed of transition requests (part of the cache key).
-  config.env.seed = 0
   # Compute every state within this many steps of every anchor up front (0: lazily, as episodes
   # reach them). The smoke tree is small (K + K^2 per anchor); at scale leave it 0.
   config.env.prefetch_depth = 2
+
+  # Anchor descriptions (eagle_jax/env/build.py): plot only here (n_reasons = 0), written like a
+  # transition (greedy) and cut to the same length as rewritten plots.
+  config.descriptions = descriptions_config(
+      sampling=dict(temperature=0.0, repetition_penalty=1.2, no_repeat_ngram=3),
+      plot_tokens=48, n_reasons=0, max_sentences=2, retries=0, fallback=True)
+  # User profiles: "template" ("Loved: ...; Disliked: ...") or "llm"-written.
+  config.profiles = profiles_config(kind="template", titles=3)
 
   config.world = ml_collections.ConfigDict()
   # Seed of the anchor and user draws.
@@ -77,22 +72,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.world.num_heldout_users = 16
   # Users need at least this many ratings to be drawn.
   config.world.min_user_ratings = 40
-  # Best and worst rated titles in a template profile (each).
-  config.world.profile_titles = 3
 
-  config.actions = ml_collections.ConfigDict()
-  # K: candidate actions per anchor, offered at every step (the paper: K = 100, new per state).
-  config.actions.k = 5
-  # LLM-written actions per anchor (categories in turn); the rest of K from templates.
-  config.actions.llm_calls = 3
-  # New tokens of an action request.
-  config.actions.max_tokens = 32
-  # Temperature of action requests (varied candidates).
-  config.actions.temperature = 0.9
-  # MiniLM cosine above which two actions are near-duplicates.
-  config.actions.dedupe_threshold = 0.9
-  # Base seed of action requests.
-  config.actions.seed = 0
+  # K candidate actions per anchor, offered at every step (the paper: K = 100, new per state):
+  # 3 LLM-written (categories in turn, varied by temperature), the rest from templates; generic
+  # (not personalised to a profile).
+  config.actions = actions_config(k=5, llm_calls=3, personalised=False,
+                                  sampling=dict(max_tokens=32, temperature=0.9))
 
   config.utility = ml_collections.ConfigDict()
   # lambda of U(z) = <z_u, z> + lambda * sum_{3-NN} ||z - z_k|| (paper: unspecified). Rule: weigh

@@ -5,20 +5,18 @@ Run: ``python -m launch.wals --config=configs/wals_ml100k.py --workdir=/tmp/wals
 
 Objective (``eagle_jax/embed/wals.py``): ``w_obs * sum_obs (r - mu - b_u - c_i - <x_u, y_i>)^2
 + w0 * sum_all <x_u, y_i>^2 + sum_u lam_u (|x_u|^2 + beta b_u^2) + same for items``, with
-``lam_r = reg * n_r^reg_exponent``. The variant recorded here for the RMSE target is ALS-WR-style
-(frequency-scaled penalty, ``reg_exponent=1``), centred ratings with biases and ``w0 = 0`` (the
-unobserved pull only hurts rating RMSE). Tuned by hand on the split below (rank 4-32, reg, bias_reg,
-reg_exponent 0/0.5/1, w0 0-0.01, with and without centring/biases); measured 2026-11-23:
-test RMSE 0.969 (train 0.808), recall@10 ~0.001 (relevant: held-out ratings >= 4); the same config on
-a random 80/20 split gives test RMSE 0.916. The issue's 0.95 target is not reached on the time split:
-its test ratings average 3.32 stars against 3.58 in training (later ratings are lower), a drift no
-static factor model sees. A small w0 without centring raises recall@10 to ~0.1 but costs RMSE.
-Independent models on the same splits (``python -m benchmarks.wals_quality_bench``, scikit-surprise):
-on the time split BaselineOnly 0.999, SVD 0.990 (tuned 0.976), KNNBaseline 0.985, SVD++ 0.972, all
-above this config's 0.969; on the random split this config gives 0.913 against 0.914-0.940. The
-0.95 target is below what any of them reach on the time split. A day-specific user bias (timeSVD
-style, from training residuals on the test rating's day) reaches 0.965, an oracle per-popularity
-bias correction 0.965: neither closes the gap, so neither is in the model.
+``lam_r = reg * n_r^reg_exponent``.
+
+The default "rating" variant targets held-out rating RMSE on the per-user time split below, so it is
+ALS-WR-style: a penalty proportional to each row's number of ratings (``reg_exponent=1``), so the
+regularisation per rating is the same for every user and movie; centred ratings with user and item
+biases (much of a rating is the user's and the movie's offset); and ``w0 = 0``, since pulling
+unobserved entries toward 0 only moves the predictions of observed ratings away from them. Its
+values were chosen by hand on that split.
+The time split holds out each user's latest ratings, and later ratings drift lower than earlier
+ones, which no static factor model sees; the README compares this config with independent rating
+models on the same split (``python -m benchmarks.wals_quality_bench``) and with a random split.
+Time-dependent biases are deliberately left out of the model: they did not close that gap.
 """
 
 import ml_collections
@@ -26,8 +24,8 @@ import ml_collections
 # Variants (``--config=configs/wals_ml100k.py:implicit``): "rating" (default) is the RMSE-tuned
 # explicit model above; "implicit" is the paper's Hu-Koren-Volinsky WALS (every unobserved entry
 # pulled toward 0 with weight w0, raw ratings, no biases, plain L2), EAGLE's latent space Z on
-# ML-100K: its rank-4 item vectors are what text can predict (E_D held-out R^2 0.3+, see
-# configs/encoder_ml100k.py), at the price of rating RMSE (~2). Its recall@10 is 0.14.
+# ML-100K: modelling what users rate at all (exposure) rather than how they rate it gives item
+# vectors that text can predict (configs/encoder_ml100k.py), at the price of rating RMSE.
 VARIANTS = ("rating", "implicit")
 
 
@@ -38,8 +36,14 @@ def get_config(variant: str = "rating") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.data = ml_collections.ConfigDict()
-  # "ml100k" (offline recbole copy via eagle_jax.assets), "synthetic", or a MovieLens folder path.
+  # "ml100k" (offline recbole copy via eagle_jax.assets), "synthetic", a TensorFlow Datasets name
+  # "tfds:movielens/<version>-ratings" (needs the tfds extra), or a MovieLens folder path.
   config.data.source = "ml100k"
+  # tfds data directory of a "tfds:" source ("" = tfds' default, ~/tensorflow_datasets).
+  config.data.data_dir = ""
+  # GroupLens folder (e.g. an extracted ml-100k) to build a "tfds:" source from when data_dir does
+  # not hold it yet, for offline machines ("" = tfds downloads it).
+  config.data.tfds_folder = ""
   # Share of each user's latest ratings held out for testing (data.split, deterministic).
   config.data.test_fraction = 0.2
   # Ratings every user keeps in training.

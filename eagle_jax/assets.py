@@ -207,6 +207,15 @@ def fetch(
 def fetch_all(
     assets: Sequence[Asset] = ALL_ASSETS, **kwargs
 ) -> dict[str, pathlib.Path]:
+  """Fetches every asset in turn; returns ``{asset.name: extracted folder}``.
+
+  Args:
+    assets: the assets to fetch (default: all of ``ALL_ASSETS``), in order.
+    **kwargs: passed to ``fetch`` for each (``root``, ``downloader``, ``progress``).
+
+  Raises:
+    AssetError: from the first asset that fails; the ones before it stay cached.
+  """
   return {a.name: fetch(a, **kwargs) for a in assets}
 
 

@@ -8,15 +8,19 @@ r"""Serves the in-process environment LLM over an OpenAI-compatible HTTP API.
 Clients: ``eagle_jax.env.openai.OpenAIClient(base_url="http://HOST:PORT", model=...)``. Concurrent
 requests are batched into one decode call (``eagle_jax.env.server``). ``--warmup_tokens`` compiles
 the decode for every batch bucket before the port opens, so the first requests are not slow.
+The port is bound before the model loads: a busy port fails at once with one line naming it.
 Prints ``serving <model> on http://HOST:PORT`` once the port accepts connections.
 """
 
 import asyncio
+import errno
+import socket
+import sys
 from collections.abc import Sequence
 
 from absl import app, flags
 
-from eagle_jax.env import local, server
+from eagle_jax.env import server
 
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to bind (0: any free port).")
@@ -39,11 +43,11 @@ def _buckets(max_batch: int) -> tuple[int, ...]:
   return (*out, max_batch)
 
 
-async def _serve(backend: local.LocalSampler) -> None:
+async def _serve(backend, sock: socket.socket) -> None:
   srv = server.EnvServer(backend, model=_MODEL_NAME.value, max_batch=_MAX_BATCH.value,
                          max_queue=_MAX_QUEUE.value, batch_wait_ms=_BATCH_WAIT_MS.value,
                          max_tokens_limit=_MAX_TOKENS.value)
-  port = await srv.start(_HOST.value, _PORT.value)
+  port = await srv.start(sock=sock)
   print(f"serving {srv.model} on http://{_HOST.value}:{port}", flush=True)
   try:
     await asyncio.Event().wait()
@@ -56,11 +60,19 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _MAX_BATCH.value < 1:
     raise app.UsageError(f"--max_batch: expected >= 1, got {_MAX_BATCH.value}")
+  try:
+    sock = server.bind_socket(_HOST.value, _PORT.value)
+  except OSError as e:
+    why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e})"
+    sys.exit(f"serve_env: --port={_PORT.value} on --host={_HOST.value} {why}; "
+             f"stop the other server or pick another port")
+  from eagle_jax.env import local  # after the port check: imports JAX and the model code
+
   backend = local.LocalSampler.from_gguf(_GGUF.value, model_id=_MODEL_NAME.value,
                                          batch_buckets=_buckets(_MAX_BATCH.value))
   if _WARMUP.value > 0:
     backend.warmup(_WARMUP.value)
-  asyncio.run(_serve(backend))
+  asyncio.run(_serve(backend, sock))
 
 
 if __name__ == "__main__":

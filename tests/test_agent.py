@@ -1,6 +1,8 @@
 """EAGLE agent pieces: reference targets, policy network, learner sharding, config validation."""
 
+import asyncio
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,8 @@ from configs import movielens_25m, movielens_smoke
 from eagle_jax import design, training
 from eagle_jax.agent import reference, rollout, trainer
 from eagle_jax.agent.policy import PolicyConfig, PolicyValueNet
+from eagle_jax.embed import wals
+from eagle_jax.evaluation import agent_eval
 
 
 def test_uniform_and_optimistic_targets_against_numpy():
@@ -51,9 +55,70 @@ def test_g_optimal_targets_equal_the_design_module():
   assert np.all(np.asarray(d.g_value) <= 3 * (1 + 1e-3) + 1e-4)
 
 
-def test_reference_kind_is_checked():
-  with pytest.raises(training.ConfigError, match="config.reference.kind.*'greedy'"):
-    reference.check_kind("greedy")
+def test_reference_registry_lookup_names_the_field_and_the_known_kinds():
+  assert tuple(reference.REFERENCES) == ("uniform", "optimistic", "g_optimal")
+  for name, kind in reference.REFERENCES.items():
+    assert reference.lookup(name, "f") is kind and kind.name == name
+  assert not reference.REFERENCES["uniform"].tries_candidates
+  with pytest.raises(training.ConfigError,
+                     match=r"config.x='greedy' .*\('uniform', 'optimistic', 'g_optimal'\)"):
+    reference.lookup("greedy", "config.x")
+
+
+class _FakeEnv:
+  """Deterministic stand-in for ``ContentGapEnv``: texts map to fixed pseudo-random Z points."""
+
+  def __init__(self, d=4):
+    self.d = d
+    self.item_table = np.random.default_rng(5).normal(size=(30, d)).astype(np.float32)
+    self.calls = []
+
+  async def step(self, descriptions, actions):
+    self.calls.append(len(descriptions))
+    return [f"{x}|{a}" for x, a in zip(descriptions, actions)]
+
+  def embed(self, texts):
+    return np.stack([np.random.default_rng([sum(map(ord, t)), len(t)]).normal(size=self.d)
+                     for t in texts]).astype(np.float32)
+
+  def text_utility(self, texts, users):
+    z = self.embed(texts)
+    return {"utility": z[:, 0] + 0.1 * np.asarray(users)}
+
+
+def _fake_world(k=3):
+  anchors = {i: types.SimpleNamespace(actions=[f"a{i}{j}" for j in range(k)]) for i in (1, 2)}
+  return types.SimpleNamespace(env=_FakeEnv(), anchors=anchors, num_actions=k)
+
+
+def _label(name, world, visited, key):
+  config = reference.LabelConfig(episodes=1, rollout_batch=1, exploratory_m=2, design_dim=2,
+                                 design_eps=1e-3, design_max_iters=500, design_ridge=0.0)
+  return asyncio.run(reference.REFERENCES[name].label(world, visited, config, key))
+
+
+def test_registry_labels_equal_the_target_functions_on_the_next_states():
+  world = _fake_world()
+  visited = reference.Visited(texts=["s0", "s1", "s2"], users=np.array([0, 3, 1]),
+                              items=np.array([1, 2, 1]), mask=np.ones((3, 3), bool))
+  # The K next states of each visited state, built by hand from the fake transition.
+  kids = [[f"{x}|a{i}{j}" for j in range(3)] for x, i in zip(visited.texts, visited.items)]
+  key = jax.random.key(7)
+  q, stats = _label("uniform", world, visited, key)
+  np.testing.assert_allclose(q, 1 / 3)
+  assert stats == {} and world.env.calls == []  # no environment calls
+  q, _ = _label("optimistic", world, visited, key)
+  util = np.array([[world.env.embed([c])[0, 0] + 0.1 * u for c in row]
+                   for row, u in zip(kids, visited.users)])
+  np.testing.assert_array_equal(np.argmax(q, -1), np.argmax(util, -1))
+  assert world.env.calls == [9]  # all N * K transitions in one call
+  q, stats = _label("g_optimal", world, visited, key)
+  z = np.stack([world.env.embed(row) for row in kids])
+  proj = reference.principal_projection(world.env.item_table, 2)
+  expect, _ = reference.g_optimal_targets(jax.random.fold_in(key, 10_000), z, m=2, eps=1e-3,
+                                          max_iters=500, ridge=0.0, projection=proj)
+  np.testing.assert_array_equal(q, expect)
+  assert set(stats) == {"design_g_over_rank", "design_converged", "design_support"}
 
 
 def test_policy_is_permutation_equivariant_over_candidates():
@@ -94,7 +159,7 @@ def test_sharded_rl_step_equals_single_device():
   results = []
   for mesh in (training.build_mesh({"data": 1}, devices=jax.devices()[:1]),
                training.build_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
-    learner = trainer.Learner(config, 12, 10, mesh)
+    learner = trainer.Learner(trainer.validate(config, mesh), 12, 10, mesh)
     state = learner.start_rl(learner.init_state())
     batch = _batch(0)
     batch["mask"][:, :, 0] = True
@@ -112,8 +177,8 @@ def test_sharded_rl_step_equals_single_device():
 
 
 def test_reference_step_learns_targets():
-  config = _config()
-  learner = trainer.Learner(config, 12, 10, training.build_mesh({"data": -1}))
+  mesh = training.build_mesh({"data": -1})
+  learner = trainer.Learner(trainer.validate(_config(), mesh), 12, 10, mesh)
   state = learner.init_state()
   b = _batch(0)
   targets = np.zeros((8, 6), np.float32)
@@ -132,6 +197,8 @@ def test_reference_step_learns_targets():
 
 @pytest.mark.parametrize("field,value,match", [
     ("reference.kinds", ("uniform", "greedy"), "config.reference.kinds='greedy'"),
+    ("reference.main", "greedy", "config.reference.main='greedy'"),
+    ("reference.kinds", ("uniform",), "config.reference.main='g_optimal' must be one of"),
     ("mesh", {"data": 3}, "config.mesh"),
     ("rl.batch_size", 12, "config.rl.batch_size=12 must be a positive multiple of .* 8"),
     ("reference.exploratory_m", 9, "config.reference.exploratory_m=9"),
@@ -148,6 +215,36 @@ def test_bad_config_fails_before_compute(tmp_path, field, value, match):
   assert not os.path.exists(tmp_path / "run" / "wals")  # nothing was computed
 
 
+def test_validate_returns_the_typed_job():
+  config = _config(horizon=3, kl_coef=0.25, overlap=False)
+  config.reference.kinds = ("g_optimal", "uniform")
+  job = trainer.validate(config, training.build_mesh({"data": -1}))
+  assert [k.name for k in job.kinds] == ["g_optimal", "uniform"]
+  assert job.main is reference.REFERENCES["g_optimal"]
+  assert (job.horizon, job.num_actions, job.text_dim) == (3, config.actions.k, 384)
+  assert (job.rl.batch_size, job.rl.kl_coef, job.rl.overlap) == (8, 0.25, False)
+  assert job.labels.exploratory_m == config.reference.exploratory_m
+  assert job.reference.optim is config.reference.optim
+
+
+@pytest.mark.parametrize("field,value", [("samples", 0), ("confidence", 1.0),
+                                         ("trajectories", -1)])
+def test_bad_eval_config_names_the_field(field, value):
+  config = _config()
+  config.eval[field] = value
+  with pytest.raises(training.ConfigError, match=f"config.eval.{field}={value!r}"):
+    agent_eval.EvalConfig.from_config(config.eval)
+
+
+@pytest.mark.parametrize("use_bias,center", [(True, True), (False, False)])
+def test_augmented_dim_is_the_width_of_the_augmented_vectors(use_bias, center):
+  cfg = wals.WALSConfig(rank=5, use_bias=use_bias, center=center)
+  z = np.zeros
+  factors = wals.WALSFactors(z((4, 5)), z((6, 5)), z(4), z(6), np.float32(0.0))
+  zu, zi = factors.augmented()
+  assert wals.augmented_dim(cfg) == zu.shape[1] == zi.shape[1] == 8
+
+
 def test_workdir_errors_name_the_flag(tmp_path, monkeypatch):
   f = tmp_path / "file"
   f.write_text("x")
@@ -161,8 +258,13 @@ def test_workdir_errors_name_the_flag(tmp_path, monkeypatch):
 
 
 def test_paper_scale_config_dry_run_on_fake_devices():
-  report = trainer.dry_run(movielens_25m.get_config())
+  config = movielens_25m.get_config()
+  report = trainer.dry_run(config)
   assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  # Z is the augmented WALS space: rank + 3 wide, in the state (z_u, E_D(x)) and action (E_D(a)).
+  latent = config.wals.wals.rank + 3
+  assert report["state_dim"] == 2 * config.policy.text_dim + 2 * latent + config.rl.horizon
+  assert report["action_dim"] == config.policy.text_dim + latent
   assert report["compiled"]
   assert report["param_count"] > 0
   assert report["batch_sharding"]["state"] == "P(('data', 'fsdp'), None, None)"

@@ -25,7 +25,7 @@ ARGS = [
     "--config.world.num_train_anchors=1", "--config.world.num_heldout_anchors=1",
     "--config.world.num_train_users=8", "--config.world.num_heldout_users=4",
     "--config.actions.k=2", "--config.actions.llm_calls=0",
-    "--config.env.transition_tokens=24", "--config.env.plot_tokens=32",
+    "--config.env.sampling.max_tokens=24", "--config.descriptions.plot_tokens=32",
     "--config.reference.kinds=('g_optimal',)", "--config.reference.main=g_optimal",
     "--config.reference.design_dim=2", "--config.reference.exploratory_m=1",
     "--config.reference.episodes=8", "--config.reference.rollout_batch=8",

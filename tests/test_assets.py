@@ -98,6 +98,32 @@ def test_wheel_without_subdir_is_an_error(fake, tmp_path):
     assets.fetch(wrong, root=root, downloader=downloader, progress=lambda _: None)
 
 
+def test_fetch_all_fetches_each_asset_once_by_name(fake, tmp_path):
+  asset, downloader, calls, root = fake
+  other_src = tmp_path / "other"
+  other_src.mkdir()
+  wheel = _make_wheel(other_src, {"data/c.txt": b"gamma"})
+  other = assets.Asset("other-pkg", "2.0", hashlib.sha256(wheel.read_bytes()).hexdigest(),
+                       "data", "another fake asset")
+
+  def two_wheels(a, dest):
+    if a.name == other.name:
+      calls.append(a.key)
+      out = dest / wheel.name
+      out.write_bytes(wheel.read_bytes())
+      return out
+    return downloader(a, dest)
+
+  paths = assets.fetch_all((asset, other), root=root, downloader=two_wheels,
+                           progress=lambda _: None)
+  assert set(paths) == {"fake-pkg", "other-pkg"}
+  assert (paths["fake-pkg"] / "a.txt").read_bytes() == b"alpha"
+  assert (paths["other-pkg"] / "c.txt").read_bytes() == b"gamma"
+  again = assets.fetch_all((asset, other), root=root, downloader=two_wheels,
+                           progress=lambda _: None)
+  assert again == paths and calls == ["fake-pkg-1.0", "other-pkg-2.0"]  # both cached now
+
+
 @pytest.mark.slow
 def test_real_recbole_wheel_from_package_index(tmp_path):
   """pip download of the pinned recbole wheel matches its pin and holds ML-100K."""

@@ -2,12 +2,15 @@
 
 import csv
 import pathlib
+import sys
 
 import numpy as np
 import pytest
 
+from configs import wals_ml100k
 from eagle_jax import data
 from eagle_jax.data import synthetic, tfds_source
+from eagle_jax.embed import wals_train
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,9 @@ def test_csv_quoted_titles_tags_and_unrated_movies(tmp_path):
   assert d.tags[0] == ("western", "gritty, long") and d.tags[2] == ()
   assert d.num_items == 3 and d.num_users == 2  # the unrated movie is in the item table
   assert d.user_ids.tolist() == [3, 7] and d.user.tolist() == [1, 0, 0]
-  np.testing.assert_array_equal(d.dense(), [[1.0, 3.5, 0.0], [4.5, 0.0, 0.0]])
+  dense = np.zeros((d.num_users, d.num_items))
+  dense[d.user, d.item] = d.rating
+  np.testing.assert_array_equal(dense, [[1.0, 3.5, 0.0], [4.5, 0.0, 0.0]])
 
 
 def _write_movies(folder: pathlib.Path):
@@ -137,6 +142,34 @@ def test_tfds_array_record_path_equals_csv_path(small, tmp_path):
   assert list(via_tfds.titles) == [via_csv.titles[i] for i in rated]
   with pytest.raises(ValueError, match="unknown MovieLens version"):
     tfds_source.load_tfds("movielens/3m-ratings", tmp_path / "tfds")
+
+
+def test_tfds_source_is_reachable_from_a_job_config(small, tmp_path):
+  folder = synthetic.write_movielens_csv(small, tmp_path / "ml-latest-small")
+  cfg = wals_ml100k.get_config().data
+  cfg.source = "tfds:movielens/latest-small-ratings"
+  cfg.data_dir = str(tmp_path / "tfds")
+  cfg.tfds_folder = str(folder)  # offline: the dataset is built from this folder
+  built = wals_train.load_data(cfg)
+  via_csv = data.load_movielens_csv(folder)
+  np.testing.assert_array_equal(_triples(built), _triples(via_csv))
+  assert built.source == "tfds:movielens/latest-small-ratings:train"
+  cfg.tfds_folder = ""  # already prepared in data_dir: read as it is
+  np.testing.assert_array_equal(_triples(wals_train.load_data(cfg)), _triples(via_csv))
+  cfg.source = "tfds:movielens/3m-ratings"
+  with pytest.raises(ValueError, match="unknown MovieLens version"):
+    wals_train.load_data(cfg)
+  cfg.source = str(tmp_path / "nowhere")
+  with pytest.raises(ValueError, match="config.data.source must be"):
+    wals_train.load_data(cfg)
+
+
+def test_tfds_source_without_the_extra_names_it(monkeypatch):
+  cfg = wals_ml100k.get_config().data
+  cfg.source = "tfds:movielens/100k-ratings"
+  monkeypatch.setitem(sys.modules, "h5py", None)  # as if h5py were not installed
+  with pytest.raises(ImportError, match=r"'h5py'.*pip install 'eagle_jax\[tfds\]'"):
+    wals_train.load_data(cfg)
 
 
 def test_split_is_a_deterministic_per_user_time_holdout(ml100k):

@@ -92,7 +92,7 @@ def tiny_sampler(tmp_path_factory):
 def test_generate_embeddings_equals_generate_ids_on_token_embeddings(tiny_sampler):
   model, sampler = tiny_sampler
   prompts = [[5, 17, 3, 88, 40], [61, 2], [7, 7, 30, 12, 9, 9, 1]]
-  params = sampling.SamplingParams(max_new_tokens=6, repetition_penalty=1.3, no_repeat_ngram=2)
+  params = sampling.SamplingParams(max_tokens=6, repetition_penalty=1.3, no_repeat_ngram=2)
   ref = sampler.generate_ids(prompts, params)
   p = sampling.bucket(max(map(len, prompts)), sampler.min_bucket)
   tokens, mask = sampler._pad(prompts, p)  # noqa: SLF001 (the same left padding)
@@ -109,7 +109,7 @@ def test_generate_embeddings_soft_token_changes_only_its_row(tiny_sampler):
   tokens, mask = sampler._pad(prompts, p)  # noqa: SLF001
   emb = np.asarray(model.embed(jnp.asarray(tokens)))
   # The same settings and buckets as the test above: the compiled decode is reused.
-  params = sampling.SamplingParams(max_new_tokens=6, repetition_penalty=1.3, no_repeat_ngram=2)
+  params = sampling.SamplingParams(max_tokens=6, repetition_penalty=1.3, no_repeat_ngram=2)
   base = sampler.generate_embeddings(emb, mask, params, tokens=tokens)
   emb2 = emb.copy()
   emb2[0, -4] = 3.0 * np.random.default_rng(0).normal(size=emb.shape[-1])  # a "soft token"

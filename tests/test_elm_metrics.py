@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from eagle_jax.elm import baseline, metrics
+from eagle_jax.elm import metrics
+from eagle_jax.evaluation import elm_baseline as baseline
 
 
 def _brute_sc(pred, target, items, target_item):

@@ -125,13 +125,13 @@ def test_generate_targets_uses_real_facts_cache_and_retries(tmp_path):
   sampling = dict(max_tokens=40, temperature=0.7, top_p=0.9, repetition_penalty=1.2,
                   no_repeat_ngram=3)
   cache = cache_lib.ResponseCache(tmp_path / "r.jsonl")
-  from eagle_jax.env import build
+  from eagle_jax.data import records as records_lib
 
   def put(ex, attempt, text):
     msgs = tasks.env_messages(tasks.TASKS[ex.task], ex, ratings, None)
     q = client_lib.SamplingParams(max_tokens=40, temperature=0.7, top_p=0.9,
                                   repetition_penalty=1.2, no_repeat_ngram=3, chat=True,
-                                  seed=build.derive_seed(5, "elm", ex.task, *ex.slots, attempt))
+                                  seed=records_lib.derive_seed(5, "elm", ex.task, *ex.slots, attempt))
     cache.put(cache_lib.cache_key("m", msgs, q), client_lib.Completion(text=text),
               model="m", prompt=msgs, params=q)
     return msgs

@@ -208,3 +208,17 @@ def test_finetuned_encoder_restores_its_best_validation_epoch(finetuned):
   # A frozen-head loader refuses it by name.
   with pytest.raises(ValueError, match="fine-tuned"):
     encoder_train.load_head(str(workdir / "checkpoints"))
+
+
+@pytest.mark.slow
+def test_embedding_under_a_progress_bar_equals_one_encode_call():
+  from eagle_jax.models.text_encoder import SentenceEncoder
+
+  sent = SentenceEncoder.from_pretrained()
+  rng = np.random.default_rng(3)
+  words = "a dark quiet comedy about love war space robots family city night sea".split()
+  texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(1, 60, size=150)]
+  # Chunks of two device calls: the bar's chunks cut the same calls as one encode over all texts.
+  chunked = encoder_train.encode_with_progress(sent, texts, "test", chunk_calls=2)
+  np.testing.assert_array_equal(chunked, sent.encode(texts))
+  np.testing.assert_allclose(chunked, _torch_embed(texts), atol=2e-5, rtol=0)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
+import logging
 import threading
+import time
 
 import pytest
 from aiohttp import web
@@ -190,21 +191,28 @@ def test_cached_client_keeps_answers_of_an_interrupted_call(tmp_path):
 
 
 class _Peer:
-  """A scripted OpenAI-ish endpoint: ``script(attempt, body) -> (delay_s, status, text)``."""
+  """A scripted OpenAI-ish endpoint.
+
+  ``script(attempt, body)`` returns ``(delay_s, status, text)`` or ``(delay_s, status, text,
+  headers)``; ``times`` records when each request arrived.
+  """
 
   def __init__(self, script):
     self.script = script
     self.bodies: list[dict] = []
     self.headers: list[dict] = []
+    self.times: list[float] = []
 
   async def handle(self, request: web.Request) -> web.StreamResponse:
     body = await request.json()
+    self.times.append(time.monotonic())
     self.bodies.append(body)
     self.headers.append(dict(request.headers))
-    delay, status, text = self.script(len(self.bodies), body)
+    delay, status, text, *headers = self.script(len(self.bodies), body)
     if delay:
       await asyncio.sleep(delay)
-    return web.Response(status=status, text=text, content_type="application/json")
+    return web.Response(status=status, text=text, content_type="application/json",
+                        headers=headers[0] if headers else None)
 
 
 def _ok(text: str, chat: bool = False) -> str:
@@ -213,10 +221,19 @@ def _ok(text: str, chat: bool = False) -> str:
   return json.dumps({"choices": [choice], "usage": {"completion_tokens": 3}})
 
 
-async def _with_peer(peer: _Peer, fn):
+async def _with_peer(peer: _Peer, fn, models: list[str] | None = ("m",)):
+  """Serves ``peer`` on loopback (``GET /v1/models`` lists ``models``; None: no such route)."""
   app = web.Application()
   app.router.add_post("/v1/completions", peer.handle)
   app.router.add_post("/v1/chat/completions", peer.handle)
+  if models is not None:
+    listing = {"object": "list", "data": [{"id": m, "object": "model"} for m in models]}
+
+    async def list_models(request: web.Request) -> web.Response:
+      del request
+      return web.json_response(listing)
+
+    app.router.add_get("/v1/models", list_models)
   runner = web.AppRunner(app)
   await runner.setup()
   site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -238,25 +255,57 @@ def test_openai_request_bodies_endpoints_and_api_key(monkeypatch):
   peer = _Peer(lambda n, body: (0, 200, _ok(f"ans{n}", chat="messages" in body)))
 
   async def run(url):
-    async with _client(url, api_key_env="EAGLE_TEST_KEY") as c:
+    async with _client(url + "/v1", api_key_env="EAGLE_TEST_KEY") as c:
       a = await c.sample(["hello", "world"], max_tokens=7, temperature=0.3, seed=5, stop=["\n"],
                          top_k=4)
       b = await c.sample([[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]],
-                         max_tokens=2)
+                         max_tokens=2, repetition_penalty=1.2, no_repeat_ngram=3)
       d = await c.sample(["chat me"], max_tokens=2, chat=True)
-      return a, b, d
+      return a, b, d, c.model_id
 
-  a, b, d = asyncio.run(_with_peer(peer, run))
+  a, b, d, model_id = asyncio.run(_with_peer(peer, run))
+  assert model_id == "openai:m"
   assert sorted(a) == ["ans1", "ans2"] and b == ["ans3"] and d == ["ans4"]
   by_prompt = {body.get("prompt"): body for body in peer.bodies[:2]}
   assert by_prompt["hello"] == {"model": "m", "prompt": "hello", "max_tokens": 7,
                                 "temperature": 0.3, "top_p": 1.0, "seed": 5, "n": 1,
                                 "stop": ["\n"], "top_k": 4}
   assert by_prompt["world"]["seed"] == client_lib.prompt_seed(5, 1)
-  assert peer.bodies[2]["messages"] == [{"role": "system", "content": "s"},
-                                        {"role": "user", "content": "u"}]
+  assert peer.bodies[2] == {"model": "m", "max_tokens": 2, "temperature": 0.0, "top_p": 1.0,
+                            "seed": 0, "n": 1, "repetition_penalty": 1.2, "no_repeat_ngram": 3,
+                            "messages": [{"role": "system", "content": "s"},
+                                         {"role": "user", "content": "u"}]}
   assert peer.bodies[3]["messages"] == [{"role": "user", "content": "chat me"}]
   assert all(h["Authorization"] == "Bearer sk-secret-123" for h in peer.headers)
+
+
+def test_openai_preflight_names_the_model_and_what_is_served():
+  peer = _Peer(lambda n, body: (0, 200, _ok("never")))
+
+  async def run(url):
+    async with _client(url) as c:
+      with pytest.raises(openai_lib.UnknownModelError) as info:
+        await c.sample(["p"], max_tokens=3)
+      return info.value
+
+  err = asyncio.run(_with_peer(peer, run, models=["llama-3-8b", "qwen2"]))
+  assert "'m'" in str(err) and "llama-3-8b" in str(err) and "qwen2" in str(err)
+  assert err.model == "m" and err.served == ["llama-3-8b", "qwen2"]
+  assert peer.bodies == []  # refused before any completion request
+
+  async def run_checked(url):
+    async with _client(url) as c:
+      served = await c.check_model()
+      return served, await c.sample(["p"], max_tokens=3)
+
+  assert asyncio.run(_with_peer(peer, run_checked, models=["x", "m"])) == (["x", "m"], ["never"])
+
+  async def run_unchecked(url):
+    async with _client(url) as c:
+      return await c.sample(["p"], max_tokens=3)
+
+  # A server without /v1/models is used unchecked.
+  assert asyncio.run(_with_peer(peer, run_unchecked, models=None)) == ["never"]
 
 
 def test_openai_slow_endpoint_times_out_then_retries_until_success():
@@ -286,16 +335,20 @@ def test_openai_timeouts_exhaust_retries_with_a_clear_error():
   assert "timed out" in str(err)
 
 
-def test_openai_retries_429_and_5xx_but_not_400(monkeypatch):
+def test_openai_retries_429_and_5xx_but_not_400_and_masks_the_key(monkeypatch, caplog):
   monkeypatch.setenv("EAGLE_TEST_KEY", "sk-secret-456")
   statuses = {1: 429, 2: 503, 3: 500}
-  peer = _Peer(lambda n, body: (0, statuses.get(n, 200), _ok("ok") if n > 3 else "busy"))
+  busy = '{"error": {"message": "busy; your key sk-secret-456"}}'
+  peer = _Peer(lambda n, body: (0, statuses.get(n, 200), _ok("ok") if n > 3 else busy))
 
   async def run(url):
-    async with _client(url) as c:
+    async with _client(url, api_key_env="EAGLE_TEST_KEY") as c:
       return await c.sample(["p"], max_tokens=3), c.attempts
 
-  assert asyncio.run(_with_peer(peer, run)) == (["ok"], 4)
+  with caplog.at_level(logging.WARNING):
+    assert asyncio.run(_with_peer(peer, run)) == (["ok"], 4)
+  assert "retry 3/3" in caplog.text and "HTTP 429" in caplog.text
+  assert "sk-secret-456" not in caplog.text and "***" in caplog.text
 
   bad = _Peer(lambda n, body: (0, 400, '{"error": "bad max_tokens; key sk-secret-456"}'))
 
@@ -306,8 +359,10 @@ def test_openai_retries_429_and_5xx_but_not_400(monkeypatch):
       return info.value
 
   err = asyncio.run(_with_peer(bad, run_bad))
-  assert err.status == 400 and len(bad.bodies) == 1 and "bad max_tokens" in str(err)
+  assert err.status == 400 and err.attempts == 1 and len(bad.bodies) == 1
+  assert "bad max_tokens" in str(err)
   assert "sk-secret-456" not in str(err) and "***" in str(err)
+  assert "sk-secret-456" not in repr(err.__cause__) + repr(err.__context__)
 
   down = _Peer(lambda n, body: (0, 502, "upstream gone"))
 
@@ -319,6 +374,28 @@ def test_openai_retries_429_and_5xx_but_not_400(monkeypatch):
 
   err = asyncio.run(_with_peer(down, run_down))
   assert err.status == 502 and err.attempts == 3 and "upstream gone" in str(err)
+
+
+def test_openai_backoff_honours_retry_after_up_to_the_cap():
+  # Attempt 1: 429 asking for 0.6 s (the own backoff would be <= 0.01 s); attempt 2: 503 asking
+  # for 30 s, capped by max_backoff_s=0.8; attempt 3: success.
+  answers = {1: (0, 429, "slow down", {"Retry-After": "0.6"}),
+             2: (0, 503, "later", {"Retry-After": "30"})}
+  peer = _Peer(lambda n, body: answers.get(n, (0, 200, _ok("ok"))))
+
+  async def run(url):
+    async with _client(url, backoff_s=0.01, max_backoff_s=0.8) as c:
+      return await c.sample(["p"], max_tokens=3)
+
+  assert asyncio.run(_with_peer(peer, run)) == ["ok"]
+  gaps = [b - a for a, b in zip(peer.times, peer.times[1:])]
+  assert len(gaps) == 2
+  assert 0.6 <= gaps[0] < 3.0
+  assert 0.8 <= gaps[1] < 5.0
+  assert openai_lib.retry_after_s({"retry-after-ms": "250"}) == 0.25
+  assert openai_lib.retry_after_s({"Retry-After": "soon"}) is None
+  date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 100))
+  assert 95 <= openai_lib.retry_after_s({"Retry-After": date}) <= 101
 
 
 @pytest.mark.parametrize("text, match", [
@@ -340,6 +417,17 @@ def test_openai_malformed_responses_raise_clear_errors(text, match):
   assert "malformed response" in str(err) and len(peer.bodies) == 1
 
 
+def test_openai_malformed_chat_response_names_the_field():
+  peer = _Peer(lambda n, body: (0, 200, '{"choices": [{"message": {"role": "assistant"}}]}'))
+
+  async def run(url):
+    async with _client(url) as c:
+      await c.sample(["p"], max_tokens=3, chat=True)
+
+  with pytest.raises(client_lib.MalformedResponseError, match=r"choices\[0\].message.content"):
+    asyncio.run(_with_peer(peer, run))
+
+
 def test_openai_connection_refused_is_retried_then_reported():
   import socket
 
@@ -354,7 +442,7 @@ def test_openai_connection_refused_is_retried_then_reported():
       return info.value
 
   err = asyncio.run(run())
-  assert err.attempts == 3 and err.status is None
+  assert err.attempts == 3 and err.status is None and str(port) in err.url
 
 
 def test_openai_concurrency_limit_is_respected():
@@ -383,13 +471,20 @@ def test_openai_concurrency_limit_is_respected():
   assert state["peak"] == 3
 
 
-def test_openai_constructor_validation():
+def test_openai_constructor_validation(monkeypatch):
   with pytest.raises(ValueError, match="base_url"):
     openai_lib.OpenAIClient("localhost:8000", "m")
-  with pytest.raises(ValueError, match="mode"):
-    openai_lib.OpenAIClient("http://x", "m", mode="edits")
+  with pytest.raises(ValueError, match="model"):
+    openai_lib.OpenAIClient("http://x", "")
+  with pytest.raises(ValueError, match="default_chat"):
+    openai_lib.OpenAIClient("http://x", "m", default_chat="yes")
   with pytest.raises(ValueError, match="max_concurrency"):
     openai_lib.OpenAIClient("http://x", "m", max_concurrency=0)
-  os.environ.pop("EAGLE_UNSET_KEY", None)
-  c = openai_lib.OpenAIClient("http://x", "m", api_key_env="EAGLE_UNSET_KEY")
-  assert "Bearer" not in repr(c)
+  with pytest.raises(ValueError, match="timeout_s"):
+    openai_lib.OpenAIClient("http://x", "m", timeout_s=0)
+  with pytest.raises(ValueError, match="max_retries"):
+    openai_lib.OpenAIClient("http://x", "m", max_retries=-1)
+  monkeypatch.setenv("EAGLE_TEST_KEY", "sk-secret-789")
+  c = openai_lib.OpenAIClient("http://x:1/v1/", "served", api_key_env="EAGLE_TEST_KEY")
+  assert c.base_url == "http://x:1" and c.model_id == "openai:served"
+  assert "sk-secret-789" not in repr(c)

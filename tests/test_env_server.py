@@ -1,25 +1,31 @@
-"""The OpenAI-compatible server on loopback, driven by the real client.
+"""The OpenAI-compatible server on loopback, driven by the official ``openai`` client and ours.
 
 Fast tests use a deterministic pure-Python ``EchoBackend`` (tests only) to check validation (400),
 overload (503), batching and the response format. Slow tests use the real SmolLM2-135M-Instruct:
 ``LocalSampler`` rows against the decoder's own ``Sampler`` (the independent reference for per-row
-seeds), the in-process server against in-process decoding (greedy), and a ``launch.serve_env``
-subprocess that is SIGKILLed mid-run and restarted while a ``CachedClient`` keeps going.
+seeds), the in-process server against in-process decoding (greedy and seeded, with usage and
+log-probs checked against the tokenizer and the decoder's teacher-forced scores), and a
+``launch.serve_env`` subprocess that is SIGKILLed mid-run and restarted while a ``CachedClient``
+keeps going.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import aiohttp
+import numpy as np
+import openai
 import pytest
 
 from eagle_jax.env import cache as cache_lib
@@ -39,9 +45,11 @@ class EchoBackend(SamplingBackend):
   def __init__(self, delay: float = 0.0):
     self.delay = delay
     self.calls: list[int] = []
+    self.seen: list[SamplingParams] = []
 
   async def generate(self, prompts, params, *, on_result=None):
     self.calls.append(len(prompts))
+    self.seen.extend(params)
     if self.delay:
       await asyncio.sleep(self.delay)
     for i, p in enumerate(prompts):
@@ -86,6 +94,19 @@ async def _post(session, url, payload):
     ({"model": "echo", "prompt": "x", "stream": True}, 400, "stream"),
     ({"model": "echo", "prompt": "x", "stop": [1]}, 400, "stop"),
     ({"model": "gpt-9", "prompt": "x"}, 400, "model"),
+    ({"model": "echo", "prompt": "x", "max_tokens": 4, "max_completion_tokens": 5}, 400,
+     "max_completion_tokens"),
+    ({"model": "echo", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"model": "echo", "prompt": "x", "frequency_penalty": -1}, 400, "frequency_penalty"),
+    ({"model": "echo", "prompt": "x", "logit_bias": {"50256": -100}}, 400, "logit_bias"),
+    ({"model": "echo", "prompt": "x", "echo": True}, 400, "echo"),
+    ({"model": "echo", "prompt": "x", "best_of": 3}, 400, "best_of"),
+    ({"model": "echo", "prompt": "x", "logprobs": 0}, 400, "logprobs"),  # Echo has no log-probs
+    ({"model": "echo", "prompt": "x", "temprature": 0.5}, 400, "temprature"),  # a typo
+    ({"model": "echo", "prompt": "x", "messages": []}, 400, "messages"),
+    ({"model": "echo", "prompt": "x", "repeat_penalty": 1.1, "repetition_penalty": 1.2}, 400,
+     "repeat_penalty"),
+    ({"model": "echo", "prompt": "x", "repeat_penalty": 0}, 400, "repeat_penalty"),
 ])
 def test_server_rejects_bad_completion_requests(payload, status, field):
   async def run(url, srv):
@@ -107,6 +128,15 @@ def test_server_rejects_bad_completion_requests(payload, status, field):
     ({"model": "echo", "messages": []}, "messages"),
     ({"model": "echo", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0]"),
     ({"model": "echo", "messages": [{"role": "user", "content": 5}]}, "messages[0]"),
+    ({"model": "echo", "messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),
+    ({"model": "echo", "messages": [{"role": "user", "content": "x", "name": "bob"}]},
+     "messages[0].name"),
+    ({"model": "echo", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[1]"),
+    ({"model": "echo", "messages": [{"role": "user", "content": "x"}], "prompt": "y"}, "prompt"),
+    ({"model": "echo", "messages": [{"role": "user", "content": "x"}], "logprobs": 1},
+     "logprobs"),
 ])
 def test_server_rejects_bad_chat_requests(payload, field):
   async def run(url, srv):
@@ -115,6 +145,74 @@ def test_server_rejects_bad_chat_requests(payload, field):
 
   code, body = asyncio.run(_serve(EchoBackend(), run))
   assert code == 400 and body["error"]["param"] == field
+  assert f"'{field}'" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("chat, field, value", [
+    (True, "presence_penalty", 0.5),
+    (True, "frequency_penalty", 1.0),
+    (True, "response_format", {"type": "json_object"}),
+    (True, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    (True, "tool_choice", "auto"),
+    (True, "logit_bias", {"1": 5}),
+    (True, "n", 2),
+    (True, "top_logprobs", 2),
+    (True, "stream", True),
+    (False, "logprobs", 1),
+    (False, "suffix", "end"),
+])
+def test_official_client_gets_bad_request_naming_unsupported_fields(chat, field, value):
+  backend = EchoBackend()
+
+  async def run(url, srv):
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as c:
+      with pytest.raises(openai.BadRequestError) as info:
+        if chat:
+          await c.chat.completions.create(
+              model="echo", messages=[{"role": "user", "content": "hi"}], **{field: value})
+        else:
+          await c.completions.create(model="echo", prompt="hi", **{field: value})
+      return info.value
+
+  err = asyncio.run(_serve(backend, run))
+  assert err.status_code == 400 and f"'{field}'" in err.message
+  assert err.body["param"] == field
+  assert backend.calls == []
+
+
+def test_official_client_chat_and_completions_follow_the_api():
+  backend = EchoBackend()
+
+  async def run(url, srv):
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as c:
+      chat = await c.chat.completions.create(
+          model="echo", max_completion_tokens=5, seed=7, presence_penalty=0, n=1,
+          response_format={"type": "text"},
+          messages=[{"role": "developer", "content": "be brief"},
+                    {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                 {"type": "text", "text": "b"}]}],
+          extra_body={"repeat_penalty": 1.3, "top_k": -1})
+      same = await c.completions.create(model="echo", prompt="p", max_tokens=3, seed=7,
+                                        extra_body={"max_completion_tokens": 3})
+      unseeded = [await c.completions.create(model="echo", prompt="p", max_tokens=3)
+                  for _ in range(3)]
+      models = await c.models.list()
+    return chat, same, unseeded, [m.id async for m in models]
+
+  chat, same, unseeded, models = asyncio.run(_serve(backend, run))
+  assert models == ["echo"]
+  assert chat.object == "chat.completion" and chat.model == "echo"
+  expected_prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"}]
+  assert chat.choices[0].message.content == f"{json.dumps(expected_prompt)}|7|5|True"
+  assert chat.choices[0].finish_reason == "stop" and chat.choices[0].logprobs is None
+  assert (chat.usage.prompt_tokens, chat.usage.completion_tokens, chat.usage.total_tokens) == (
+      0, 2, 2)  # EchoBackend reports no prompt tokens
+  first = backend.seen[0]
+  assert (first.repetition_penalty, first.top_k, first.max_tokens) == (1.3, 0, 5)
+  assert same.choices[0].text == '"p"|7|3|False'
+  # No seed: a fresh random seed per request (three equal draws from 2**31 would be a bug).
+  seeds = [int(u.choices[0].text.split("|")[1]) for u in unseeded]
+  assert len(set(seeds)) == 3 and all(0 <= s < 2**31 for s in seeds)
 
 
 def test_server_answers_503_when_queue_is_full():
@@ -155,7 +253,8 @@ def test_server_isolates_a_bad_prompt_from_its_batch():
   async def run(url, srv):
     async with aiohttp.ClientSession() as s:
       return await asyncio.gather(*(
-          _post(s, url + "/v1/completions", {"model": "echo", "prompt": p, "max_tokens": 2})
+          _post(s, url + "/v1/completions",
+                {"model": "echo", "prompt": p, "max_tokens": 2, "seed": 0})
           for p in ["fine", "too long", "also fine"])), list(srv.batch_sizes)
 
   results, batches = asyncio.run(_serve(backend, run, batch_wait_ms=100))
@@ -176,19 +275,56 @@ def test_server_list_prompt_health_and_models():
       async with s.get(url + "/v1/models") as r:
         models = await r.json()
       code_chat, chat = await _post(s, url + "/v1/chat/completions", {
-          "model": "echo", "messages": [{"role": "user", "content": "q"}], "max_tokens": 3})
+          "model": "echo", "messages": [{"role": "user", "content": "q"}], "max_tokens": 3,
+          "seed": 0})
     return code, body, health, models, code_chat, chat
 
   code, body, health, models, code_chat, chat = asyncio.run(_serve(EchoBackend(), run))
   assert code == 200 and body["object"] == "text_completion"
   assert [c["text"] for c in body["choices"]] == [
       '"a"|11|16|False', f'"b"|{client_lib.prompt_seed(11, 1)}|16|False']
-  assert body["usage"]["completion_tokens"] == 4
+  assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 4, "total_tokens": 4}
   assert health["status"] == "ok" and health["model"] == "echo"
   assert models["data"][0]["id"] == "echo"
   assert code_chat == 200 and chat["object"] == "chat.completion"
   assert chat["choices"][0]["message"] == {
       "role": "assistant", "content": '[{"role": "user", "content": "q"}]|0|3|True'}
+
+
+def test_busy_port_fails_fast_before_the_model_loads(tmp_path):
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    with pytest.raises(OSError) as info:
+      server_lib.bind_socket("127.0.0.1", port)
+    assert info.value.errno == errno.EADDRINUSE
+    # The GGUF does not exist: had serve_env loaded the model first, that would be its error.
+    t = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.serve_env", f"--port={port}",
+         f"--gguf={tmp_path / 'missing.gguf'}"],
+        cwd=_REPO, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - t
+  assert proc.returncode == 1, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and f"--port={port}" in lines[0] and "already in use" in lines[0], lines
+  assert "jax" not in proc.stderr.lower() and elapsed < 60
+
+  async def run():  # a socket from bind_socket is what the server then listens on
+    sock = server_lib.bind_socket("127.0.0.1", 0)
+    srv = server_lib.EnvServer(EchoBackend())
+    try:
+      port = await srv.start(sock=sock)
+      async with aiohttp.ClientSession() as s:
+        code, body = await _post(s, f"http://127.0.0.1:{port}/v1/completions",
+                                 {"model": "echo", "prompt": "x", "seed": 1})
+      return port, sock.getsockname()[1], code, body
+    finally:
+      await srv.stop()
+
+  port, sock_port, code, body = asyncio.run(run())
+  assert port == sock_port and code == 200 and body["choices"][0]["text"] == '"x"|1|16|False'
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,7 +392,7 @@ def test_local_sampler_rows_equal_single_prompt_reference(local_sampler):
   batched = local_sampler.generate_sync(prompts, per_prompt)
   ref = [local_sampler.sampler.generate_ids(
       [local_sampler.tokenizer.encode(p)],
-      sampling.SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.95),
+      sampling.SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95),
       seeds=[q.seed]) for p, q in zip(prompts, per_prompt)]
   assert [c.text for c in batched] == [r.texts[0] for r in ref]
   assert [c.completion_tokens for c in batched] == [int(r.lengths[0]) for r in ref]
@@ -295,6 +431,77 @@ def test_server_greedy_equals_in_process(local_sampler, greedy_reference):
   assert texts == greedy_reference
   assert batches == [4]
   assert "Paris" in texts[0]
+
+
+@pytest.mark.slow
+def test_official_client_against_smollm2_follows_the_api(local_sampler):
+  tok = local_sampler.tokenizer
+  prompt, system = _PROMPTS[1], "You are brief."
+  knobs = dict(temperature=0.9, top_p=0.95)
+
+  async def run(url, srv):
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as c:
+      seeded = [await c.completions.create(model=_SERVED, prompt=prompt, max_tokens=8, seed=21,
+                                           logprobs=0, **knobs) for _ in range(2)]
+      chat = await c.chat.completions.create(
+          model=_SERVED, max_completion_tokens=8, seed=21, logprobs=True, top_logprobs=0,
+          messages=[{"role": "developer", "content": system},
+                    {"role": "user", "content": [{"type": "text", "text": prompt}]}], **knobs)
+      hot = await asyncio.gather(*(c.completions.create(
+          model=_SERVED, prompt=prompt, max_tokens=8, temperature=1.5, top_p=0.95)
+          for _ in range(4)))
+    return seeded, chat, hot
+
+  seeded, chat, hot = asyncio.run(_serve(local_sampler, run, max_batch=4, batch_wait_ms=200))
+
+  # Completions: the same seed gives the same text, which is in-process decoding's text.
+  params = SamplingParams(max_tokens=8, seed=21, **knobs)
+  ref = local_sampler.generate_sync([prompt], [params])[0]
+  text = seeded[0].choices[0].text
+  assert seeded[1].choices[0].text == text == ref.text
+  usage = seeded[0].usage
+  prompt_ids = tok.backend.encode(prompt, add_special_tokens=False).ids
+  assert usage.prompt_tokens == len(prompt_ids) and usage.completion_tokens == ref.completion_tokens
+  assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+  lp = seeded[0].choices[0].logprobs
+  assert len(lp.tokens) == len(lp.token_logprobs) == usage.completion_tokens
+  assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+
+  # Chat: "developer" is the system turn and text parts are the content. The prompt is counted
+  # on ChatML written out by hand and tokenized by the raw tokenizers backend.
+  chatml = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
+  chat_ids = tok.backend.encode(chatml, add_special_tokens=False).ids
+  messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+  ref_chat = local_sampler.generate_sync([messages], [params.replace(chat=True)])[0]
+  answer = chat.choices[0]
+  assert answer.message.role == "assistant" and answer.message.content == ref_chat.text
+  assert answer.finish_reason == ref_chat.finish_reason
+  assert chat.usage.prompt_tokens == len(chat_ids)
+  assert chat.usage.completion_tokens == ref_chat.completion_tokens <= 8  # max_completion_tokens
+  assert chat.usage.total_tokens == len(chat_ids) + chat.usage.completion_tokens
+  content = answer.logprobs.content
+  assert len(content) == chat.usage.completion_tokens
+  eos = "<|im_end|>" if answer.finish_reason == "stop" else ""
+  assert "".join(c.token for c in content) == answer.message.content + eos
+  assert all(c.bytes == list(c.token.encode()) and c.top_logprobs == [] for c in content)
+
+  # Log-probs against the decoder's teacher-forced scores of the sampled tokens (a full forward
+  # pass, not the KV-cache decode that produced them).
+  rows = []
+  for ids in (prompt_ids, chat_ids):
+    out = local_sampler.sampler.generate_ids(
+        [ids], params.replace(stop_ids=tuple(tok.stop_ids)), seeds=[21])
+    rows.append([t for t, m in zip(out.tokens[0].tolist(), out.mask[0].tolist()) if m])
+  assert [tok.decode([t], skip_special_tokens=False) for t in rows[0]] == lp.tokens
+  assert [tok.decode([t], skip_special_tokens=False) for t in rows[1]] == [c.token for c in content]
+  scores = local_sampler.sampler.score([prompt_ids, chat_ids], rows)
+  np.testing.assert_allclose(lp.token_logprobs, scores.per_token[0, :len(rows[0])], atol=2e-3)
+  np.testing.assert_allclose([c.logprob for c in content], scores.per_token[1, :len(rows[1])],
+                             atol=2e-3)
+
+  # No seed at a high temperature: requests get their own random seeds, hence different answers.
+  assert len({h.choices[0].text for h in hot}) >= 2
 
 
 @pytest.mark.slow

@@ -8,7 +8,9 @@ import re
 import numpy as np
 import pytest
 
-from eagle_jax.env import actions, prompts
+from eagle_jax import prompts
+from eagle_jax.env import actions
+from eagle_jax.env.client import SamplingParams
 
 
 @pytest.mark.parametrize("answer, expected", [
@@ -90,13 +92,17 @@ def test_personalised_templates_name_liked_genres():
                  if "comed" not in a.text.lower())
 
 
+PARAMS = SamplingParams(max_tokens=24, temperature=0.9, chat=True)
+
+
 class _ScriptedClient:
   """Answers from a fixed script keyed by seed (a network stand-in for logic tests)."""
 
   def __init__(self, script):
     self.script, self.calls = script, []
 
-  async def sample(self, prompts_, *, max_tokens, temperature, seed):
+  async def sample(self, prompts_, *, max_tokens, temperature, seed, **params):
+    assert (max_tokens, temperature, params["top_p"]) == (PARAMS.max_tokens, PARAMS.temperature, 1.0)
     self.calls.append((prompts_[0][-1]["content"], seed))
     return [self.script[seed]]
 
@@ -108,7 +114,7 @@ def test_build_action_set_counts_failures_duplicates_and_tops_up():
   encode = lambda texts: np.stack([np.eye(64)[hash(t.lower()) % 64] for t in texts])
   acts, stats = asyncio.run(actions.build_action_set(
       client=client, encode=encode, description="Plot: x", genres=["Drama"], tags=["storm"],
-      profile="Likes space.", k=6, llm_calls=4, seed=10))
+      profile="Likes space.", k=6, llm_calls=4, seed=10, params=PARAMS))
   assert len(acts) == 6
   assert stats.parse_failures == 1 and stats.duplicates == 1
   llm = [a for a in acts if a.source == "llm"]
@@ -133,7 +139,7 @@ class _NoClient:
 def _template_set(encode, genres, *, k=100, seed=0, liked=(), profile=None):
   return asyncio.run(actions.build_action_set(
       client=_NoClient(), encode=encode, description="Plot: x", genres=genres, tags=(),
-      profile=profile, k=k, llm_calls=0, seed=seed, liked_genres=liked))
+      profile=profile, k=k, llm_calls=0, seed=seed, params=PARAMS, liked_genres=liked))
 
 
 def test_template_top_up_is_balanced_and_a_pure_function_of_the_seed():
@@ -163,7 +169,7 @@ def test_llm_actions_come_first_and_templates_skip_their_near_duplicates():
   assert script[7] in pool
   acts, stats = asyncio.run(actions.build_action_set(
       client=_ScriptedClient(script), encode=encode, description="Plot: x", genres=["Drama"],
-      tags=(), profile=None, k=len(pool) + 10, llm_calls=2, seed=7))
+      tags=(), profile=None, k=len(pool) + 10, llm_calls=2, seed=7, params=PARAMS))
   assert [a.text for a in acts[:2]] == [script[7], script[8]]
   texts = [a.text for a in acts]
   assert {a.source for a in acts[2:]} == {"template"}
@@ -174,6 +180,8 @@ def test_llm_actions_come_first_and_templates_skip_their_near_duplicates():
 
 
 def test_favourite_genres_feed_the_personalised_templates_of_build_action_sets():
+  from configs import env_blocks
+  from eagle_jax.data import catalog
   from eagle_jax.data.types import RatingsData
   from eagle_jax.env import build
 
@@ -190,19 +198,19 @@ def test_favourite_genres_feed_the_personalised_templates_of_build_action_sets()
                   [()] * 7)
   # Horror: 3 of user 0's 6 liked ratings vs 3 of 19 overall (lift 3.2); comedy: 4 of 6 vs 13 of
   # 19 (lift 0.97, not a favourite); the western was rated 2 (not liked).
-  assert build.users_from_ratings(r, [0, 1])[0].liked_genres == ("Horror",)
+  assert catalog.users_from_ratings(r, [0, 1])[0].liked_genres == ("Horror",)
   desc = [{"movie_id": 5, "item_index": 0, "ok": True, "text": "Plot: A heist.",
            "genres": ["Crime"], "tags": []}]
   prof = [{"user_id": 10, "ok": True, "profile": "Loves horror.", "liked_genres": ["Horror"]}]
-  sets = asyncio.run(build.build_action_sets(_NoClient(), _fake_encode, desc, prof, k=40,
-                                             llm_calls=0, gen=build.GenerationConfig()))
+  sets = asyncio.run(build.build_action_sets(_NoClient(), _fake_encode, desc, prof,
+                                             env_blocks.actions_config(k=40, llm_calls=0)))
   acts = sets[0]["actions"]
   assert len(acts) == 40 and sum(a["personalised"] for a in acts) == 20
   assert all("horror" in a["text"].lower() for a in acts if a["personalised"])
   assert sets[0]["provenance"]["liked_genres"] == ["Horror"]
   old = [{"user_id": 10, "ok": True, "profile": "Loves horror."}]  # a profile file before the field
-  sets = asyncio.run(build.build_action_sets(_NoClient(), _fake_encode, desc, old, k=40,
-                                             llm_calls=0, gen=build.GenerationConfig()))
+  sets = asyncio.run(build.build_action_sets(_NoClient(), _fake_encode, desc, old,
+                                             env_blocks.actions_config(k=40, llm_calls=0)))
   assert not any(a["personalised"] for a in sets[0]["actions"])
 
 

@@ -43,7 +43,7 @@ def torch_logprobs(tmodel, prompt, continuation):
 
 def test_greedy_batch_with_left_padding_equals_torch_generate(tiny):
   tmodel, sampler = tiny
-  res = sampler.generate_ids(PROMPTS, sampling.SamplingParams(max_new_tokens=NEW, stop_ids=()))
+  res = sampler.generate_ids(PROMPTS, sampling.SamplingParams(max_tokens=NEW, stop_ids=()))
   assert res.tokens.shape == (4, NEW) and res.mask.all()
   for i, prompt in enumerate(PROMPTS):
     expected = torch_generate(tmodel, prompt)
@@ -55,10 +55,10 @@ def test_greedy_batch_with_left_padding_equals_torch_generate(tiny):
 
 def test_repetition_penalty_and_no_repeat_ngram_equal_torch_generate(tiny):
   tmodel, sampler = tiny
-  params = sampling.SamplingParams(max_new_tokens=NEW, repetition_penalty=1.8,
+  params = sampling.SamplingParams(max_tokens=NEW, repetition_penalty=1.8,
                                    no_repeat_ngram=2, stop_ids=())
   res = sampler.generate_ids(PROMPTS, params)
-  plain = sampler.generate_ids(PROMPTS, sampling.SamplingParams(max_new_tokens=NEW, stop_ids=()))
+  plain = sampler.generate_ids(PROMPTS, sampling.SamplingParams(max_tokens=NEW, stop_ids=()))
   assert not np.array_equal(res.tokens, plain.tokens)  # the options change the output here
   for i, prompt in enumerate(PROMPTS):
     expected = torch_generate(tmodel, prompt, repetition_penalty=1.8, no_repeat_ngram_size=2)
@@ -70,7 +70,7 @@ def test_stop_token_ends_row(tiny):
   expected = torch_generate(tmodel, PROMPTS[0])
   k = next(j for j in range(1, NEW) if expected[j] not in expected[:j])
   res = sampler.generate_ids(
-      PROMPTS[:2], sampling.SamplingParams(max_new_tokens=NEW, stop_ids=(expected[k],)))
+      PROMPTS[:2], sampling.SamplingParams(max_tokens=NEW, stop_ids=(expected[k],)))
   assert res.lengths[0] == k + 1
   assert res.tokens[0, : k + 1].tolist() == expected[: k + 1]
   assert res.mask[0].tolist() == [True] * (k + 1) + [False] * (NEW - k - 1)
@@ -147,7 +147,7 @@ def test_sampling_distribution_matches_torch_softmax(tiny):
   tmodel, sampler = tiny
   prompt = PROMPTS[0]
   n = 4096
-  params = sampling.SamplingParams(max_new_tokens=1, temperature=0.7, top_k=6, stop_ids=())
+  params = sampling.SamplingParams(max_tokens=1, temperature=0.7, top_k=6, stop_ids=())
   res = sampler.generate_ids([prompt] * n, params, seed=1)
   with torch.no_grad():
     last = tmodel(torch.tensor([prompt])).logits[:, -1].float().numpy()
@@ -164,7 +164,7 @@ def test_sampling_distribution_matches_torch_softmax(tiny):
 
 def test_sampling_is_deterministic_per_seed(tiny):
   _, sampler = tiny
-  params = sampling.SamplingParams(max_new_tokens=NEW, temperature=1.0, top_p=0.95, stop_ids=())
+  params = sampling.SamplingParams(max_tokens=NEW, temperature=1.0, top_p=0.95, stop_ids=())
   a = sampler.generate_ids(PROMPTS, params, seed=7)
   b = sampler.generate_ids(PROMPTS, params, seed=7)
   c = sampler.generate_ids(PROMPTS, params, seed=8)
@@ -176,8 +176,8 @@ def test_bad_arguments_raise(tiny):
   _, sampler = tiny
   with pytest.raises(ValueError, match="top_p"):
     sampling.SamplingParams(top_p=0.0)
-  with pytest.raises(ValueError, match="max_new_tokens"):
-    sampling.SamplingParams(max_new_tokens=0)
+  with pytest.raises(ValueError, match="max_tokens"):
+    sampling.SamplingParams(max_tokens=0)
   with pytest.raises(ValueError, match="temperature"):
     sampling.SamplingParams(temperature=-1.0)
   with pytest.raises(ValueError, match=r"prompts\[1\]: token ids must be in \[0, 97\)"):
@@ -199,7 +199,7 @@ def test_bucket_sizes():
 def test_smollm2_answers_capital_of_france():
   sampler = smollm2_sampler()
   res = sampler.generate(["What is the capital of France?"],
-                         sampling.SamplingParams(max_new_tokens=24), chat=True)
+                         sampling.SamplingParams(max_tokens=24), chat=True)
   assert "Paris" in res.texts[0], res.texts[0]
   assert res.tokens[0, res.lengths[0] - 1] == sampler.tokenizer.eos_id  # stopped on <|im_end|>
   assert res.lengths[0] < 24
@@ -212,7 +212,7 @@ def test_smollm2_cached_greedy_equals_uncached_argmax_loop():
   prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True)
              for q in ("Name a famous painter.", "Say hello.")]
   new = 6
-  res = sampler.generate_ids(prompts, sampling.SamplingParams(max_new_tokens=new, stop_ids=()))
+  res = sampler.generate_ids(prompts, sampling.SamplingParams(max_tokens=new, stop_ids=()))
   length = max(len(p) for p in prompts) + new
   forward = jax.jit(lambda m, t: m(t)[0])
   for i, prompt in enumerate(prompts):
@@ -234,7 +234,7 @@ def test_sharded_sampler_equals_torch_generate(tmp_path):
   _, model = loading.load_llama_safetensors(save_torch(tmodel, tmp_path), mesh=mesh)
   assert model.layers[0].mlp.w_up[...].sharding.spec == jax.P("fsdp", "tensor")
   sampler = sampling.Sampler(model, mesh=mesh)
-  res = sampler.generate_ids(PROMPTS, sampling.SamplingParams(max_new_tokens=NEW, stop_ids=()))
+  res = sampler.generate_ids(PROMPTS, sampling.SamplingParams(max_tokens=NEW, stop_ids=()))
   for i, prompt in enumerate(PROMPTS):
     assert res.tokens[i].tolist() == torch_generate(tmodel, prompt), i
 
@@ -245,7 +245,7 @@ def test_set_model_swaps_parameters(tmp_path):
   _, model_a = loading.load_llama_safetensors(save_torch(first, tmp_path / "a"))
   _, model_b = loading.load_llama_safetensors(save_torch(second, tmp_path / "b"))
   sampler = sampling.Sampler(model_a)
-  params = sampling.SamplingParams(max_new_tokens=NEW, stop_ids=())
+  params = sampling.SamplingParams(max_tokens=NEW, stop_ids=())
   assert sampler.generate_ids(PROMPTS[:1], params).tokens[0].tolist() == torch_generate(
       first, PROMPTS[0])
   sampler.set_model(model_b)
@@ -260,7 +260,7 @@ def test_set_model_swaps_parameters(tmp_path):
 def test_row_samples_do_not_depend_on_batch_neighbours(tiny):
   """With per-row seeds, a row sampled alone equals the same row inside a larger batch."""
   _, sampler = tiny
-  params = sampling.SamplingParams(max_new_tokens=6, temperature=1.0, stop_ids=())
+  params = sampling.SamplingParams(max_tokens=6, temperature=1.0, stop_ids=())
   batch = sampler.generate_ids(PROMPTS, params, seeds=[11 + i for i in range(len(PROMPTS))])
   for i, prompt in enumerate(PROMPTS):
     alone = sampler.generate_ids([prompt], params, seeds=[11 + i])

@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eagle_jax import prompts
 from eagle_jax import utility as utility_lib
 from eagle_jax.agent.features import TextFeatures
 from eagle_jax.env import client as client_lib
-from eagle_jax.env import prompts
 
 
 @functools.partial(jax.jit, static_argnames=("k", "lam"))

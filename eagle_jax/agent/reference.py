@@ -2,7 +2,9 @@
 
 The reference policy pi_ref is a network of the agent's architecture trained by cross-entropy on
 target distributions q(.|s) over the K candidates of states s visited by uniformly random rollouts
-on the training pairs (``reference_dataset``):
+on the training pairs (``reference_dataset``). The kinds live in one registry, ``REFERENCES`` (name ->
+``ReferenceKind``); ``lookup`` resolves a configured name once, at the job's entry
+(``trainer.validate``):
 
 * ``uniform``: q = 1/K.
 * ``optimistic``: every candidate is tried through the environment, q = one-hot on the candidate whose
@@ -22,6 +24,7 @@ actions that span the main directions of behavioural variation. ``design_dim=0``
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 
 import jax
 import numpy as np
@@ -30,15 +33,75 @@ from eagle_jax import design as design_lib
 from eagle_jax.agent import rollout
 from eagle_jax.agent import world as world_lib
 from eagle_jax.agent.world import World
-from eagle_jax.training import ConfigError
-
-KINDS = ("uniform", "optimistic", "g_optimal")
+from eagle_jax.training import ConfigError, Progress
 
 
-def check_kind(kind: str, field: str = "config.reference.kind") -> str:
-  if kind not in KINDS:
-    raise ConfigError(f"{field}={kind!r} is not a reference policy; expected one of {KINDS}")
-  return kind
+@dataclasses.dataclass(frozen=True)
+class LabelConfig:
+  """How the reference states are visited and labelled (``config.reference``, validated by
+  ``trainer.validate``).
+
+  Attributes:
+    episodes: uniformly random episodes that visit the states.
+    rollout_batch: episodes per rollout batch.
+    exploratory_m: m, exploratory actions per state (``g_optimal``; in [1, K]).
+    design_dim: principal directions the design runs in (0: raw Z).
+    design_eps, design_max_iters, design_ridge: Frank-Wolfe settings.
+  """
+
+  episodes: int
+  rollout_batch: int
+  exploratory_m: int
+  design_dim: int
+  design_eps: float
+  design_max_iters: int
+  design_ridge: float
+
+  @classmethod
+  def from_config(cls, reference_config) -> LabelConfig:
+    """Typed fields of ``config.reference`` (the caller has checked their ranges)."""
+    r = reference_config
+    return cls(episodes=int(r.episodes), rollout_batch=int(r.rollout_batch),
+               exploratory_m=int(r.exploratory_m), design_dim=int(r.design_dim),
+               design_eps=float(r.design_eps), design_max_iters=int(r.design_max_iters),
+               design_ridge=float(r.design_ridge))
+
+
+@dataclasses.dataclass(frozen=True)
+class Visited:
+  """The distinct states the random rollouts visited.
+
+  Attributes:
+    texts: N descriptions.
+    users: [N] int users of their episodes.
+    items: [N] int anchor items of their episodes.
+    mask: [N, K] bool valid candidates.
+  """
+
+  texts: list[str]
+  users: np.ndarray
+  items: np.ndarray
+  mask: np.ndarray
+
+
+# (world, visited, config, key) -> (targets [N, K] float32, stats of the labelling).
+Label = Callable[[World, Visited, LabelConfig, jax.Array], Awaitable[tuple[np.ndarray, dict]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceKind:
+  """One reference policy of the registry.
+
+  Attributes:
+    name: its key in ``REFERENCES``; also the agent's folder (``<workdir>/agents/<name>``).
+    label: computes the targets of the visited states (``Label``).
+    tries_candidates: labelling sends every candidate of every visited state through the
+      environment (N * K transitions on top of the rollouts).
+  """
+
+  name: str
+  label: Label
+  tries_candidates: bool
 
 
 def uniform_targets(mask: np.ndarray) -> np.ndarray:
@@ -89,6 +152,63 @@ def g_optimal_targets(key: jax.Array, child_z: np.ndarray, *, m: int, eps: float
   return out, design
 
 
+async def _next_states(world: World, visited: Visited) -> list[str]:
+  """The K next descriptions of every visited state, flattened state-major: N * K texts."""
+  children = await world_lib.expand(world, visited.texts, visited.items)
+  return [c for row in children for c in row]
+
+
+async def _label_uniform(world: World, visited: Visited, config: LabelConfig, key: jax.Array
+                         ) -> tuple[np.ndarray, dict]:
+  del world, config, key  # q = 1/K needs no environment.
+  return uniform_targets(visited.mask), {}
+
+
+async def _label_optimistic(world: World, visited: Visited, config: LabelConfig, key: jax.Array
+                            ) -> tuple[np.ndarray, dict]:
+  del config, key
+  flat = await _next_states(world, visited)
+  k = world.num_actions
+  u = world.env.text_utility(flat, np.repeat(visited.users, k))["utility"].reshape(-1, k)
+  return optimistic_targets(u, visited.mask), {}
+
+
+async def _label_g_optimal(world: World, visited: Visited, config: LabelConfig, key: jax.Array
+                           ) -> tuple[np.ndarray, dict]:
+  flat = await _next_states(world, visited)
+  k = world.num_actions
+  z = world.env.embed(flat).reshape(len(visited.texts), k, -1)
+  proj = (principal_projection(np.asarray(world.env.item_table), config.design_dim)
+          if config.design_dim > 0 else None)
+  targets, design = g_optimal_targets(
+      jax.random.fold_in(key, 10_000), z, m=config.exploratory_m, eps=config.design_eps,
+      max_iters=config.design_max_iters, ridge=config.design_ridge, projection=proj)
+  stats = {"design_g_over_rank": float(np.max(np.asarray(design.g_value)
+                                               / np.asarray(design.rank))),
+           "design_converged": float(np.mean(np.asarray(design.converged))),
+           "design_support": float(np.mean(np.sum(np.asarray(design.weights) > 1e-6, -1)))}
+  return targets, stats
+
+
+REFERENCES: dict[str, ReferenceKind] = {
+    "uniform": ReferenceKind("uniform", _label_uniform, tries_candidates=False),
+    "optimistic": ReferenceKind("optimistic", _label_optimistic, tries_candidates=True),
+    "g_optimal": ReferenceKind("g_optimal", _label_g_optimal, tries_candidates=True),
+}
+
+
+def lookup(kind: str, field: str) -> ReferenceKind:
+  """The registry entry of ``kind``.
+
+  Raises:
+    ConfigError: naming ``field`` and the known kinds when ``kind`` is not registered.
+  """
+  if kind not in REFERENCES:
+    raise ConfigError(f"{field}={kind!r} is not a reference policy; known kinds: "
+                      f"{tuple(REFERENCES)}")
+  return REFERENCES[kind]
+
+
 @dataclasses.dataclass
 class ReferenceData:
   """States and targets for the reference network: state [N, S], action_feats [N, K, A],
@@ -104,58 +224,48 @@ class ReferenceData:
     return len(self.state)
 
 
-async def reference_dataset(kind: str, world: World, featurizer: rollout.Featurizer,
-                            config, key: jax.Array) -> ReferenceData:
+async def reference_dataset(kind: ReferenceKind, world: World, featurizer: rollout.Featurizer,
+                            config: LabelConfig, *, seed: int, reward: str, key: jax.Array
+                            ) -> ReferenceData:
   """Visits states with uniformly random rollouts and labels them with ``kind``'s targets.
 
   Args:
-    kind: one of ``KINDS``.
-    world, featurizer: the run's world and features.
-    config: ``config.reference`` (episodes, batch_size, design settings) plus ``horizon`` and
-      ``seed`` via the caller's ``ConfigDict``.
+    kind: the registry entry (``lookup``).
+    world, featurizer: the run's world and features (episodes last ``featurizer.horizon`` steps).
+    config: the visiting and design settings.
+    seed: the run seed (the rollouts' pairs are drawn from ``seed + 7``).
+    reward: the rollouts' reward kind (``rollout.collect``; the targets do not use it).
     key: PRNG key (rollout draws and exploratory draws).
   """
-  check_kind(kind)
-  r = config.reference
-  horizon = int(config.rl.horizon)
+  horizon = featurizer.horizon
   states, users, items, steps = [], [], [], []
   seen = set()
-  n_batches = -(-int(r.episodes) // int(r.rollout_batch))
-  for b in range(n_batches):
-    pairs = rollout.sample_pairs(world.train_pairs, int(r.rollout_batch), int(config.seed) + 7, b)
-    ep = await rollout.collect(world, featurizer, None, pairs, jax.random.fold_in(key, b),
-                               horizon=horizon, reward=config.utility.reward)
-    for (u, i), row in zip(ep.pairs, ep.texts):
-      for t in range(horizon):
-        ident = (int(u), int(i), row[t], t)
-        if ident not in seen:
-          seen.add(ident)
-          states.append(row[t])
-          users.append(int(u))
-          items.append(int(i))
-          steps.append(t)
-  users_a, items_a, steps_a = np.asarray(users), np.asarray(items), np.asarray(steps)
-  state = featurizer.state(users_a, states, steps_a)
-  feats, mask = featurizer.actions(items_a)
-  stats: dict = {"states": len(states), "kind": kind}
-  if kind == "uniform":
-    targets = uniform_targets(mask)
-  else:
-    children = await world_lib.expand(world, states, items_a)
-    flat = [c for row in children for c in row]
-    k = world.num_actions
-    if kind == "optimistic":
-      u = world.env.text_utility(flat, np.repeat(users_a, k))["utility"].reshape(-1, k)
-      targets = optimistic_targets(u, mask)
-    else:
-      z = world.env.embed(flat).reshape(len(states), k, -1)
-      proj = (principal_projection(np.asarray(world.env.item_table), int(r.design_dim))
-              if int(r.design_dim) > 0 else None)
-      targets, design = g_optimal_targets(
-          jax.random.fold_in(key, 10_000), z, m=int(r.exploratory_m), eps=float(r.design_eps),
-          max_iters=int(r.design_max_iters), ridge=float(r.design_ridge), projection=proj)
-      stats.update(design_g_over_rank=float(np.max(np.asarray(design.g_value)
-                                                   / np.asarray(design.rank))),
-                   design_converged=float(np.mean(np.asarray(design.converged))),
-                   design_support=float(np.mean(np.sum(np.asarray(design.weights) > 1e-6, -1))))
+  n_batches = -(-config.episodes // config.rollout_batch)
+  # One unit per rollout batch, and one for the labelling (N * K transitions when it tries every
+  # candidate).
+  progress = Progress(n_batches + 1, desc=f"reference[{kind.name}] states")
+  try:
+    for b in range(n_batches):
+      pairs = rollout.sample_pairs(world.train_pairs, config.rollout_batch, seed + 7, b)
+      ep = await rollout.collect(world, featurizer, None, pairs, jax.random.fold_in(key, b),
+                                 reward=reward)
+      for (u, i), row in zip(ep.pairs, ep.texts):
+        for t in range(horizon):
+          ident = (int(u), int(i), row[t], t)
+          if ident not in seen:
+            seen.add(ident)
+            states.append(row[t])
+            users.append(int(u))
+            items.append(int(i))
+            steps.append(t)
+      progress.update(1)
+    users_a, items_a, steps_a = np.asarray(users), np.asarray(items), np.asarray(steps)
+    state = featurizer.state(users_a, states, steps_a)
+    feats, mask = featurizer.actions(items_a)
+    targets, label_stats = await kind.label(world, Visited(states, users_a, items_a, mask),
+                                            config, key)
+    progress.update(1)
+  finally:
+    progress.close()
+  stats: dict = {"states": len(states), "kind": kind.name, **label_stats}
   return ReferenceData(state, feats, mask, targets.astype(np.float32), stats)

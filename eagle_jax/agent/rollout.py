@@ -28,6 +28,8 @@ from eagle_jax.agent import losses
 from eagle_jax.agent.world import World
 
 PolicyFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # ([N,S], [N,K,A]) -> logits [N,K]
+# Terminal reward kinds of ``collect`` (``config.utility.reward``).
+REWARDS = ("gain", "utility")
 
 
 def feature_dims(text_dim: int, latent_dim: int, horizon: int) -> tuple[int, int]:
@@ -36,7 +38,12 @@ def feature_dims(text_dim: int, latent_dim: int, horizon: int) -> tuple[int, int
 
 
 class Featurizer:
-  """State and action feature arrays of a world (see module docstring)."""
+  """State and action feature arrays of a world (see module docstring).
+
+  Args:
+    world: the run's world (features, E_D, anchors, profiles).
+    horizon: H, the width of the step one-hot and the length of the episodes ``collect`` runs.
+  """
 
   def __init__(self, world: World, horizon: int):
     self.world = world
@@ -124,22 +131,22 @@ def choose(logits: np.ndarray, mask: np.ndarray, key: jax.Array | None, greedy: 
 
 
 async def collect(world: World, featurizer: Featurizer, policy: PolicyFn | None,
-                  pairs: np.ndarray, key: jax.Array, *, horizon: int, reward: str = "gain",
+                  pairs: np.ndarray, key: jax.Array, *, reward: str = "gain",
                   greedy: bool = False) -> Episodes:
-  """Runs B episodes to the horizon.
+  """Runs B episodes to the horizon H = ``featurizer.horizon``.
 
   Args:
     world: environment and anchors.
-    featurizer: state/action features.
+    featurizer: state/action features (its horizon is the episodes').
     policy: logits of a batch of states, or None for the uniformly random policy.
     pairs: [B, 2] (user, anchor item).
     key: PRNG key of the action draws (step t uses ``fold_in(key, t)``).
-    horizon: H.
-    reward: "gain" (U(x_H) - U(x_0)) or "utility" (U(x_H)).
+    reward: one of ``REWARDS``: "gain" (U(x_H) - U(x_0)) or "utility" (U(x_H)).
     greedy: take the most probable action instead of sampling.
   """
-  if reward not in ("gain", "utility"):
-    raise ValueError(f"reward must be 'gain' or 'utility', got {reward!r}")
+  if reward not in REWARDS:
+    raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
+  horizon = featurizer.horizon
   pairs = np.asarray(pairs, np.int32)
   users, items = pairs[:, 0], pairs[:, 1]
   texts = [[world.anchors[int(i)].plot] for i in items]

@@ -1,5 +1,11 @@
 """The EAGLE agent trainer: reference phase, then RL with KL to the reference, resumable.
 
+``validate`` is the job's one entry check: it reads every field of the run config the trainer and the
+evaluation use, resolves the reference kinds in the registry (``reference.REFERENCES``) and returns a
+``Job`` of typed values. ``Learner``, ``AgentTrainer`` and the reference labelling take the ``Job``
+(or a part of it), never the raw config; code that holds a ``World`` takes K from
+``world.num_actions``.
+
 One run trains one agent for one reference policy ``kind`` in ``<workdir>/agents/<kind>``:
 
 1. **Reference phase** (global steps ``[0, reference.steps)``): a ``PolicyValueNet`` learns the
@@ -32,6 +38,7 @@ uninterrupted run's.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 import time
@@ -47,29 +54,116 @@ from eagle_jax import checkpoint, parallel, training
 from eagle_jax.agent import losses, reference, rollout
 from eagle_jax.agent.policy import PolicyConfig, PolicyValueNet
 from eagle_jax.agent.world import World, cache_stats
+from eagle_jax.embed import wals
 
 
 def agent_dir(workdir: str, kind: str) -> str:
   return os.path.join(workdir, "agents", kind)
 
 
-def validate(config, mesh: jax.sharding.Mesh) -> None:
-  """Checks every field the trainer reads, before any compute; errors name the field."""
-  for kind in config.reference.kinds:
-    reference.check_kind(kind, "config.reference.kinds")
+@dataclasses.dataclass(frozen=True)
+class PhaseConfig:
+  """One training phase's schedule.
+
+  Attributes:
+    steps: train steps of the phase.
+    batch_size: rows per step (states in the reference phase, episodes in RL).
+    optim: the optimizer's config (``training.make_optimizer``).
+  """
+
+  steps: int
+  batch_size: int
+  optim: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig(PhaseConfig):
+  """The RL phase: its schedule and the settings of ``losses.eagle_loss``.
+
+  Attributes:
+    gamma, gae_lambda, kl_coef, value_coef, entropy_coef: ``losses.eagle_loss``'s coefficients.
+    overlap: collect step i+1's episodes while step i trains (importance-corrected).
+  """
+
+  gamma: float
+  gae_lambda: float
+  kl_coef: float
+  value_coef: float
+  entropy_coef: float
+  overlap: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """The EAGLE training/evaluation job's config, checked once (``validate``).
+
+  Attributes:
+    kinds: the reference policies to train, in config order (``config.reference.kinds``).
+    main: the headline reference (``config.reference.main``; one of ``kinds``).
+    seed: the run seed.
+    horizon: H, steps per episode (``config.rl.horizon``).
+    num_actions: K as configured (``config.actions.k``); code holding a ``World`` uses
+      ``world.num_actions``.
+    text_dim: F, width of the policy's text features (``config.policy.text_dim``).
+    hidden: width of the policy network (``config.policy.hidden``).
+    reward: terminal reward kind, one of ``rollout.REWARDS`` (``config.utility.reward``).
+    reference: the reference phase (``config.reference.steps``, ``batch_size``, ``optim``).
+    labels: how the reference states are visited and labelled (``config.reference``).
+    rl: the RL phase (``config.rl``).
+    checkpoint_every, max_to_keep: ``config.checkpoint``.
+    tensorboard: also write TensorBoard events.
+  """
+
+  kinds: tuple[reference.ReferenceKind, ...]
+  main: reference.ReferenceKind
+  seed: int
+  horizon: int
+  num_actions: int
+  text_dim: int
+  hidden: int
+  reward: str
+  reference: PhaseConfig
+  labels: reference.LabelConfig
+  rl: RLConfig
+  checkpoint_every: int
+  max_to_keep: int
+  tensorboard: bool
+
+
+def validate(config, mesh: jax.sharding.Mesh) -> Job:
+  """Checks every field the trainer and the evaluation read, before any compute.
+
+  Returns:
+    The ``Job`` every later stage reads.
+
+  Raises:
+    ConfigError: naming the field and what was expected.
+  """
+  kinds = tuple(reference.lookup(k, "config.reference.kinds") for k in config.reference.kinds)
+  main = reference.lookup(config.reference.main, "config.reference.main")
+  if main not in kinds:
+    raise training.ConfigError(
+        f"config.reference.main={main.name!r} must be one of config.reference.kinds="
+        f"{tuple(k.name for k in kinds)} (the evaluation's headline agent)")
   training.check_divisible(int(config.rl.batch_size), mesh, "config.rl.batch_size")
   training.check_divisible(int(config.reference.batch_size), mesh, "config.reference.batch_size")
   checks = [
       ("config.rl.horizon", int(config.rl.horizon) >= 1, "an int >= 1"),
       ("config.rl.steps", int(config.rl.steps) >= 0, "an int >= 0"),
       ("config.reference.steps", int(config.reference.steps) >= 0, "an int >= 0"),
+      ("config.reference.episodes", int(config.reference.episodes) >= 1, "an int >= 1"),
+      ("config.reference.rollout_batch", int(config.reference.rollout_batch) >= 1,
+       "an int >= 1"),
+      ("config.reference.design_dim", int(config.reference.design_dim) >= 0, "an int >= 0"),
       ("config.rl.gamma", 0.0 < float(config.rl.gamma) <= 1.0, "in (0, 1]"),
       ("config.rl.gae_lambda", 0.0 <= float(config.rl.gae_lambda) <= 1.0, "in [0, 1]"),
       ("config.rl.kl_coef", float(config.rl.kl_coef) >= 0.0, ">= 0"),
-      ("config.utility.reward", config.utility.reward in ("gain", "utility"),
-       "'gain' or 'utility'"),
+      ("config.utility.reward", config.utility.reward in rollout.REWARDS,
+       f"one of {rollout.REWARDS}"),
       ("config.reference.exploratory_m",
        1 <= int(config.reference.exploratory_m) <= int(config.actions.k), "in [1, actions.k]"),
+      ("config.policy.text_dim", int(config.policy.text_dim) >= 1, "an int >= 1"),
+      ("config.policy.hidden", int(config.policy.hidden) >= 1, "an int >= 1"),
       ("config.checkpoint.every", int(config.checkpoint.every) >= 1, "an int >= 1"),
   ]
   for field, ok, expected in checks:
@@ -78,6 +172,19 @@ def validate(config, mesh: jax.sharding.Mesh) -> None:
       for part in field.split(".")[1:]:
         value = value[part]
       raise training.ConfigError(f"{field}={value!r} must be {expected}")
+  rl, ref = config.rl, config.reference
+  return Job(
+      kinds=kinds, main=main, seed=int(config.seed), horizon=int(rl.horizon),
+      num_actions=int(config.actions.k), text_dim=int(config.policy.text_dim),
+      hidden=int(config.policy.hidden), reward=str(config.utility.reward),
+      reference=PhaseConfig(int(ref.steps), int(ref.batch_size), ref.optim),
+      labels=reference.LabelConfig.from_config(ref),
+      rl=RLConfig(int(rl.steps), int(rl.batch_size), rl.optim, gamma=float(rl.gamma),
+                  gae_lambda=float(rl.gae_lambda), kl_coef=float(rl.kl_coef),
+                  value_coef=float(rl.value_coef), entropy_coef=float(rl.entropy_coef),
+                  overlap=bool(rl.overlap)),
+      checkpoint_every=int(config.checkpoint.every),
+      max_to_keep=int(config.checkpoint.max_to_keep), tensorboard=bool(config.tensorboard))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -92,7 +199,7 @@ def reference_loss(model: training.FunctionalModel, params, batch) -> tuple[jax.
   return loss, {"loss": loss, "target_agreement": agree}
 
 
-def rl_loss(model: training.FunctionalModel, rl_config, params, ref_params, batch
+def rl_loss(model: training.FunctionalModel, rl: RLConfig, params, ref_params, batch
             ) -> tuple[jax.Array, dict]:
   net = model.module(params)
   logits, values = net(batch["state"], batch["action_feats"])
@@ -100,10 +207,8 @@ def rl_loss(model: training.FunctionalModel, rl_config, params, ref_params, batc
   terms = losses.eagle_loss(
       logits=logits, ref_logits=ref_logits, candidate_mask=batch["mask"],
       actions=batch["actions"], values=values, reward=batch["reward"],
-      gamma=rl_config["gamma"], gae_lambda=rl_config["gae_lambda"],
-      kl_coef=rl_config["kl_coef"], value_coef=rl_config["value_coef"],
-      entropy_coef=rl_config["entropy_coef"],
-      behaviour_logp=batch["behaviour_logp"] if rl_config["overlap"] else None)
+      gamma=rl.gamma, gae_lambda=rl.gae_lambda, kl_coef=rl.kl_coef, value_coef=rl.value_coef,
+      entropy_coef=rl.entropy_coef, behaviour_logp=batch["behaviour_logp"] if rl.overlap else None)
   return terms.total, terms._asdict()
 
 
@@ -119,26 +224,27 @@ class Learner:
   """The agent's parameters, optimizers and jitted, sharded train steps (no environment).
 
   Args:
-    config: the run config (``policy``, ``reference``, ``rl``, ``seed``).
+    job: the validated job (``hidden``, ``seed``, the ``reference`` and ``rl`` phases).
     state_dim, action_dim: S and A of the features (``rollout.feature_dims``).
     mesh: the device mesh.
+
+  Attributes:
+    state_dim, action_dim: S and A, the feature widths the network reads.
   """
 
-  def __init__(self, config, state_dim: int, action_dim: int, mesh: jax.sharding.Mesh):
-    self.config = config
+  def __init__(self, job: Job, state_dim: int, action_dim: int, mesh: jax.sharding.Mesh):
+    self.job = job
     self.mesh = mesh
-    pcfg = PolicyConfig(int(state_dim), int(action_dim), int(config.policy.hidden))
+    self.state_dim, self.action_dim = int(state_dim), int(action_dim)
+    pcfg = PolicyConfig(self.state_dim, self.action_dim, job.hidden)
     self.model = training.FunctionalModel(lambda rngs: PolicyValueNet(pcfg, rngs=rngs),
-                                          seed=int(config.seed), mesh=mesh)
-    self.ref_steps = int(config.reference.steps)
-    self.rl_steps = int(config.rl.steps)
-    self.tx_ref = training.make_optimizer(config.reference.optim, max(self.ref_steps, 1))
-    self.tx_rl = training.make_optimizer(config.rl.optim, max(self.rl_steps, 1))
-    rl_cfg = {k: float(config.rl[k]) for k in ("gamma", "gae_lambda", "kl_coef", "value_coef",
-                                                 "entropy_coef")}
-    rl_cfg["overlap"] = bool(config.rl.overlap)
+                                          seed=job.seed, mesh=mesh)
+    self.ref_steps = job.reference.steps
+    self.rl_steps = job.rl.steps
+    self.tx_ref = training.make_optimizer(job.reference.optim, max(self.ref_steps, 1))
+    self.tx_rl = training.make_optimizer(job.rl.optim, max(self.rl_steps, 1))
     self._ref_loss = functools.partial(reference_loss, self.model)
-    self._rl_loss = functools.partial(rl_loss, self.model, rl_cfg)
+    self._rl_loss = functools.partial(rl_loss, self.model, job.rl)
     p_sh = self.model.shardings
     self.opt_shardings = self._opt_shardings()
     self._ref_update = jax.jit(functools.partial(_update, self._ref_loss, self.tx_ref),
@@ -160,7 +266,7 @@ class Learner:
     return {"params": params, "ref_params": self._copy(params),
             "behaviour_params": self._copy(params),
             "opt_state": jax.jit(self.tx_ref.init, out_shardings=self.opt_shardings)(params),
-            "rng": jax.random.key_data(jax.random.key(int(self.config.seed)))}
+            "rng": jax.random.key_data(jax.random.key(self.job.seed))}
 
   def abstract_state(self) -> dict[str, Any]:
     """``ShapeDtypeStruct`` pytree (with shardings) of ``init_state``: restore target, AOT input."""
@@ -198,8 +304,7 @@ class Learner:
 
   def lower_rl_step(self, batch_size: int, horizon: int, num_actions: int):
     """AOT-lowers the RL step for abstract inputs (the dry run of paper-scale configs)."""
-    s_dim = self.model.abstract.state_norm.scale.get_value().shape[0]
-    a_dim = self.model.abstract.action_norm.scale.get_value().shape[0]
+    s_dim, a_dim = self.state_dim, self.action_dim
     b, h, k = batch_size, horizon, num_actions
     shapes = {"state": ((b, h, s_dim), jnp.float32), "action_feats": ((b, h, k, a_dim), jnp.float32),
               "mask": ((b, h, k), jnp.bool_), "actions": ((b, h), jnp.int32),
@@ -211,20 +316,25 @@ class Learner:
 
 
 class AgentTrainer:
-  """Trains one agent (one reference ``kind``) on a ``World``; see module docstring."""
+  """Trains one agent (one reference ``kind``) on a ``World``; see module docstring.
 
-  def __init__(self, config, world: World, workdir: str, kind: str,
-               mesh: jax.sharding.Mesh | None = None):
-    self.config = config
+  Args:
+    job: the validated job (``validate``).
+    world: the run's world.
+    workdir: the run folder; the agent lives in ``<workdir>/agents/<kind.name>``.
+    kind: the reference policy (an entry of ``reference.REFERENCES``).
+    mesh: the device mesh ``job`` was validated for.
+  """
+
+  def __init__(self, job: Job, world: World, workdir: str, kind: reference.ReferenceKind,
+               mesh: jax.sharding.Mesh):
+    self.job = job
     self.world = world
-    self.kind = reference.check_kind(kind, "kind")
-    self.workdir = agent_dir(workdir, kind)
-    self.mesh = mesh if mesh is not None else training.build_mesh(config.mesh)
-    validate(config, self.mesh)
-    self.horizon = int(config.rl.horizon)
-    self.featurizer = rollout.Featurizer(world, self.horizon)
-    self.learner = Learner(config, self.featurizer.state_dim, self.featurizer.action_dim,
-                           self.mesh)
+    self.kind = kind
+    self.workdir = agent_dir(workdir, kind.name)
+    self.mesh = mesh
+    self.featurizer = rollout.Featurizer(world, job.horizon)
+    self.learner = Learner(job, self.featurizer.state_dim, self.featurizer.action_dim, mesh)
     self.ref_steps = self.learner.ref_steps
     self.rl_steps = self.learner.rl_steps
     self.total_steps = self.ref_steps + self.rl_steps
@@ -244,18 +354,19 @@ class AgentTrainer:
     return asyncio.run(self._train())
 
   async def _train(self) -> dict[str, Any]:
-    cfg = self.config
+    job = self.job
+    name = self.kind.name
     os.makedirs(self.workdir, exist_ok=True)
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"),
-                                   max_to_keep=int(cfg.checkpoint.max_to_keep))
+                                   max_to_keep=job.max_to_keep)
     resumed = ckpt.latest_step() is not None
     step, state, meta = ckpt.restore_or_init(lambda: (0, self.learner.init_state(), {}),
                                              target=self.learner.abstract_state())
     if resumed:
-      logging.info("agent %s: resumed from step %d in %s", self.kind, step, ckpt.directory)
+      logging.info("agent %s: resumed from step %d in %s", name, step, ckpt.directory)
     writer = training.MetricsWriter(self.workdir, resume_step=step if resumed else None,
-                                    tensorboard=bool(cfg.tensorboard))
-    progress = training.Progress(self.total_steps, initial=step, desc=f"agent[{self.kind}]",
+                                    tensorboard=job.tensorboard)
+    progress = training.Progress(self.total_steps, initial=step, desc=f"agent[{name}]",
                                  keys=("loss", "reward", "kl"))
     key = jax.random.wrap_key_data(jnp.asarray(state["rng"]))
     t_start = time.perf_counter()
@@ -264,20 +375,21 @@ class AgentTrainer:
     def save(step: int, state: dict, force: bool = False) -> None:
       if step == ckpt.latest_step():
         return
-      if force or step % int(cfg.checkpoint.every) == 0:
-        ckpt.save(step, state, {"step": step, "kind": self.kind,
+      if force or step % job.checkpoint_every == 0:
+        ckpt.save(step, state, {"step": step, "kind": name,
                                 "phase": "reference" if step < self.ref_steps else "rl",
                                 "data_state": {"next_batch": step}}, force=force)
 
     try:
       if step < self.ref_steps:
-        data = await reference.reference_dataset(self.kind, self.world, self.featurizer, cfg,
-                                                 jax.random.fold_in(key, 1))
-        logging.info("reference[%s]: %d states %s", self.kind, len(data), data.stats)
+        data = await reference.reference_dataset(
+            self.kind, self.world, self.featurizer, job.labels, seed=job.seed,
+            reward=job.reward, key=jax.random.fold_in(key, 1))
+        logging.info("reference[%s]: %d states %s", name, len(data), data.stats)
+        batch_size = job.reference.batch_size
         while step < self.ref_steps:
-          rng = np.random.default_rng([int(cfg.seed), 11, step])
-          idx = rng.choice(len(data), int(cfg.reference.batch_size),
-                           replace=len(data) < int(cfg.reference.batch_size))
+          rng = np.random.default_rng([job.seed, 11, step])
+          idx = rng.choice(len(data), batch_size, replace=len(data) < batch_size)
           batch = {"state": data.state[idx], "action_feats": data.action_feats[idx],
                    "mask": data.mask[idx], "targets": data.targets[idx]}
           params, opt, m = self.learner.reference_step(state["params"], state["opt_state"], batch)
@@ -299,15 +411,14 @@ class AgentTrainer:
       ckpt.close()
       writer.close()
       progress.close()
-    return {"kind": self.kind, "step": step, "seconds": time.perf_counter() - t_start,
+    return {"kind": name, "step": step, "seconds": time.perf_counter() - t_start,
             "last_metrics": last, "env_transitions": self.world.env.steps}
 
   async def _collect(self, i: int, params, key) -> rollout.Episodes:
-    cfg = self.config
-    pairs = rollout.sample_pairs(self.world.train_pairs, int(cfg.rl.batch_size), int(cfg.seed), i)
+    pairs = rollout.sample_pairs(self.world.train_pairs, self.job.rl.batch_size, self.job.seed, i)
     return await rollout.collect(self.world, self.featurizer, self.policy_fn(params), pairs,
                                  jax.random.fold_in(jax.random.fold_in(key, 2), i),
-                                 horizon=self.horizon, reward=cfg.utility.reward)
+                                 reward=self.job.reward)
 
   def _learn(self, state: dict, episodes: rollout.Episodes):
     out = self.learner.rl_step(state["params"], state["opt_state"], state["ref_params"],
@@ -315,7 +426,7 @@ class AgentTrainer:
     return jax.block_until_ready(out)
 
   async def _rl_loop(self, state, step, key, writer, progress, save):
-    overlap = bool(self.config.rl.overlap)
+    overlap = self.job.rl.overlap
     i = step - self.ref_steps
     last: dict[str, Any] = {}
     if i >= self.rl_steps:
@@ -344,7 +455,7 @@ class AgentTrainer:
           "final_preference": episodes.preference[:, -1].mean(),
           "env_seconds": t_env, "learner_seconds": t_learn,
           "env_transitions": self.world.env.steps,
-          **cache_stats(self.world.env.client)}, phase="rl")
+          **cache_stats(self.world)}, phase="rl")
       progress.update(1, {**last, "loss": last["total"]})
       save(step, state)
     return state, step, last
@@ -359,14 +470,13 @@ def run(config, workdir: str, *, world: World | None = None) -> dict[str, Any]:
   training.check_workdir(workdir)
   training.maybe_initialize_distributed(bool(config.distributed))
   mesh = training.build_mesh(config.mesh)
-  validate(config, mesh)
-  reference.check_kind(config.reference.main, "config.reference.main")
+  job = validate(config, mesh)
   t0 = time.perf_counter()
   world = world or build_world(config, workdir)
   world_seconds = time.perf_counter() - t0
   summary = {"world_seconds": world_seconds, "agents": {}}
-  for kind in config.reference.kinds:
-    summary["agents"][kind] = AgentTrainer(config, world, workdir, kind, mesh).train()
+  for kind in job.kinds:
+    summary["agents"][kind.name] = AgentTrainer(job, world, workdir, kind, mesh).train()
   summary["env_transitions"] = world.env.steps
   summary["env_parse_failures"] = world.env.parse_failures
   summary["seconds"] = time.perf_counter() - t0
@@ -382,13 +492,16 @@ def dry_run(config, devices=None) -> dict[str, Any]:
   Runs on fake devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
   """
   mesh = training.build_mesh(config.mesh, devices=devices)
-  validate(config, mesh)
-  horizon = int(config.rl.horizon)
-  s_dim, a_dim = rollout.feature_dims(int(config.policy.text_dim),
-                                      int(config.wals.wals.rank) + 3, horizon)
-  learner = Learner(config, s_dim, a_dim, mesh)
+  job = validate(config, mesh)
+  try:
+    wals_config = wals.WALSConfig.from_config(config.wals.wals)
+  except ValueError as e:
+    raise training.ConfigError(f"config.wals.wals: {e}") from e
+  # Z is the space of the augmented WALS vectors (``World``'s item and user tables).
+  s_dim, a_dim = rollout.feature_dims(job.text_dim, wals.augmented_dim(wals_config), job.horizon)
+  learner = Learner(job, s_dim, a_dim, mesh)
   t0 = time.perf_counter()
-  lowered = learner.lower_rl_step(int(config.rl.batch_size), horizon, int(config.actions.k))
+  lowered = learner.lower_rl_step(job.rl.batch_size, job.horizon, job.num_actions)
   compiled = lowered.compile()
   abstract = learner.abstract_state()
   param_specs = {"/".join(map(str, path)): str(x.sharding.spec) for path, x in

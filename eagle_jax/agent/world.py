@@ -1,36 +1,39 @@
 """Everything an EAGLE run needs besides the agent: latent space, E_D, environment, anchors, users.
 
-``build_world(config, workdir)`` is idempotent and resumable; each piece lives in its own subfolder:
+``build_world(config, workdir)`` is idempotent and resumable. It validates its part of the config
+once (``check_config``) and composes phases that each call one library function:
 
-* ``wals/``: behavioural embeddings (``launch.wals`` job; orbax checkpoints, ``embeddings.npz``).
-  Z is the augmented space of ``WALSFactors.augmented``: <z_u, z_i> is the WALS prediction. With
-  the smoke config's implicit-feedback WALS that is the rating where one was given and ~0 elsewhere,
-  so it scores preference and exposure together, as the paper's Hu-Koren-Volinsky factors do.
-* ``encoder/``: E_D, MiniLM (fine-tuned, or frozen + MLP head) regressed onto the augmented item vectors
-  (``launch.train_encoder`` job; trained once, then restored).
-* ``env/cache.jsonl``: the environment LLM's response cache. Anchor plots, LLM-written actions and
-  every transition go through it, so a rerun replays the environment from disk.
-* ``world.json``: the anchors (plot, K candidate actions with provenance), the users (template
-  profile) and the train / held-out (user, anchor) pairs, for inspection.
+1. latent space: ``embed.wals_train.run`` into ``wals/`` (``embeddings.npz``). Z is the augmented
+   space of ``WALSFactors.augmented``: <z_u, z_i> is the WALS prediction. With the smoke config's
+   implicit-feedback WALS that is the rating where one was given and ~0 elsewhere, so it scores
+   preference and exposure together, as the paper's Hu-Koren-Volinsky factors do;
+2. E_D: ``embed.encoder_train.run`` into ``encoder/`` (trained once, then restored);
+3. the environment LLM: ``env.stack.open_llm(config.llm, env/cache.jsonl)`` (local sampler or a
+   server, behind the response cache, so a rerun replays the environment from disk);
+4. environment data: ``env.build.build_env_data`` writes ``env/{descriptions,profiles,actions}.jsonl``
+   (anchor plots, user profiles, K candidate actions per anchor, with provenance): the same
+   pipeline as ``launch.build_env_data``;
+5. episodes: anchors and users drawn from ratings, train / held-out (user, anchor) pairs;
+6. optionally every state of the depth-``env.prefetch_depth`` transition tree (``prefetch_tree``);
+7. ``world.json``: anchors, action provenance, profiles, pairs, for inspection.
 
 Choices where the paper is silent (recorded in the configs):
 * Anchors are drawn (seeded) from the most-rated movies; train and held-out anchors are disjoint, as
   are train and held-out users. Two held-out splits: ``new_users`` (held-out users on the training
   anchors: pairs never trained on) and ``new_anchors`` (held-out users on held-out anchors: transfer
   to movies, and candidate actions, never seen).
-* The K candidate actions of an episode are written once for its anchor (LLM requests over the five
-  categories, topped up from genre/tag templates, near-duplicates removed) and offered at every step:
-  the paper writes new actions per state, which would cost K LLM calls per visited state here.
-* User profiles are written from ratings by a template ("Loved: ...; disliked: ..."), not by the LLM.
+* A state is the anchor's plot; the K candidate actions of an episode are written once for its
+  anchor and offered at every step (the paper writes new actions per state, which would cost K LLM
+  calls per visited state here).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,14 +41,18 @@ import jax
 import numpy as np
 from absl import logging
 
-from eagle_jax import training
+from eagle_jax import assets, training
 from eagle_jax.agent.env import ContentGapEnv
-from eagle_jax.agent.features import TextFeatures
+from eagle_jax.agent.features import DecoderPooler, TextFeatures
+from eagle_jax.data import catalog
 from eagle_jax.embed import encoder_train, wals_train
-from eagle_jax.env import actions as actions_lib
-from eagle_jax.env import build, prompts
-from eagle_jax.env import cache as cache_lib
-from eagle_jax.env import client as client_lib
+from eagle_jax.env import build, stack
+from eagle_jax.env.client import SamplingParams
+from eagle_jax.models import loading
+from eagle_jax.models.text_encoder import SentenceEncoder
+from eagle_jax.models.tokenizer import Tokenizer
+
+BACKBONES = ("minilm", "decoder")
 
 
 @dataclasses.dataclass
@@ -65,6 +72,7 @@ class World:
 
   Attributes:
     env: the ``ContentGapEnv``.
+    llm: the environment LLM's client stack (``env.stack.LLMStack``).
     features: memoised MiniLM features (E_D's inputs; the policy's too with backbone "minilm").
     policy_features: memoised text features the policy reads (``config.policy.backbone``).
     anchors: item index -> ``Anchor``.
@@ -76,6 +84,7 @@ class World:
   """
 
   env: ContentGapEnv
+  llm: stack.LLMStack
   features: TextFeatures
   policy_features: TextFeatures
   anchors: dict[int, Anchor]
@@ -86,66 +95,48 @@ class World:
   info: dict[str, Any]
 
 
-def _policy_features(config, client, features: TextFeatures) -> TextFeatures:
-  """The policy's text features: MiniLM (shared with E_D) or the decoder's pooled hidden states."""
-  backbone = config.policy.backbone  # "minilm" or "decoder" (_check_config)
-  if backbone == "minilm":
-    out = features
-  else:
-    from eagle_jax.agent.features import DecoderPooler  # noqa: PLC0415
-    from eagle_jax.env.local import LocalSampler  # noqa: PLC0415
-
-    inner = client
-    while inner is not None and not isinstance(inner, LocalSampler):
-      inner = getattr(inner, "inner", None)
-    if inner is None:  # remote environment: load the decoder locally
-      from eagle_jax import assets  # noqa: PLC0415
-      from eagle_jax.models import loading  # noqa: PLC0415
-      from eagle_jax.models.tokenizer import Tokenizer  # noqa: PLC0415
-
-      path = config.llm.gguf or assets.smollm2_gguf()
-      _, model = loading.load_llama_gguf(path)
-      pooler = DecoderPooler(model, Tokenizer.from_gguf(path))
-    else:
-      pooler = DecoderPooler(inner.sampler.model, inner.tokenizer)
-    out = TextFeatures(pooler, pooler.dim)
-  if out.dim != int(config.policy.text_dim):
-    raise training.ConfigError(
-        f"config.policy.text_dim={config.policy.text_dim} but the {backbone} features have "
-        f"{out.dim} dimensions")
-  return out
+def _fail(field: str, expected: str, value) -> None:
+  raise training.ConfigError(f"config.{field}={value!r}: expected {expected}")
 
 
-def _check_config(config) -> None:
+def check_config(config) -> None:
+  """Validates the world's part of a run config (``world``, ``llm``, ``env``, the environment-data
+  blocks, ``utility``, ``policy.backbone``); ConfigError naming the field."""
   w = config.world
-  for name in ("num_train_anchors", "num_heldout_anchors", "num_train_users", "num_heldout_users"):
+  for name in ("num_train_anchors", "num_heldout_anchors", "num_train_users", "num_heldout_users",
+               "anchor_pool", "min_user_ratings"):
     if int(w[name]) < 1:
-      raise training.ConfigError(f"config.world.{name}={w[name]} must be >= 1")
+      _fail(f"world.{name}", "an int >= 1", w[name])
   if w.num_train_anchors + w.num_heldout_anchors > w.anchor_pool:
-    raise training.ConfigError(
-        f"config.world.anchor_pool={w.anchor_pool} is smaller than num_train_anchors + "
-        f"num_heldout_anchors = {w.num_train_anchors + w.num_heldout_anchors}")
-  if config.policy.backbone not in ("minilm", "decoder"):
-    raise training.ConfigError(
-        f"config.policy.backbone={config.policy.backbone!r}: expected 'minilm' or 'decoder'")
-  if int(config.actions.k) < 2:
-    raise training.ConfigError(f"config.actions.k={config.actions.k} must be >= 2")
+    _fail("world.anchor_pool", f">= num_train_anchors + num_heldout_anchors = "
+          f"{w.num_train_anchors + w.num_heldout_anchors}", w.anchor_pool)
+  if config.policy.backbone not in BACKBONES:
+    _fail("policy.backbone", f"one of {BACKBONES}", config.policy.backbone)
   if float(config.utility.lam) < 0:
-    raise training.ConfigError(f"config.utility.lam={config.utility.lam} must be >= 0")
+    _fail("utility.lam", "a number >= 0", config.utility.lam)
+  if int(config.utility.k) < 1:
+    _fail("utility.k", "an int >= 1", config.utility.k)
+  if int(config.env.max_sentences) < 1:
+    _fail("env.max_sentences", "an int >= 1", config.env.max_sentences)
+  if int(config.env.prefetch_depth) < 0:
+    _fail("env.prefetch_depth", "an int >= 0", config.env.prefetch_depth)
+  try:
+    stack.check_llm_config(config.llm)
+    build.check_config(config)
+    transition_params(config)
+  except ValueError as e:
+    raise training.ConfigError(str(e)) from None
 
 
-def profile_text(user: build.User) -> str:
-  """The template profile of a user (liked and disliked titles)."""
-  text = "Loved: " + "; ".join(user.liked)
-  if user.disliked:
-    text += ". Disliked: " + "; ".join(user.disliked)
-  return text + "."
+def transition_params(config) -> SamplingParams:
+  """Sampling of every transition (``config.env.sampling``), rendered with the chat template."""
+  return SamplingParams.from_config(config.env.sampling, "config.env.sampling", chat=True)
 
 
 def _select(config, ratings) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   w = config.world
   rng = np.random.default_rng(int(w.seed))
-  pool = build.most_rated_items(ratings, int(w.anchor_pool))
+  pool = catalog.most_rated_items(ratings, int(w.anchor_pool))
   pool = pool[rng.permutation(len(pool))]
   # Held-out anchors first: growing num_train_anchors keeps the held-out set (and its cache) fixed.
   held_items = np.sort(pool[: w.num_heldout_anchors])
@@ -167,103 +158,42 @@ def _pairs(users: np.ndarray, items: np.ndarray) -> np.ndarray:
   return np.stack(np.meshgrid(users, items, indexing="ij"), -1).reshape(-1, 2).astype(np.int32)
 
 
-def make_client(config, workdir: str):
-  """The environment LLM (local SmolLM2 sampler, or an OpenAI-compatible server) behind the cache."""
+@contextlib.contextmanager
+def answer_progress(llm: stack.LLMStack, desc: str, total: int):
+  """A progress bar (with ETA) over the LLM answers of one phase."""
+  bar = training.Progress(total, desc=desc)
+  llm.client.on_answer = bar.update
+  try:
+    yield bar
+  finally:
+    llm.client.on_answer = None
+    bar.close()
+
+
+def open_llm(config, workdir: str) -> stack.LLMStack:
+  """The environment LLM of a run, behind ``<workdir>/env/cache.jsonl`` (one cache file per
+  process on multi-host pods, each seeded from the shared one)."""
   os.makedirs(os.path.join(workdir, "env"), exist_ok=True)
-  # One cache file per process on multi-host pods (no concurrent appends to one file).
-  # Each starts from the shared cache written by --prepare_only.
-  path = os.path.join(workdir, "env", "cache.jsonl")
-  if jax.process_count() > 1:
-    own = os.path.join(workdir, "env", f"cache.{jax.process_index()}.jsonl")
-    if not os.path.exists(own) and os.path.exists(path):
-      shutil.copyfile(path, own + ".tmp")
-      os.replace(own + ".tmp", own)
-    path = own
-  cache = cache_lib.ResponseCache(path)
-  if config.llm.server_url:
-    from eagle_jax.env.openai import OpenAIClient  # noqa: PLC0415
-
-    inner = OpenAIClient(config.llm.server_url, model=config.llm.model_id)
-  else:
-    from eagle_jax.env.local import LocalSampler  # noqa: PLC0415
-
-    inner = LocalSampler.from_gguf(config.llm.gguf or None, model_id=config.llm.model_id,
-                                   batch_buckets=tuple(config.llm.batch_buckets), chat=True)
-  # Batching outside the cache: concurrent one-prompt calls (action requests) become one decode.
-  return build.BatchingClient(cache_lib.CachedClient(inner, cache, model_id=config.llm.model_id))
+  path = stack.process_cache_path(os.path.join(workdir, "env", "cache.jsonl"),
+                                  jax.process_index(), jax.process_count())
+  return stack.open_llm(config.llm, path)
 
 
-def cache_stats(client) -> dict[str, int]:
-  """Hits and misses of the first ``CachedClient`` in a chain of wrapping clients ({} if none)."""
-  while client is not None:
-    if isinstance(client, cache_lib.CachedClient):
-      return {"cache_hits": client.hits, "cache_misses": client.misses}
-    client = getattr(client, "inner", None)
-  return {}
+def cache_stats(world: World) -> dict[str, int]:
+  """Response-cache hits and misses of the world's environment LLM."""
+  return world.llm.counters()
 
 
-def transition_params(config) -> client_lib.SamplingParams:
-  e = config.env
-  return client_lib.SamplingParams(
-      max_tokens=int(e.transition_tokens), temperature=float(e.temperature),
-      repetition_penalty=float(e.repetition_penalty), no_repeat_ngram=int(e.no_repeat_ngram),
-      seed=int(e.seed), chat=True)
-
-
-async def _anchor_plots(client, movies: Sequence[build.Movie], config) -> list[str]:
-  params = transition_params(config).replace(max_tokens=int(config.env.plot_tokens))
-  answers = await client.generate(
-      [prompts.plot_prompt(m.title, m.genres, m.tags) for m in movies], [params] * len(movies))
-  out = []
-  for m, c in zip(movies, answers):
-    try:
-      out.append(prompts.clean_paragraph(c.text, max_sentences=int(config.env.max_sentences)))
-    except prompts.ParseError:  # fall back to the metadata: still a valid state
-      out.append(f"{m.title}, a {'/'.join(m.genres).lower() or 'feature'} film.")
-  return out
-
-
-async def _action_sets(client, movies, plots, config, encode) -> list[list[actions_lib.Action]]:
-  a = config.actions
-  sets = await asyncio.gather(*[
-      actions_lib.build_action_set(
-          client=client, encode=encode, description=f"Plot: {p}", genres=m.genres, tags=m.tags,
-          profile=None, k=int(a.k), llm_calls=int(a.llm_calls),
-          seed=build.derive_seed(int(a.seed), "actions", m.movie_id),
-          max_tokens=int(a.max_tokens), temperature=float(a.temperature),
-          dedupe_threshold=float(a.dedupe_threshold))
-      for m, p in zip(movies, plots)])
-  out = []
-  for m, (acts, _) in zip(movies, sets):
-    if len(acts) != int(a.k):
-      raise training.ConfigError(
-          f"config.actions.k={a.k}: only {len(acts)} distinct actions for {m.title!r}; lower k "
-          "or raise actions.llm_calls")
-    out.append(acts)
-  return out
-
-
-def build_world(config, workdir: str, *, client=None, encoder=None) -> World:
-  """Builds (or restores) the world of a run in ``workdir`` (see module docstring).
-
-  Args:
-    config: the run config (``configs/movielens_smoke.py``).
-    workdir: run folder.
-    client: optional environment ``SamplingBackend`` (default: ``make_client``).
-    encoder: optional ``SentenceEncoder``-like object with ``encode`` and ``dim`` (default MiniLM).
-  """
-  _check_config(config)
-  ratings = wals_train.load_data(config.wals.data)
-  wals_dir = os.path.join(workdir, "wals")
-  emb_path = os.path.join(wals_dir, "embeddings.npz")
+def _latent(config, workdir: str, ratings):
+  emb_path = os.path.join(workdir, "wals", "embeddings.npz")
   if not os.path.exists(emb_path):
-    logging.info("world: training WALS into %s", wals_dir)
-    wals_train.run(config.wals, wals_dir)
-  if encoder is None:
-    from eagle_jax.models.text_encoder import SentenceEncoder  # noqa: PLC0415
+    logging.info("world: training WALS into %s", os.path.dirname(emb_path))
+    wals_train.run(config.wals, os.path.dirname(emb_path))
+  latent = wals_train.load_npz(emb_path, item_ids=ratings.item_ids, user_ids=ratings.user_ids)
+  return emb_path, latent["user_augmented"], latent["item_augmented"]
 
-    encoder = SentenceEncoder.from_pretrained(config.encoder.minilm or None)
-  features = TextFeatures(encoder.encode, encoder.dim)
+
+def _encoder(config, workdir: str, emb_path: str, features: TextFeatures):
   enc_dir = os.path.join(workdir, "encoder")
   if not os.path.exists(os.path.join(enc_dir, "report.json")):
     logging.info("world: training E_D into %s", enc_dir)
@@ -272,42 +202,109 @@ def build_world(config, workdir: str, *, client=None, encoder=None) -> World:
       enc_cfg.embeddings = emb_path
       enc_cfg.wals = config.wals
     encoder_train.run(enc_cfg, enc_dir, encode=features)
-  ed, ed_meta = encoder_train.load_encoder(os.path.join(enc_dir, "checkpoints"),
-                                           frozen_encode=features, minilm=config.encoder.minilm)
-  latent = wals_train.load_npz(emb_path, item_ids=ratings.item_ids, user_ids=ratings.user_ids)
-  z_users, z_items = latent["user_augmented"], latent["item_augmented"]
+  ed, meta = encoder_train.load_encoder(os.path.join(enc_dir, "checkpoints"),
+                                        frozen_encode=features, minilm=config.encoder.minilm)
+  try:
+    with open(os.path.join(enc_dir, "report.json")) as f:
+      meta = {**meta, "heldout_r2": float(json.load(f)["metrics"]["heldout_r2"])}
+  except (OSError, KeyError, ValueError):
+    meta = {**meta, "heldout_r2": None}
+  return ed, meta
 
+
+def _env_data(config, workdir: str, llm: stack.LLMStack, features: TextFeatures,
+              movies: Sequence[catalog.Movie], users: Sequence[catalog.User]) -> build.EnvData:
+  """Phase 4: the environment-data pipeline, with one progress bar per stage."""
+  with contextlib.ExitStack() as bars:
+
+    def on_stage(name: str, n_requests: int) -> None:
+      bars.close()
+      if n_requests:
+        bars.enter_context(answer_progress(llm, f"world: {name}", n_requests))
+
+    return asyncio.run(build.build_env_data(config, llm.client, features, movies, users,
+                                            os.path.join(workdir, "env"), on_stage=on_stage,
+                                            stats=llm.counters))
+
+
+def _anchors(config, data: build.EnvData) -> dict[int, Anchor]:
+  k = int(config.actions.k)
+  sets = {s["movie_id"]: s for s in data.action_sets}
+  out = {}
+  for d in data.descriptions:
+    s = sets.get(d["movie_id"])
+    if s is None or len(s["actions"]) != k:
+      n = 0 if s is None else len(s["actions"])
+      raise training.ConfigError(
+          f"config.actions.k={k}: only {n} distinct actions for {d['title']!r}; lower k or raise "
+          "actions.llm_calls")
+    out[d["item_index"]] = Anchor(d["item_index"], d["title"], d["plot"],
+                                  [a["text"] for a in s["actions"]],
+                                  [f"{a['source']}:{a['category']}" for a in s["actions"]])
+  return out
+
+
+def _policy_features(config, llm: stack.LLMStack, features: TextFeatures) -> TextFeatures:
+  """The policy's text features: MiniLM (shared with E_D) or the decoder's pooled hidden states."""
+  if config.policy.backbone == "minilm":
+    out = features
+  else:
+    if llm.local is not None:
+      pooler = DecoderPooler(llm.local.sampler.model, llm.local.tokenizer)
+    else:  # remote environment: load the decoder locally
+      path = config.llm.gguf or assets.smollm2_gguf()
+      _, model = loading.load_llama_gguf(path)
+      pooler = DecoderPooler(model, Tokenizer.from_gguf(path))
+    out = TextFeatures(pooler, pooler.dim)
+  if out.dim != int(config.policy.text_dim):
+    raise training.ConfigError(
+        f"config.policy.text_dim={config.policy.text_dim} but the {config.policy.backbone} "
+        f"features have {out.dim} dimensions")
+  return out
+
+
+def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
+                encoder=None) -> World:
+  """Builds (or restores) the world of a run in ``workdir`` (see module docstring).
+
+  Args:
+    config: the run config (``configs/movielens_smoke.py``).
+    workdir: run folder.
+    llm: optional environment LLM stack (default: ``open_llm(config, workdir)``).
+    encoder: optional ``SentenceEncoder``-like object with ``encode`` and ``dim`` (default MiniLM).
+  """
+  check_config(config)
+  ratings = wals_train.load_data(config.wals.data)
+  emb_path, z_users, z_items = _latent(config, workdir, ratings)
+  if encoder is None:
+    encoder = SentenceEncoder.from_pretrained(config.encoder.minilm or None)
+  features = TextFeatures(encoder.encode, encoder.dim)
+  ed, ed_meta = _encoder(config, workdir, emb_path, features)
+  llm = llm or open_llm(config, workdir)
   train_items, held_items, train_users, held_users = _select(config, ratings)
-  if client is None:
-    client = make_client(config, workdir)
-  env = ContentGapEnv(client, transition_params(config), ed, z_items, z_users,
+  movies = catalog.movies_from_ratings(ratings, np.concatenate([train_items, held_items]))
+  users = catalog.users_from_ratings(ratings, np.concatenate([train_users, held_users]),
+                                     n_titles=int(config.profiles.titles))
+  data = _env_data(config, workdir, llm, features, movies, users)
+  env = ContentGapEnv(llm.client, transition_params(config), ed, z_items, z_users,
                       lam=float(config.utility.lam), k=int(config.utility.k),
                       max_sentences=int(config.env.max_sentences))
-  items = np.concatenate([train_items, held_items])
-  movies = build.movies_from_ratings(ratings, items)
-  logging.info("world: anchor plots and action sets for %d movies", len(movies))
-  plots = asyncio.run(_anchor_plots(client, movies, config))
-  sets = asyncio.run(_action_sets(client, movies, plots, config, features))
-  anchors = {m.item_index: Anchor(m.item_index, m.title, p, [a.text for a in acts],
-                                  [f"{a.source}:{a.category}" for a in acts])
-             for m, p, acts in zip(movies, plots, sets)}
-  users = build.users_from_ratings(ratings, np.concatenate([train_users, held_users]),
-                                   n_titles=int(config.world.profile_titles))
-  profiles = {u.user_index: profile_text(u) for u in users}
-  policy_features = _policy_features(config, client, features)
-  world = World(env=env, features=features, policy_features=policy_features, anchors=anchors,
-                profiles=profiles,
-                train_pairs=_pairs(train_users, train_items),
-                heldout_pairs={"new_users": _pairs(held_users, train_items),
-                               "new_anchors": _pairs(held_users, held_items)},
-                num_actions=int(config.actions.k),
-                info={"encoder_heldout_r2": _ed_r2(enc_dir), "latent_dim": int(z_items.shape[1]),
-                      "ed_target": ed_meta.get("target"), "ed_kind": ed_meta.get("kind", "head")})
+  world = World(
+      env=env, llm=llm, features=features,
+      policy_features=_policy_features(config, llm, features), anchors=_anchors(config, data),
+      profiles={p["user_index"]: p["profile"] for p in data.profiles},
+      train_pairs=_pairs(train_users, train_items),
+      heldout_pairs={"new_users": _pairs(held_users, train_items),
+                     "new_anchors": _pairs(held_users, held_items)},
+      num_actions=int(config.actions.k),
+      info={"encoder_heldout_r2": ed_meta["heldout_r2"], "latent_dim": int(z_items.shape[1]),
+            "ed_target": ed_meta.get("target"), "ed_kind": ed_meta.get("kind", "head"),
+            "env_model": llm.model_name, "env_data": data.report})
   if int(config.env.prefetch_depth) > 0:
-    n = asyncio.run(prefetch_tree(world, sorted(anchors), int(config.env.prefetch_depth)))
+    n = asyncio.run(prefetch_tree(world, sorted(world.anchors), int(config.env.prefetch_depth)))
     logging.info("world: %d states prefetched to depth %d", n, config.env.prefetch_depth)
     world.info["prefetched_states"] = n
-  _write_world(world, os.path.join(workdir, "world.json"), ratings)
+  _write_world(world, os.path.join(workdir, "world.json"), ratings, data)
   return world
 
 
@@ -334,8 +331,10 @@ async def prefetch_tree(world: World, items: Sequence[int], depth: int) -> int:
   """
   level = [(world.anchors[int(i)].plot, int(i)) for i in items]
   seen = set(level)
-  for _ in range(depth):
-    children = await expand(world, [x for x, _ in level], np.asarray([i for _, i in level]))
+  for d in range(depth):
+    with answer_progress(world.llm, f"world: transitions at depth {d + 1}",
+                         len(level) * world.num_actions):
+      children = await expand(world, [x for x, _ in level], np.asarray([i for _, i in level]))
     level = [(c, i) for (_, i), row in zip(level, children) for c in row if (c, i) not in seen]
     level = list(dict.fromkeys(level))
     seen.update(level)
@@ -347,18 +346,19 @@ async def prefetch_tree(world: World, items: Sequence[int], depth: int) -> int:
   return len(seen)
 
 
-def _ed_r2(enc_dir: str) -> float | None:
-  try:
-    with open(os.path.join(enc_dir, "report.json")) as f:
-      return float(json.load(f)["metrics"]["heldout_r2"])
-  except (OSError, KeyError, ValueError):
-    return None
-
-
-def _write_world(world: World, path: str, ratings) -> None:
+def _write_world(world: World, path: str, ratings, data: build.EnvData) -> None:
+  sets = {s["movie_id"]: s for s in data.action_sets}
+  anchors = {}
+  for d in data.descriptions:
+    s = sets[d["movie_id"]]
+    anchors[str(d["item_index"])] = {
+        **dataclasses.asdict(world.anchors[d["item_index"]]), "movie_id": d["movie_id"],
+        "description_source": d["source"], "personalised_to_user": s["user_id"],
+        "actions_detail": s["actions"]}
   record = {
-      "anchors": {str(i): dataclasses.asdict(a) for i, a in world.anchors.items()},
+      "anchors": anchors,
       "profiles": {str(u): p for u, p in world.profiles.items()},
+      "profile_source": {str(p["user_index"]): p["source"] for p in data.profiles},
       "user_ids": {str(u): int(ratings.user_ids[u]) for u in world.profiles},
       "train_pairs": world.train_pairs.tolist(),
       "heldout_pairs": {k: v.tolist() for k, v in world.heldout_pairs.items()},

@@ -83,12 +83,6 @@ class RatingsData:
         self, user=self.user[index], item=self.item[index], rating=self.rating[index],
         timestamp=self.timestamp[index])
 
-  def dense(self, fill: float = 0.0) -> np.ndarray:
-    """[U, I] float32 rating matrix (``fill`` where unobserved). For small data and tests only."""
-    out = np.full((self.num_users, self.num_items), fill, np.float32)
-    out[self.user, self.item] = self.rating
-    return out
-
   def summary(self) -> str:
     return (f"{self.num_ratings:,} ratings, {self.num_users:,} users, {self.num_items:,} items"
             f" ({self.source})")

@@ -113,11 +113,6 @@ def inject_soft_tokens(token_embeddings: jax.Array, soft: jax.Array,
   return jnp.where((slot_index >= 0)[..., None], picked, token_embeddings)
 
 
-def standardise(z: jax.Array, mean: jax.Array, scale: jax.Array) -> jax.Array:
-  """``(z - mean) / scale`` per column: z [..., d], mean and scale [d]."""
-  return (z - mean) / scale
-
-
 def standardisation(table, floor: float = 1e-3):
   """Per-column mean [d] and scale [d] of an embedding table [N, d] (constant columns: scale 1).
 

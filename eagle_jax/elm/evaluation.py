@@ -1,10 +1,15 @@
-"""The ELM consistency report on held-out movies and users (``trainer.run`` writes it).
+"""The ELM consistency report on held-out movies and users (``job.run`` writes it).
 
-Semantic consistency (``metrics.semantic_consistency``) of summaries of held-out movies decoded by the
-trained ELM, by the same decoder prompted with the title alone, and by the ELM from random
-embeddings (chance level); mismatched SC and own-movie rank among the held-out ones; SC of decoded
-interpolations; the environment LLM's own summaries as a reference; behavioural consistency of
-decoded profiles of held-out users with a mismatched-user control. See ``trainer``'s docstring.
+Semantic consistency (``metrics.semantic_consistency``) of summaries of held-out movies decoded by
+the trained ELM, by the same decoder prompted with the title alone (no embedding), and by the ELM
+from random embeddings (a Gaussian fitted to the item table; SC measured against the held-out
+movie, i.e. the chance level, and against the random point itself). For the ELM and the title-only
+texts also the *mismatched* SC (each text against the other held-out movies,
+``metrics.cross_consistency``) and the rank of a text's own movie among the held-out ones, which
+separate embedding-specific content from text that merely resembles popular movies in general.
+SC of decoded interpolations ``0.5 (z_a + z_b)`` of held-out pairs; SC of the environment LLM's own
+summaries written from title and genres (a reference); behavioural consistency of decoded profiles
+of held-out users, with a mismatched-user control and the environment LLM's profiles as references.
 """
 
 from __future__ import annotations
@@ -16,18 +21,28 @@ import numpy as np
 
 from eagle_jax.elm import metrics as metrics_lib
 from eagle_jax.elm import tasks as tasks_lib
-from eagle_jax.elm.trainer import ELM
+from eagle_jax.elm.model import ELM
 
 
-def evaluate(config, elm: ELM, *, encode, ed, ratings, item_z, user_z, split
+def evaluate(eval_config, elm: ELM, *, encode, ed, ratings, item_z, user_z, split
              ) -> dict[str, Any]:
   """The SC / BC report (see the module docstring).
 
-  ``encode``: texts -> [N, 384] frozen MiniLM (behavioural consistency); ``ed``: E_D, texts -> Z.
+  Args:
+    eval_config: ``config.eval``.
+    elm: the trained ELM.
+    encode: N texts -> [N, 384] float32 frozen MiniLM embeddings (behavioural consistency).
+    ed: E_D, N texts -> [N, d] float32 points of Z (semantic consistency).
+    ratings: ``RatingsData`` (titles, genres, rating counts).
+    item_z, user_z: [I, d] and [U, d] float32 raw augmented WALS vectors.
+    split: ``data.prepare``'s split (held-out movies and users, reference examples).
+
+  Returns:
+    The JSON-serialisable report.
   """
   from eagle_jax.embed import encoder_train  # noqa: PLC0415
 
-  ec = config.eval
+  ec = eval_config
   dec = dict(max_new_tokens=ec.max_new_tokens, repetition_penalty=ec.repetition_penalty,
              no_repeat_ngram=ec.no_repeat_ngram)
   test_m = np.asarray(split["test_movies"])

@@ -14,7 +14,7 @@ Task set (a CPU-sized subset of ELM's 24 movie tasks + 1 user task, PAPER_SPEC.m
 Targets: the environment LLM (``env``; normally ``CachedClient`` over the local SmolLM2 sampler) is
 asked the same question with the *real* information instead of the embedding: title and genres of
 each movie, or the user's best and worst rated titles (``env.prompts.profile_prompt``). Every
-request goes through the client with an explicit seed ``build.derive_seed(seed, task, ids,
+request goes through the client with an explicit seed ``records_lib.derive_seed(seed, task, ids,
 attempt)``, so the on-disk response cache answers a rerun; answers are cleaned
 (``env.prompts.clean_paragraph``: preambles, labels and repeated sentences removed) and cut to
 whole sentences that fit ``target_tokens - 1`` tokens (then ``<|im_end|>`` is appended, so the ELM
@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from eagle_jax.env import build
+from eagle_jax import prompts as prompts_lib
+from eagle_jax.data import records as records_lib
 from eagle_jax.env import client as client_lib
-from eagle_jax.env import prompts as prompts_lib
 from eagle_jax.models.tokenizer import Tokenizer
 
 ELM_SYSTEM = "You write short texts about movies."
@@ -215,9 +215,9 @@ async def generate_targets(client, examples: Sequence[Example], ratings, *,
     target_tokens: L, the longest target in tokens (eos included).
     sampling: ``temperature``, ``top_p``, ``repetition_penalty``, ``no_repeat_ngram``,
       ``max_tokens`` of the requests.
-    seed: base seed of ``build.derive_seed``.
+    seed: base seed of ``records_lib.derive_seed``.
     retries: extra attempts with a new seed for an answer that does not parse.
-    user_titles: user index -> ``build.User`` (for ``user_profile``).
+    user_titles: user index -> ``data.catalog.User`` (for ``user_profile``).
 
   Returns:
     ``(examples with targets (failures dropped), provenance records)``.
@@ -236,7 +236,7 @@ async def generate_targets(client, examples: Sequence[Example], ratings, *,
           max_tokens=int(sampling["max_tokens"]), temperature=float(sampling["temperature"]),
           top_p=float(sampling["top_p"]), repetition_penalty=float(sampling["repetition_penalty"]),
           no_repeat_ngram=int(sampling["no_repeat_ngram"]),
-          seed=build.derive_seed(seed, "elm", ex.task, *ex.slots, attempt), chat=True))
+          seed=records_lib.derive_seed(seed, "elm", ex.task, *ex.slots, attempt), chat=True))
     answers = await client.generate(prompts, params)
     failed = []
     for i, p, q, a in zip(todo, prompts, params, answers):

@@ -40,6 +40,10 @@ included), the mean and the scale are saved with orbax (``eagle_jax.checkpoint``
 ``workdir/checkpoints/<steps or epochs>``, with ``kind`` ("head" or "finetuned") in the metadata;
 ``load_encoder`` restores either as ``texts -> [N, d]``. ``report.json`` holds the metrics and, for
 fine-tuning, the per-epoch validation R^2.
+
+Progress. Embedding the rows with MiniLM (and, after fine-tuning, with the tuned MiniLM) and the
+training loops show ``training.Progress`` bars with an ETA; ``encode_with_progress`` feeds the
+encoder the same device calls as one ``encode`` over all rows, so the bars change no result.
 """
 
 from __future__ import annotations
@@ -55,9 +59,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from eagle_jax import checkpoint
+from eagle_jax import checkpoint, training
+from eagle_jax.data import records
 from eagle_jax.embed import encoder, wals_train
-from eagle_jax.env import build
 
 
 def metadata_text(title: str, genres: Sequence[str], tags: Sequence[str] = ()) -> str:
@@ -119,6 +123,35 @@ def _sentence_encoder(minilm: str):
   return SentenceEncoder.from_pretrained(minilm or None)
 
 
+def encode_with_progress(sent, texts: Sequence[str], desc: str, chunk_calls: int = 16
+                         ) -> np.ndarray:
+  """``sent.encode(texts)`` ([N] texts -> [N, e] float32) under a ``training.Progress`` bar.
+
+  ``SentenceEncoder.encode`` sorts its texts by token count and runs consecutive calls of
+  ``step = min(batch_size, micro_batch)`` rows (``batch_size`` with a mesh). Here the texts are
+  sorted the same way first and handed over in chunks of ``chunk_calls * step``, so each chunk is
+  already sorted and is cut into exactly the device calls one ``encode`` over all texts makes: the
+  embeddings are the same, only the bar advances between chunks.
+  """
+  texts = list(texts)
+  if not texts:
+    return sent.encode(texts)
+  lengths = np.array([len(e.ids) for e in sent.tokenizer.encode_batch_fast(texts)])
+  order = np.argsort(-lengths, kind="stable")
+  step = sent.batch_size if sent.micro_batch is None else min(sent.batch_size, sent.micro_batch)
+  chunk = step * max(1, chunk_calls)
+  out = np.zeros((len(texts), sent.dim), np.float32)
+  progress = training.Progress(len(texts), desc=desc)
+  try:
+    for start in range(0, len(texts), chunk):
+      idx = order[start:start + chunk]
+      out[idx] = sent.encode([texts[i] for i in idx])
+      progress.update(len(idx))
+  finally:
+    progress.close()
+  return out
+
+
 def _finetune(config, texts, x, y_std, fit_rows, val_rows, cfg: encoder.FinetuneConfig):
   """Fine-tunes a fresh MiniLM + linear head; returns ``(predict_texts, state, history)``."""
   sent = _sentence_encoder(config.minilm)  # its own copy: the caller's encoder stays frozen
@@ -133,21 +166,27 @@ def _finetune(config, texts, x, y_std, fit_rows, val_rows, cfg: encoder.Finetune
   return _text_predictor(model, sent), {"regressor": best}, history
 
 
-def _text_predictor(model: encoder.TextRegressor, sent) -> Callable[[Sequence[str]], np.ndarray]:
+def _text_predictor(model: encoder.TextRegressor, sent) -> Callable[..., np.ndarray]:
   """``texts -> [N, d]`` (standardised) of a fine-tuned regressor.
 
   The embedding runs through a ``SentenceEncoder`` over the tuned MiniLM, whose fixed call shapes
   (micro-batches of sorted lengths, padded to length buckets) make a text's row independent of
   which other texts share its call; the linear head is applied in float64. So E_D of a text does
   not depend on how a run happened to group its requests (a resumed run equals an uninterrupted
-  one)."""
+  one). ``predict(texts, progress="name")`` shows a progress bar (``encode_with_progress``)."""
   from eagle_jax.models.text_encoder import SentenceEncoder  # noqa: PLC0415 (heavy import)
 
   tuned = SentenceEncoder(model.bert, sent.tokenizer, max_length=sent.max_length,
                           batch_size=sent.batch_size, length_buckets=sent.length_buckets)
   w = np.asarray(model.w[...], np.float64)
   b = np.asarray(model.b[...], np.float64)
-  return lambda texts: (tuned.encode(list(texts)).astype(np.float64) @ w + b).astype(np.float32)
+
+  def predict(texts: Sequence[str], progress: str | None = None) -> np.ndarray:
+    x = (tuned.encode(list(texts)) if progress is None
+         else encode_with_progress(tuned, texts, progress))
+    return (x.astype(np.float64) @ w + b).astype(np.float32)
+
+  return predict
 
 
 def save_encoder(directory: str, step: int, state: Mapping[str, Any], y_mean: np.ndarray,
@@ -269,7 +308,7 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
       continue
     if not os.path.exists(path):
       raise ValueError(f"config.descriptions: {path!r} does not exist")
-    for rec in build.read_jsonl(path, key="movie_id"):
+    for rec in records.read_jsonl(path, key="movie_id"):
       if not rec.get("ok") or int(rec["movie_id"]) not in index_of_id:
         continue
       i = index_of_id[int(rec["movie_id"])]
@@ -283,10 +322,9 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
 
   t0 = time.perf_counter()
   if encode is None:
-    from eagle_jax.models.text_encoder import SentenceEncoder  # noqa: PLC0415 (heavy import)
-
-    encode = SentenceEncoder.from_pretrained(config.minilm or None).encode
-  x = np.asarray(encode(texts), np.float32)
+    x = encode_with_progress(_sentence_encoder(config.minilm), texts, "E_D embed rows")
+  else:
+    x = np.asarray(encode(texts), np.float32)
   encode_seconds = time.perf_counter() - t0
 
   held_item = heldout_mask(num_items, config.heldout_fraction, config.split_seed)
@@ -304,7 +342,7 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
     val_item = validation_mask(held_item, ft_cfg.validation_fraction, config.split_seed + 1)
     val = val_item[item_of_row]
     predict_texts, state, history = _finetune(config, texts, x, y_std, ~held & ~val, val, ft_cfg)
-    pred = predict_texts(texts) * y_scale + y_mean
+    pred = predict_texts(texts, progress="E_D predict rows") * y_scale + y_mean
     losses = history
     meta.update(kind="finetuned", head_config=dict(config.finetune),
                 validation_items=int(val_item.sum()))

@@ -136,6 +136,15 @@ class WALSConfig:
     return self.reg if self.bias_reg is None else self.bias_reg
 
 
+def augmented_dim(config: WALSConfig) -> int:
+  """Width of ``WALSFactors.augmented``'s vectors for ``config``: ``rank + 3``.
+
+  The three extra coordinates are there with or without biases and centring (the biases and ``mu``
+  are then 0), so the width depends on the rank only.
+  """
+  return int(config.rank) + 3
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class WALSFactors:

@@ -31,17 +31,34 @@ def peak_rss_bytes() -> int:
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+_TFDS_PREFIX = "tfds:"
+
+
 def load_data(cfg) -> data.RatingsData:
-  """The ratings named by ``cfg.source``: "ml100k", "synthetic" or a MovieLens folder."""
-  if cfg.source == "ml100k":
+  """The ratings named by ``cfg.source`` (a job's ``config.data``).
+
+  Sources: "ml100k" (the offline recbole copy), "synthetic" (``cfg.synthetic`` shapes
+  ``data.synthetic.generate_ratings``), ``"tfds:movielens/<version>-ratings"`` (TensorFlow
+  Datasets, ``data.tfds_source.load`` with ``cfg.data_dir`` and ``cfg.tfds_folder``; needs the
+  ``tfds`` extra), or a MovieLens folder path (``data.load_movielens``).
+
+  Raises:
+    ValueError: the source is none of these.
+  """
+  source = cfg.source
+  if source == "ml100k":
     return data.load_ml100k_assets()
-  if cfg.source == "synthetic":
-    from eagle_jax.data import synthetic  # Only needed for this source.
+  if source == "synthetic":
+    from eagle_jax.data import synthetic  # noqa: PLC0415 (only needed for this source)
     return synthetic.generate_ratings(**dict(cfg.synthetic))
-  if not os.path.isdir(cfg.source):
-    raise ValueError(f"config.data.source must be 'ml100k', 'synthetic' or a MovieLens folder, "
-                     f"got {cfg.source!r}")
-  return data.load_movielens(cfg.source)
+  if isinstance(source, str) and source.startswith(_TFDS_PREFIX):
+    from eagle_jax.data import tfds_source  # noqa: PLC0415 (the optional tfds extra)
+    return tfds_source.load(source[len(_TFDS_PREFIX):], data_dir=cfg.get("data_dir") or None,
+                            folder=cfg.get("tfds_folder") or None)
+  if not isinstance(source, str) or not os.path.isdir(source):
+    raise ValueError(f"config.data.source must be 'ml100k', 'synthetic', "
+                     f"'tfds:movielens/<version>-ratings' or a MovieLens folder, got {source!r}")
+  return data.load_movielens(source)
 
 
 def evaluate(factors: wals.WALSFactors, train: data.RatingsData, test: data.RatingsData,

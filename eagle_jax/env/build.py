@@ -1,51 +1,47 @@
-"""Building the EAGLE environment data: movie descriptions, user profiles and candidate action sets.
+"""The environment-data pipeline: movie descriptions, user profiles and candidate action sets.
 
-Every LLM request goes through a ``SamplingClient`` (normally ``CachedClient`` over the in-process
-``LocalSampler`` or an OpenAI-compatible server), one prompt per ``sample`` call with its own
-explicit seed, so a prompt's answer never depends on which other prompts were in flight (the
-response cache then serves a rerun). ``BatchingClient`` merges the concurrent one-prompt calls that
-an ``asyncio.gather`` starts in one event-loop tick into a single ``generate`` of the inner backend,
-which is what lets the local sampler decode them as full batches.
+One pipeline writes the data every consumer reads (the EAGLE world, ``launch.build_env_data``, E_D
+training on descriptions): ``build_env_data`` runs three resumable stages over a ``SamplingClient``
+(normally ``env.stack.open_llm(...).client``), each configured by its own config block and
+validated once by ``check_config``:
 
-Seeds: request seeds are ``derive_seed(base_seed, purpose, id, index, attempt)`` (sha256 of the parts,
-31 bits), so they are stable across reruns, subsets of movies and batch composition.
+* ``describe_movies`` (``config.descriptions``): a plot and up to ``n_reasons`` one-sentence reasons
+  to like and to dislike each movie, each its own request (a 135M model cannot write a five-item
+  list, DESIGN.md); an answer that does not parse is retried with a new seed ``retries`` times; a
+  plot that never parses falls back to the movie's metadata when ``fallback`` is set.
+* ``profile_users`` (``config.profiles``): ``kind="llm"`` asks the LLM for a profile from the
+  user's best and worst rated titles; ``kind="template"`` writes "Loved: ...; Disliked: ...".
+* ``build_action_sets`` (``config.actions``): K candidate actions per described movie
+  (``actions.build_action_set``), personalised (``personalised=True``) to profile
+  ``i % len(profiles)`` for movie ``i``.
 
-Outputs (JSONL, one record a line, appended with one ``os.write`` per line so a killed run leaves
-every earlier record intact; unreadable lines are skipped with a warning when read):
+Every request carries an explicit seed ``records.derive_seed(block.seed, purpose, id, index,
+attempt)``, so a prompt's answer never depends on which other prompts were in flight and the
+response cache serves a rerun.
 
-* descriptions: ``{"movie_id", "item_index", "title", "genres", "tags", "ok", "plot", "likes",
-  "dislikes", "text", "provenance"}``. ``text`` is ``prompts.Description.render()``; ``ok`` is False
-  when no plot could be parsed after all attempts (the record is still written so a rerun does not
-  ask again and the failure is visible).
-* profiles: ``{"user_id", "user_index", "liked", "disliked", "liked_genres", "ok", "profile",
-  "provenance"}`` (``liked_genres``: ``favourite_genres`` of the ratings; absent in older files).
+Outputs (JSONL, one record a line, ``data.records.append_jsonl``):
+
+* descriptions: ``{"movie_id", "item_index", "title", "genres", "tags", "ok", "source", "plot",
+  "likes", "dislikes", "text", "provenance"}``. ``text`` is ``prompts.Description.render()``;
+  ``source`` is "llm" or "metadata" (the fallback); ``ok`` is False when no plot could be parsed
+  and there is no fallback (the record is still written so a rerun does not ask again).
+* profiles: ``{"user_id", "user_index", "liked", "disliked", "liked_genres", "ok", "source",
+  "profile", "provenance"}``.
 * action sets: ``{"movie_id", "item_index", "user_id", "k", "actions": [{"text", "category",
   "personalised", "source", "seed"}], "stats", "provenance"}``.
 
-``provenance`` holds the model id, every request's prompt (chat messages), its full sampling
-parameters (seed included), the raw answer, whether it parsed and the parse error. Action sets are
-built by ``actions.build_action_set``; their provenance lists the prompts and seeds it sent (rebuilt
-here from the same rule) and its parse failures, since it does not return the raw answers.
+``provenance`` holds the answering model, every request's prompt (chat messages), its full sampling
+parameters (seed included), the raw answer, whether it parsed and the parse error.
 
-Resume: each builder takes the output path, reads the records already there and only builds the
-missing ones (descriptions and action sets by movie id, profiles by user id).
-
-Choices where the paper is silent: a description is a plot (three sentences asked) and up to
-``n_reasons`` distinct one-sentence reasons to like and to dislike it, each its own request (a 135M
-model cannot write a five-item list, DESIGN.md); a request whose answer does not parse is retried
-with a new seed up to ``retries`` times. A profile is written from the user's five best and five
-worst rated titles (ties broken by recency); the favourite genres that fill the personalised action
-templates are those over-represented among the user's 4-5 star ratings (``favourite_genres``).
+Resume: each stage reads the records already in its output file and only builds the missing ones
+(descriptions and action sets by movie id, profiles by user id).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import json
 import os
-import pathlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -53,205 +49,53 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from eagle_jax import prompts as prompts_lib
+from eagle_jax.data import records
+from eagle_jax.data.catalog import Movie, User
 from eagle_jax.env import actions as actions_lib
 from eagle_jax.env import client as client_lib
-from eagle_jax.env import prompts as prompts_lib
-from eagle_jax.env.client import Completion, Prompt, SamplingBackend, SamplingParams
+from eagle_jax.env.batching import batching
+from eagle_jax.env.client import SamplingParams
+from eagle_jax.models.sampling_params import check_int
 
-_MAX_SEED = 2**31 - 1
-
-
-# ---------------------------------------------------------------------------------------------------
-# Seeds, batching.
+PROFILE_KINDS = ("template", "llm")
+STAGES = ("descriptions", "profiles", "actions")
 
 
-def derive_seed(base: int, *parts: Any) -> int:
-  """A 31-bit seed from ``base`` and any printable parts (stable across runs and platforms)."""
-  blob = "/".join(str(p) for p in (base, *parts))
-  return int.from_bytes(hashlib.sha256(blob.encode("utf-8")).digest()[:4], "big") & _MAX_SEED
-
-
-class BatchingClient(SamplingBackend):
-  """Merges ``generate`` calls started in the same event-loop tick into one inner ``generate``.
-
-  ``asyncio.gather`` over many one-prompt ``sample`` calls thus becomes one call of the inner
-  backend (which the local sampler splits into decode batches of equal sampling parameters). Each
-  prompt keeps its own ``SamplingParams`` (and prompt seed), so answers are unchanged by merging.
-
-  Attributes:
-    inner: the wrapped backend.
-    inner_calls: number of merged calls sent to ``inner``.
-  """
-
-  def __init__(self, inner: SamplingBackend):
-    if not isinstance(inner, SamplingBackend):
-      raise ValueError(f"inner: expected a SamplingBackend, got {type(inner).__name__}")
-    self.inner = inner
-    self.model_id = inner.model_id
-    self.default_chat = inner.default_chat
-    self.inner_calls = 0
-    self._pending: list[tuple[list, list, Any, asyncio.Future]] = []
-    self._scheduled = False
-    self._tasks: set[asyncio.Task] = set()
-
-  async def generate(self, prompts, params, *, on_result=None) -> list[Completion]:
-    client_lib.check_generate_args(prompts, params)
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    self._pending.append((list(prompts), list(params), on_result, fut))
-    if not self._scheduled:
-      self._scheduled = True
-      loop.call_soon(self._flush)
-    return await fut
-
-  def _flush(self) -> None:
-    self._scheduled = False
-    batch, self._pending = self._pending, []
-    task = asyncio.get_running_loop().create_task(self._run(batch))
-    self._tasks.add(task)
-    task.add_done_callback(self._tasks.discard)
-
-  async def _run(self, batch) -> None:
-    prompts = [p for b in batch for p in b[0]]
-    params = [q for b in batch for q in b[1]]
-    owner = [(j, i) for j, b in enumerate(batch) for i in range(len(b[0]))]
-
-    def on_result(n: int, completion: Completion) -> None:
-      j, i = owner[n]
-      if batch[j][2] is not None:
-        batch[j][2](i, completion)
-
-    self.inner_calls += 1
+def _positive(block, field: str, names: Sequence[str], lo: int = 1) -> None:
+  for name in names:
     try:
-      answers = await self.inner.generate(prompts, params, on_result=on_result)
-    except Exception as e:  # noqa: BLE001 (handed to every waiting caller)
-      for b in batch:
-        if not b[3].done():
-          b[3].set_exception(e)
-      return
-    start = 0
-    for b in batch:
-      n = len(b[0])
-      if not b[3].done():
-        b[3].set_result(list(answers[start:start + n]))
-      start += n
-
-  async def aclose(self) -> None:
-    await self.inner.aclose()
+      check_int(name, block[name], lo)
+    except ValueError as e:
+      raise ValueError(f"{field}.{e}") from None
 
 
-def batching(client) -> Any:
-  """``client`` wrapped in a ``BatchingClient`` when it is a backend that is not one already."""
-  if isinstance(client, SamplingBackend) and not isinstance(client, BatchingClient):
-    return BatchingClient(client)
-  return client
+def check_config(config) -> None:
+  """Validates the ``descriptions``, ``profiles`` and ``actions`` blocks of a config (once, at the
+  job's entry); ValueError naming the field and what was expected."""
+  d, p, a = config.descriptions, config.profiles, config.actions
+  _positive(d, "config.descriptions", ("plot_tokens", "reason_tokens", "max_sentences"))
+  _positive(d, "config.descriptions", ("n_reasons", "retries", "seed"), lo=0)
+  SamplingParams.from_config(d.sampling, "config.descriptions.sampling")
+  if p.kind not in PROFILE_KINDS:
+    raise ValueError(f"config.profiles.kind: expected one of {PROFILE_KINDS}, got {p.kind!r}")
+  _positive(p, "config.profiles", ("titles", "tokens"))
+  _positive(p, "config.profiles", ("retries", "seed"), lo=0)
+  SamplingParams.from_config(p.sampling, "config.profiles.sampling")
+  _positive(a, "config.actions", ("k",), lo=2)
+  _positive(a, "config.actions", ("llm_calls", "seed"), lo=0)
+  SamplingParams.from_config(a.sampling, "config.actions.sampling")
+  if not 0.0 < float(a.dedupe_threshold) <= 1.0:
+    raise ValueError(f"config.actions.dedupe_threshold: expected in (0, 1], got "
+                     f"{a.dedupe_threshold}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# JSONL with provenance.
-
-
-def append_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
-  """Appends records, one ``os.write`` per line (O_APPEND). Returns the number written."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  needs_newline = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(
-      b"\n")
-  n = 0
-  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-  try:
-    for rec in records:
-      line = (json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-      if needs_newline:
-        line, needs_newline = b"\n" + line, False
-      if os.write(fd, line) != len(line):
-        raise OSError(f"{path}: short write")
-      n += 1
-  finally:
-    os.close(fd)
-  return n
-
-
-def read_jsonl(path: str | os.PathLike, *, key: str | None = None) -> list[dict[str, Any]]:
-  """Records of a JSONL file ([] if missing); unreadable lines (a killed writer) are skipped.
-
-  Args:
-    path: the file.
-    key: if given, records lacking this field are skipped too, and only the first record of each
-      value is kept.
-  """
-  path = pathlib.Path(path)
-  if not path.exists():
-    return []
-  out, seen, skipped = [], set(), 0
-  for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
-    if not line.strip():
-      continue
-    try:
-      rec = json.loads(line)
-      if not isinstance(rec, dict) or (key is not None and key not in rec):
-        raise ValueError("not a record")
-    except ValueError:
-      skipped += 1
-      logging.warning("%s:%d: skipping an unreadable line", path, number)
-      continue
-    if key is not None:
-      if rec[key] in seen:
-        continue
-      seen.add(rec[key])
-    out.append(rec)
-  return out
+def _sampling(block, field: str, **overrides) -> SamplingParams:
+  return SamplingParams.from_config(block.sampling, f"{field}.sampling", chat=True, **overrides)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Requests with parsing, retries and provenance.
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationConfig:
-  """Sampling settings shared by all requests (``max_tokens`` per request kind).
-
-  Attributes:
-    seed: base seed of ``derive_seed``.
-    temperature, top_p, top_k, repetition_penalty, no_repeat_ngram: see ``SamplingParams``.
-    plot_tokens, reason_tokens, profile_tokens, action_tokens: ``max_tokens`` per request kind.
-    n_reasons: reasons to like and (separately) to dislike, one request each.
-    retries: extra attempts (new seed) for a request whose answer does not parse.
-  """
-
-  seed: int = 0
-  temperature: float = 0.7
-  top_p: float = 0.9
-  top_k: int = 0
-  repetition_penalty: float = 1.2
-  no_repeat_ngram: int = 3
-  plot_tokens: int = 96
-  reason_tokens: int = 40
-  profile_tokens: int = 64
-  action_tokens: int = 40
-  n_reasons: int = 5
-  retries: int = 1
-
-  def __post_init__(self):
-    for name in ("plot_tokens", "reason_tokens", "profile_tokens", "action_tokens"):
-      client_lib._check_int(name, getattr(self, name), 1)  # noqa: SLF001 (shared validator)
-    client_lib._check_int("n_reasons", self.n_reasons, 0)  # noqa: SLF001
-    client_lib._check_int("retries", self.retries, 0)  # noqa: SLF001
-    client_lib._check_int("seed", self.seed, 0, _MAX_SEED)  # noqa: SLF001
-    self.params(1, 0)  # validates the sampling knobs
-
-  @classmethod
-  def from_config(cls, config: Mapping[str, Any] | Any) -> GenerationConfig:
-    d = dict(config)
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ValueError(f"generation config: unknown field(s) {unknown}")
-    return cls(**d)
-
-  def params(self, max_tokens: int, seed: int) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                          top_k=self.top_k, repetition_penalty=self.repetition_penalty,
-                          no_repeat_ngram=self.no_repeat_ngram, seed=seed, chat=True)
 
 
 @dataclasses.dataclass
@@ -259,30 +103,21 @@ class _Job:
   purpose: str
   prompt: list[dict[str, str]]
   seed_parts: tuple
-  max_tokens: int
+  params: SamplingParams
   parse: Callable[[str], str]
   result: str | None = None
   calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-async def _sample_one(client, prompt: Prompt, params: SamplingParams) -> str:
-  extra = {"top_p": params.top_p, "top_k": params.top_k,
-           "repetition_penalty": params.repetition_penalty,
-           "no_repeat_ngram": params.no_repeat_ngram, "chat": params.chat}
-  out = await client.sample([prompt], max_tokens=params.max_tokens,
-                            temperature=params.temperature, seed=params.seed, **extra)
-  return out[0]
-
-
-async def _run_jobs(client, jobs: Sequence[_Job], gen: GenerationConfig) -> None:
-  """Samples every job, retrying unparsable answers with a new seed (``gen.retries`` times)."""
-  for attempt in range(gen.retries + 1):
+async def _run_jobs(client, jobs: Sequence[_Job], *, seed: int, retries: int) -> None:
+  """Samples every job, retrying unparsable answers with a new seed ``retries`` times."""
+  for attempt in range(retries + 1):
     todo = [j for j in jobs if j.result is None]
     if not todo:
       return
-    params = [gen.params(j.max_tokens, derive_seed(gen.seed, *j.seed_parts, attempt))
+    params = [j.params.replace(seed=records.derive_seed(seed, *j.seed_parts, attempt))
               for j in todo]
-    answers = await asyncio.gather(*[_sample_one(client, j.prompt, p)
+    answers = await asyncio.gather(*[client_lib.sample_one(client, j.prompt, p)
                                      for j, p in zip(todo, params)])
     for j, p, text in zip(todo, params, answers):
       record = {"purpose": j.purpose, "prompt": j.prompt, "params": p.to_dict(), "text": text,
@@ -315,128 +150,44 @@ def _unique(items: Iterable[str]) -> list[str]:
   return out
 
 
+def _resume(out_path, key: str) -> dict[Any, dict[str, Any]]:
+  return {r[key]: r for r in records.read_jsonl(out_path, key=key)} if out_path else {}
+
+
+def metadata_plot(movie: Movie) -> str:
+  """The fallback plot of a movie whose LLM plot never parsed: still a valid state."""
+  return f"{movie.title}, a {'/'.join(movie.genres).lower() or 'feature'} film."
+
+
 # ---------------------------------------------------------------------------------------------------
-# Movies, users, action sets.
+# Stages.
 
 
-@dataclasses.dataclass(frozen=True)
-class Movie:
-  """What the prompts need about one movie."""
-
-  movie_id: int
-  item_index: int
-  title: str
-  genres: tuple[str, ...]
-  tags: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class User:
-  """A user's best and worst rated titles (input of the profile prompt) and favourite genres
-  (``favourite_genres``; they fill the personalised action templates)."""
-
-  user_id: int
-  user_index: int
-  liked: tuple[str, ...]
-  disliked: tuple[str, ...]
-  liked_genres: tuple[str, ...] = ()
-
-
-def movies_from_ratings(ratings, item_indices: Sequence[int]) -> list[Movie]:
-  """``Movie`` records for contiguous item indices of a ``data.RatingsData``."""
-  out = []
-  for i in item_indices:
-    i = int(i)
-    if not 0 <= i < ratings.num_items:
-      raise ValueError(f"item_indices: {i} is outside [0, {ratings.num_items})")
-    out.append(Movie(int(ratings.item_ids[i]), i, str(ratings.titles[i]),
-                     tuple(ratings.genres[i]), tuple(ratings.tags[i])))
-  return out
-
-
-def most_rated_items(ratings, n: int) -> np.ndarray:
-  """The ``n`` items with the most ratings (ties: lower index first): [n] int."""
-  counts = np.bincount(ratings.item, minlength=ratings.num_items)
-  return np.lexsort((np.arange(ratings.num_items), -counts))[:n]
-
-
-def most_active_users(ratings, n: int) -> np.ndarray:
-  """The ``n`` users with the most ratings (ties: lower index first): [n] int."""
-  counts = np.bincount(ratings.user, minlength=ratings.num_users)
-  return np.lexsort((np.arange(ratings.num_users), -counts))[:n]
-
-
-def favourite_genres(ratings, rows: np.ndarray, genre_share: Mapping[str, float], *, n: int = 3,
-                     min_rating: float = 4.0, min_support: int = 3) -> tuple[str, ...]:
-  """Up to ``n`` genres over-represented among a user's ratings >= ``min_rating``.
-
-  A genre qualifies with at least ``min_support`` such ratings and a lift (its share among them
-  over ``genre_share``, its share among all ratings) above 1; highest lift first (ties: name).
-
-  Args:
-    ratings: a ``data.RatingsData``.
-    rows: the user's rating rows.
-    genre_share: genre -> fraction of all ratings whose movie has it (``_genre_shares``).
-  """
-  liked = rows[ratings.rating[rows] >= min_rating]
-  counts: dict[str, int] = {}
-  for r in liked:
-    for g in ratings.genres[ratings.item[r]]:
-      counts[g] = counts.get(g, 0) + 1
-  lift = {g: c / len(liked) / genre_share[g] for g, c in counts.items() if c >= min_support}
-  return tuple(sorted((g for g in lift if lift[g] > 1), key=lambda g: (-lift[g], g))[:n])
-
-
-def _genre_shares(ratings) -> dict[str, float]:
-  per_item = np.bincount(ratings.item, minlength=ratings.num_items)
-  shares: dict[str, float] = {}
-  for i, genres in enumerate(ratings.genres):
-    for g in genres:
-      shares[g] = shares.get(g, 0.0) + per_item[i] / max(1, len(ratings.item))
-  return shares
-
-
-def users_from_ratings(ratings, user_indices: Sequence[int], n_titles: int = 5) -> list[User]:
-  """Each user's ``n_titles`` best and worst rated titles (ties: most recent first) and
-  ``favourite_genres``."""
-  shares = _genre_shares(ratings)
-  out = []
-  for u in user_indices:
-    u = int(u)
-    if not 0 <= u < ratings.num_users:
-      raise ValueError(f"user_indices: {u} is outside [0, {ratings.num_users})")
-    rows = np.flatnonzero(ratings.user == u)
-    best = rows[np.lexsort((-ratings.timestamp[rows], -ratings.rating[rows]))]
-    worst = rows[np.lexsort((-ratings.timestamp[rows], ratings.rating[rows]))]
-    liked = [str(ratings.titles[ratings.item[r]]) for r in best[:n_titles]]
-    disliked = [str(ratings.titles[ratings.item[r]]) for r in worst[:n_titles]
-                if str(ratings.titles[ratings.item[r]]) not in liked]
-    out.append(User(int(ratings.user_ids[u]), u, tuple(liked), tuple(disliked),
-                    favourite_genres(ratings, rows, shares)))
-  return out
-
-
-async def describe_movies(client, movies: Sequence[Movie], gen: GenerationConfig,
+async def describe_movies(client, movies: Sequence[Movie], cfg,
                           out_path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
   """Descriptions (plot, reasons to like, reasons to dislike) of ``movies``.
 
   Args:
     client: a ``SamplingClient`` (wrapped in ``BatchingClient`` here when it is a backend).
     movies: the movies.
-    gen: sampling settings.
+    cfg: the ``config.descriptions`` block (validated by ``check_config``).
     out_path: JSONL file; movies already in it are skipped and new records appended.
 
   Returns:
     The records of all ``movies`` (old and new), in input order.
   """
   client = batching(client)
-  done = {r["movie_id"]: r for r in read_jsonl(out_path, key="movie_id")} if out_path else {}
+  done = _resume(out_path, "movie_id")
   todo = [m for m in movies if m.movie_id not in done]
   if todo:
     logging.info("describing %d movies (%d already done)", len(todo), len(movies) - len(todo))
+    seed, retries, n_sent = int(cfg.seed), int(cfg.retries), int(cfg.max_sentences)
+    plot_params = _sampling(cfg, "config.descriptions", max_tokens=int(cfg.plot_tokens))
+    reason_params = _sampling(cfg, "config.descriptions", max_tokens=int(cfg.reason_tokens))
     plots = [_Job("plot", prompts_lib.plot_prompt(m.title, m.genres, m.tags), ("plot", m.movie_id),
-                  gen.plot_tokens, prompts_lib.clean_paragraph) for m in todo]
-    await _run_jobs(client, plots, gen)
+                  plot_params, lambda t: prompts_lib.clean_paragraph(t, max_sentences=n_sent))
+             for m in todo]
+    await _run_jobs(client, plots, seed=seed, retries=retries)
     reasons: dict[int, list[_Job]] = {}
     for m, p in zip(todo, plots):
       if p.result is None:
@@ -444,44 +195,70 @@ async def describe_movies(client, movies: Sequence[Movie], gen: GenerationConfig
       reasons[m.movie_id] = [
           _Job("like" if like else "dislike",
                prompts_lib.reason_prompt(m.title, p.result, like=like),
-               ("like" if like else "dislike", m.movie_id, r), gen.reason_tokens, _parse_reason)
-          for like in (True, False) for r in range(gen.n_reasons)]
-    await _run_jobs(client, [j for js in reasons.values() for j in js], gen)
+               ("like" if like else "dislike", m.movie_id, r), reason_params, _parse_reason)
+          for like in (True, False) for r in range(int(cfg.n_reasons))]
+    await _run_jobs(client, [j for js in reasons.values() for j in js], seed=seed, retries=retries)
     new = []
     for m, p in zip(todo, plots):
       js = reasons.get(m.movie_id, [])
       likes = _unique(j.result for j in js if j.purpose == "like" and j.result)
       dislikes = _unique(j.result for j in js if j.purpose == "dislike" and j.result)
-      ok = p.result is not None
-      desc = prompts_lib.Description(p.result or "", tuple(likes), tuple(dislikes))
+      plot, source = p.result, "llm"
+      if plot is None and cfg.fallback:
+        plot, source = metadata_plot(m), "metadata"
+      ok = plot is not None
+      desc = prompts_lib.Description(plot or "", tuple(likes), tuple(dislikes))
       new.append({"movie_id": m.movie_id, "item_index": m.item_index, "title": m.title,
-                  "genres": list(m.genres), "tags": list(m.tags), "ok": ok, "plot": p.result,
-                  "likes": likes, "dislikes": dislikes, "text": desc.render() if ok else None,
+                  "genres": list(m.genres), "tags": list(m.tags), "ok": ok,
+                  "source": source if ok else None, "plot": plot, "likes": likes,
+                  "dislikes": dislikes, "text": desc.render() if ok else None,
                   "provenance": _provenance(client, [p, *js])})
     if out_path:
-      append_jsonl(out_path, new)
+      records.append_jsonl(out_path, new)
     done.update((r["movie_id"], r) for r in new)
   return [done[m.movie_id] for m in movies]
 
 
-async def profile_users(client, users: Sequence[User], gen: GenerationConfig,
+def template_profile(user: User) -> str:
+  """The template profile of a user: "Loved: a; b. Disliked: c; d."."""
+  text = "Loved: " + "; ".join(user.liked)
+  if user.disliked:
+    text += ". Disliked: " + "; ".join(user.disliked)
+  return text + "."
+
+
+async def profile_users(client, users: Sequence[User], cfg,
                         out_path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-  """User profile summaries (``prompts.profile_prompt``), resumable like ``describe_movies``."""
-  client = batching(client)
-  done = {r["user_id"]: r for r in read_jsonl(out_path, key="user_id")} if out_path else {}
+  """User profiles (``cfg.kind``: LLM-written or template), resumable like ``describe_movies``.
+
+  Args:
+    client: a ``SamplingClient`` (unused for templates).
+    users: the users (``catalog.users_from_ratings`` with ``cfg.titles`` titles).
+    cfg: the ``config.profiles`` block.
+    out_path: JSONL file; users already in it are skipped.
+  """
+  done = _resume(out_path, "user_id")
   todo = [u for u in users if u.user_id not in done]
   if todo:
     logging.info("profiling %d users (%d already done)", len(todo), len(users) - len(todo))
-    jobs = [_Job("profile", prompts_lib.profile_prompt(u.liked, u.disliked),
-                 ("profile", u.user_id), gen.profile_tokens, prompts_lib.parse_profile)
-            for u in todo]
-    await _run_jobs(client, jobs, gen)
+    if cfg.kind == "template":
+      texts = [template_profile(u) for u in todo]
+      prov = [{"model": None, "created": time.time(), "calls": [], "parse_failures": 0,
+               "failures": []}] * len(todo)
+    else:
+      client = batching(client)
+      params = _sampling(cfg, "config.profiles", max_tokens=int(cfg.tokens))
+      jobs = [_Job("profile", prompts_lib.profile_prompt(u.liked, u.disliked),
+                   ("profile", u.user_id), params, prompts_lib.parse_profile) for u in todo]
+      await _run_jobs(client, jobs, seed=int(cfg.seed), retries=int(cfg.retries))
+      texts = [j.result for j in jobs]
+      prov = [_provenance(client, [j]) for j in jobs]
     new = [{"user_id": u.user_id, "user_index": u.user_index, "liked": list(u.liked),
             "disliked": list(u.disliked), "liked_genres": list(u.liked_genres),
-            "ok": j.result is not None, "profile": j.result,
-            "provenance": _provenance(client, [j])} for u, j in zip(todo, jobs)]
+            "ok": t is not None, "source": cfg.kind, "profile": t, "provenance": pv}
+           for u, t, pv in zip(todo, texts, prov)]
     if out_path:
-      append_jsonl(out_path, new)
+      records.append_jsonl(out_path, new)
     done.update((r["user_id"], r) for r in new)
   return [done[u.user_id] for u in users]
 
@@ -491,56 +268,47 @@ async def build_action_sets(
     encode: Callable[[Sequence[str]], np.ndarray],
     descriptions: Sequence[Mapping[str, Any]],
     profiles: Sequence[Mapping[str, Any]],
-    *,
-    k: int,
-    llm_calls: int,
-    gen: GenerationConfig,
-    dedupe_threshold: float = 0.9,
+    cfg,
     out_path: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
   """K candidate actions for each described movie (``actions.build_action_set``).
 
-  Movie ``i`` (among the usable descriptions) is personalised to profile ``i % len(profiles)``:
-  half of its LLM requests carry the profile text, and about half of its templates name the
-  profile's ``liked_genres`` (generic only when no usable profile exists; generic templates only
-  for a profile record without ``liked_genres``).
+  With ``cfg.personalised``, movie ``i`` (among the usable descriptions) is personalised to profile
+  ``i % len(profiles)``: half of its LLM requests carry the profile text, and about half of its
+  templates name the profile's ``liked_genres``. Otherwise (or with no usable profile) the set is
+  generic.
 
   Args:
     client: a ``SamplingClient``.
     encode: texts -> [n, e] sentence embeddings (near-duplicate removal).
     descriptions: records of ``describe_movies`` (those with ``ok`` False are skipped).
     profiles: records of ``profile_users`` (those with ``ok`` False are not used).
-    k: actions per set.
-    llm_calls: LLM requests per set (the rest comes from templates).
-    gen: sampling settings (``action_tokens``, ``temperature``, ``seed``).
-    dedupe_threshold: cosine similarity above which an action is a near-duplicate.
+    cfg: the ``config.actions`` block.
     out_path: JSONL file; movies already in it are skipped.
 
   Returns:
     The records of all usable descriptions, in input order.
   """
-  if k < 1 or llm_calls < 0:
-    raise ValueError(f"k: expected >= 1 and llm_calls >= 0, got k={k}, llm_calls={llm_calls}")
   client = batching(client)
-  done = {r["movie_id"]: r for r in read_jsonl(out_path, key="movie_id")} if out_path else {}
+  done = _resume(out_path, "movie_id")
   usable = [d for d in descriptions if d.get("ok")]
-  users = [p for p in profiles if p.get("ok")]
+  users = [p for p in profiles if p.get("ok")] if cfg.personalised else []
   todo = [(i, d) for i, d in enumerate(usable) if d["movie_id"] not in done]
+  params = _sampling(cfg, "config.actions")
+  k, llm_calls = int(cfg.k), int(cfg.llm_calls)
 
   async def one(i: int, d: Mapping[str, Any]) -> dict[str, Any]:
     user = users[i % len(users)] if users else None
-    seed = derive_seed(gen.seed, "actions", d["movie_id"])
+    seed = records.derive_seed(int(cfg.seed), "actions", d["movie_id"])
     profile = user["profile"] if user else None
     liked_genres = list(user.get("liked_genres", ())) if user else []
     acts, stats = await actions_lib.build_action_set(
         client=client, encode=encode, description=d["text"], genres=d["genres"], tags=d["tags"],
-        profile=profile, k=k, llm_calls=llm_calls, seed=seed,
-        max_tokens=gen.action_tokens, temperature=gen.temperature,
-        dedupe_threshold=dedupe_threshold, liked_genres=liked_genres)
+        profile=profile, k=k, llm_calls=llm_calls, seed=seed, params=params,
+        dedupe_threshold=float(cfg.dedupe_threshold), liked_genres=liked_genres)
     requests = [
         {"category": r.category, "personalised": r.personalised, "prompt": r.messages,
-         "params": SamplingParams(max_tokens=gen.action_tokens, temperature=gen.temperature,
-                                  seed=r.seed, chat=True).to_dict()}
+         "params": params.replace(seed=r.seed).to_dict()}
         for r in actions_lib.action_requests(d["text"], profile, llm_calls, seed)]
     return {"movie_id": d["movie_id"], "item_index": d["item_index"],
             "user_id": user["user_id"] if user else None, "k": k,
@@ -555,6 +323,79 @@ async def build_action_sets(
     logging.info("building %d action sets (%d already done)", len(todo), len(usable) - len(todo))
     new = await asyncio.gather(*[one(i, d) for i, d in todo])
     if out_path:
-      append_jsonl(out_path, new)
+      records.append_jsonl(out_path, new)
     done.update((r["movie_id"], r) for r in new)
   return [done[d["movie_id"]] for d in usable]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pipeline.
+
+
+@dataclasses.dataclass
+class EnvData:
+  """What ``build_env_data`` wrote and returns (records in input order) and its report."""
+
+  descriptions: list[dict[str, Any]]
+  profiles: list[dict[str, Any]]
+  action_sets: list[dict[str, Any]]
+  report: dict[str, Any]
+
+
+def paths(out_dir: str | os.PathLike) -> dict[str, str]:
+  """Stage name -> its JSONL file in ``out_dir``."""
+  return {s: os.path.join(os.fspath(out_dir), f"{s}.jsonl") for s in STAGES}
+
+
+async def build_env_data(config, client, encode, movies: Sequence[Movie], users: Sequence[User],
+                         out_dir: str | os.PathLike, *,
+                         on_stage: Callable[[str, int], Any] | None = None,
+                         stats: Callable[[], Mapping[str, int]] | None = None) -> EnvData:
+  """Runs the three stages (module docstring) into ``out_dir``; returns the records and a report.
+
+  Args:
+    config: a config with ``descriptions``, ``profiles`` and ``actions`` blocks (``check_config``).
+    client: a ``SamplingClient``.
+    encode: texts -> [n, e] sentence embeddings (action near-duplicate removal).
+    movies, users: what to describe and profile.
+    out_dir: folder of the JSONL files.
+    on_stage: called as ``on_stage(name, n_requests)`` before each stage, with the number of LLM
+      requests it will send on first attempts (progress bars).
+    stats: returns cache counters (``cache_hits``, ``cache_misses``) for the per-stage report.
+  """
+  out = paths(out_dir)
+  report: dict[str, Any] = {"stages": {}}
+
+  async def stage(name, n, coro):
+    if on_stage is not None:
+      on_stage(name, n)
+    before, t0 = dict(stats() if stats else {}), time.perf_counter()
+    recs = await coro
+    after = dict(stats() if stats else {})
+    report["stages"][name] = {"records": len(recs), "seconds": time.perf_counter() - t0,
+                              **{k: after[k] - before.get(k, 0) for k in after}}
+    return recs
+
+  d, p, a = config.descriptions, config.profiles, config.actions
+  descs = await stage("descriptions", len(movies) * (1 + 2 * int(d.n_reasons)),
+                      describe_movies(client, movies, d, out["descriptions"]))
+  profs = await stage("profiles", len(users) if p.kind == "llm" else 0,
+                      profile_users(client, users, p, out["profiles"]))
+  sets = await stage("actions", sum(bool(x["ok"]) for x in descs) * int(a.llm_calls),
+                     build_action_sets(client, encode, descs, profs, a, out["actions"]))
+  report["stages"]["descriptions"].update(
+      ok=sum(bool(d["ok"]) for d in descs),
+      fallbacks=sum(d.get("source") == "metadata" for d in descs),
+      parse_failures=sum(d["provenance"]["parse_failures"] for d in descs),
+      mean_likes=sum(len(d["likes"]) for d in descs) / max(1, len(descs)),
+      mean_dislikes=sum(len(d["dislikes"]) for d in descs) / max(1, len(descs)))
+  report["stages"]["profiles"].update(
+      ok=sum(bool(p["ok"]) for p in profs),
+      parse_failures=sum(p["provenance"]["parse_failures"] for p in profs))
+  report["stages"]["actions"].update(
+      parse_failures=sum(s["stats"]["parse_failures"] for s in sets),
+      llm_actions=sum(a["source"] == "llm" for s in sets for a in s["actions"]),
+      template_actions=sum(a["source"] == "template" for s in sets for a in s["actions"]),
+      personalised_actions=sum(bool(a["personalised"]) for s in sets for a in s["actions"]),
+      min_k=min((len(s["actions"]) for s in sets), default=0))
+  return EnvData(descs, profs, sets, report)

@@ -43,13 +43,16 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from eagle_jax.models.sampling_params import MAX_SEED as _MAX_SEED
+from eagle_jax.models.sampling_params import SamplingParams
+from eagle_jax.models.sampling_params import check_int as _check_int
+
 Message = Mapping[str, str]
 Prompt = str | Sequence[Message]
 # Called as on_result(i, completion) as soon as prompt i of a ``generate`` call is answered.
 ResultCallback = Callable[[int, "Completion"], None]
 
 _ROLES = ("system", "user", "assistant")
-_MAX_SEED = 2**31 - 1
 FINISH_REASONS = ("stop", "length")
 
 
@@ -59,82 +62,6 @@ class SamplingError(RuntimeError):
 
 class MalformedResponseError(SamplingError):
   """A server answered with something that is not a valid completion response."""
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise ValueError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-  if value < lo or (hi is not None and value > hi):
-    bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-    raise ValueError(f"{name}: expected an int in {bound}, got {value}")
-
-
-def _check_float(name: str, value: Any) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise ValueError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
-  value = float(value)
-  if value != value or value in (float("inf"), float("-inf")):
-    raise ValueError(f"{name}: expected a finite number, got {value}")
-  return value
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  """How to sample one prompt (all fields are part of the response-cache key).
-
-  Attributes:
-    max_tokens: most new tokens (>= 1).
-    temperature: 0 for greedy decoding, else the softmax temperature (>= 0).
-    top_p: nucleus mass in (0, 1] (1: off).
-    top_k: keep the k most likely tokens (0: off).
-    repetition_penalty: > 0; > 1 discourages tokens already in the row (1: off).
-    no_repeat_ngram: forbid repeating any n-gram of this size (0: off; not part of the OpenAI API,
-      sent as an extra field only when set).
-    stop: strings that end the answer; the answer is cut before the first occurrence.
-    seed: the prompt seed (see the module docstring).
-    chat: render a string prompt as one user turn with the chat template.
-  """
-
-  max_tokens: int = 64
-  temperature: float = 0.0
-  top_p: float = 1.0
-  top_k: int = 0
-  repetition_penalty: float = 1.0
-  no_repeat_ngram: int = 0
-  stop: tuple[str, ...] = ()
-  seed: int = 0
-  chat: bool = False
-
-  def __post_init__(self):
-    _check_int("max_tokens", self.max_tokens, 1)
-    _check_int("top_k", self.top_k, 0)
-    _check_int("no_repeat_ngram", self.no_repeat_ngram, 0)
-    _check_int("seed", self.seed, 0, _MAX_SEED)
-    for name in ("temperature", "top_p", "repetition_penalty"):
-      object.__setattr__(self, name, _check_float(name, getattr(self, name)))
-    if self.temperature < 0:
-      raise ValueError(f"temperature: expected >= 0, got {self.temperature}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
-    if self.repetition_penalty <= 0:
-      raise ValueError(f"repetition_penalty: expected > 0, got {self.repetition_penalty}")
-    stop = self.stop
-    if isinstance(stop, str):
-      stop = (stop,)
-    if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
-      raise ValueError(f"stop: expected a list of non-empty strings, got {self.stop!r}")
-    object.__setattr__(self, "stop", tuple(stop))
-    if not isinstance(self.chat, bool):
-      raise ValueError(f"chat: expected a bool, got {self.chat!r}")
-
-  def replace(self, **changes) -> SamplingParams:
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    """JSON-ready dict (``stop`` as a list)."""
-    d = dataclasses.asdict(self)
-    d["stop"] = list(self.stop)
-    return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,6 +206,17 @@ class SamplingBackend(abc.ABC):
 
   async def __aexit__(self, *exc) -> None:
     await self.aclose()
+
+
+async def sample_one(client: SamplingClient, prompt: Prompt, params: SamplingParams) -> str:
+  """One prompt through any ``SamplingClient`` with every field of ``params`` (its seed is used
+  as-is: a one-prompt call's prompt seed is the call's seed)."""
+  d = params.to_dict()
+  d["stop"] = tuple(d["stop"])
+  max_tokens, temperature, seed = d.pop("max_tokens"), d.pop("temperature"), d.pop("seed")
+  out = await client.sample([prompt], max_tokens=max_tokens, temperature=temperature, seed=seed,
+                            **d)
+  return out[0]
 
 
 def check_generate_args(prompts: Sequence[Prompt], params: Sequence[SamplingParams]) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import pathlib
 from collections.abc import Sequence
 
@@ -43,6 +44,21 @@ from eagle_jax.models import sampling as sampling_lib
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8)
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenCompletion(Completion):
+  """A ``Completion`` with the token-level detail the HTTP server reports (usage, logprobs).
+
+  Attributes:
+    prompt_tokens: tokens of the rendered prompt.
+    tokens: every generated token as text (special tokens shown; stop token included).
+    token_logprobs: the model's log-prob of each generated token (log-softmax of the raw logits).
+  """
+
+  prompt_tokens: int | None = None
+  tokens: tuple[str, ...] = ()
+  token_logprobs: tuple[float, ...] = ()
+
+
 class LocalSampler(SamplingBackend):
   """``SamplingBackend`` over an in-process ``models.sampling.Sampler``.
 
@@ -53,6 +69,8 @@ class LocalSampler(SamplingBackend):
     chat: ``default_chat`` for ``sample`` calls that do not pass ``chat``.
     max_len: longest prompt + max_tokens accepted (default: the model config's ``max_len``).
   """
+
+  reports_logprobs = True  # answers are TokenCompletions (the server's ``logprobs``)
 
   def __init__(
       self,
@@ -121,20 +139,17 @@ class LocalSampler(SamplingBackend):
     """Decodes one chunk of <= max bucket rows with the same params (but their own seeds)."""
     n = len(ids)
     b = self._bucket(n)
+    prompt_lens = [len(x) for x in ids]
     ids = ids + [ids[0]] * (b - n)
     seeds = seeds + [seeds[0]] * (b - n)
     stop = self._stop_ids(params)
     out = self.sampler.generate_ids(
-        ids, sampling_lib.SamplingParams(
-            max_new_tokens=params.max_tokens, temperature=params.temperature,
-            top_k=params.top_k, top_p=params.top_p,
-            repetition_penalty=params.repetition_penalty,
-            no_repeat_ngram=params.no_repeat_ngram, stop_ids=stop),
-        seeds=seeds)
+        ids, params.replace(stop_ids=stop), seeds=seeds)
     self.decode_calls += 1
     out_tokens, out_mask = out.tokens[:n], out.mask[:n]
     results = []
-    for row, live in zip(out_tokens.tolist(), out_mask.tolist()):
+    for row, live, logp, plen in zip(out_tokens.tolist(), out_mask.tolist(),
+                                     out.logprobs[:n].tolist(), prompt_lens):
       gen = [t for t, m in zip(row, live) if m]
       stopped = bool(gen) and gen[-1] in stop
       text = self.tokenizer.decode([t for t in gen if t not in stop])
@@ -142,8 +157,11 @@ class LocalSampler(SamplingBackend):
       if cut:
         text = text[: min(cut)]
         stopped = True
-      results.append(Completion(text=text, finish_reason="stop" if stopped else "length",
-                                completion_tokens=len(gen)))
+      results.append(TokenCompletion(
+          text=text, finish_reason="stop" if stopped else "length", completion_tokens=len(gen),
+          prompt_tokens=plen,
+          tokens=tuple(self.tokenizer.decode([t], skip_special_tokens=False) for t in gen),
+          token_logprobs=tuple(lp for lp, m in zip(logp, live) if m)))
     return results
 
   def generate_sync(

@@ -23,6 +23,7 @@ intervals per policy, and mean utility along the episode, one pair of PNGs per s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -33,7 +34,7 @@ import numpy as np
 
 from eagle_jax import training
 from eagle_jax.agent import rollout
-from eagle_jax.agent.trainer import AgentTrainer, validate
+from eagle_jax.agent.trainer import AgentTrainer, Job, validate
 from eagle_jax.agent.world import World, build_world
 
 
@@ -46,11 +47,42 @@ def mean_ci(x: np.ndarray, confidence: float) -> dict[str, float]:
   return {"mean": m, "ci_low": m - z * se, "ci_high": m + z * se, "stderr": se, "n": int(len(x))}
 
 
-async def _episodes(world, featurizer, policy, pairs, key, config, greedy) -> rollout.Episodes:
-  n = 1 if greedy else int(config.eval.samples)
-  rep = np.repeat(pairs, n, axis=0)
-  return await rollout.collect(world, featurizer, policy, rep, key, horizon=int(config.rl.horizon),
-                               reward="gain", greedy=greedy)
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """``config.eval``'s fields the evaluation loop reads, checked once (``from_config``).
+
+  Attributes:
+    samples: sampled episodes per held-out pair and stochastic policy (greedy policies: one).
+    seed: seed of the evaluation's action draws.
+    confidence: level of the normal-approximation intervals, in (0, 1).
+    trajectories: example trajectories of the main agent in the report.
+    elm_workdir: an ELM run folder for the ELM baseline ("": no baseline).
+  """
+
+  samples: int
+  seed: int
+  confidence: float
+  trajectories: int
+  elm_workdir: str
+
+  @classmethod
+  def from_config(cls, eval_config) -> EvalConfig:
+    """Raises ``ConfigError`` naming the ``config.eval`` field that is out of range."""
+    e = eval_config
+    out = cls(samples=int(e.samples), seed=int(e.seed), confidence=float(e.confidence),
+              trajectories=int(e.trajectories), elm_workdir=str(e.elm_workdir or ""))
+    for field, ok, expected in (("samples", out.samples >= 1, "an int >= 1"),
+                                ("confidence", 0.0 < out.confidence < 1.0, "in (0, 1)"),
+                                ("trajectories", out.trajectories >= 0, "an int >= 0")):
+      if not ok:
+        raise training.ConfigError(f"config.eval.{field}={e[field]!r} must be {expected}")
+    return out
+
+
+async def _episodes(world, featurizer, policy, pairs, key, samples: int, greedy: bool
+                    ) -> rollout.Episodes:
+  rep = np.repeat(pairs, 1 if greedy else samples, axis=0)
+  return await rollout.collect(world, featurizer, policy, rep, key, reward="gain", greedy=greedy)
 
 
 def _summary(ep: rollout.Episodes, n_pairs: int, confidence: float) -> dict[str, Any]:
@@ -74,12 +106,12 @@ SPLITS = ("new_users", "new_anchors")
 def elm_baseline(config, world: World, pairs: np.ndarray, elm) -> dict[str, Any]:
   """The paper's ELM baseline on the same (user, anchor) pairs as the agents.
 
-  Projected gradient ascent on U from the anchor's item vector (``elm.baseline``), the optimum
+  Projected gradient ascent on U from the anchor's item vector (``elm_baseline``), the optimum
   decoded by a trained ELM, and the decoded text scored like an agent's final description:
   U(E_D(text)) - U(E_D(anchor plot)). ``latent_gain`` is U(z*) - U(z_anchor) before decoding (what
   the ascent promised; the gap to ``gain`` is what is lost going back to text).
   """
-  from eagle_jax.elm import baseline  # noqa: PLC0415
+  from eagle_jax.evaluation import elm_baseline as baseline  # noqa: PLC0415
 
   items = np.asarray(world.env.item_table)
   users, anchors = pairs[:, 0], pairs[:, 1]
@@ -111,7 +143,7 @@ def elm_baseline(config, world: World, pairs: np.ndarray, elm) -> dict[str, Any]
 
 def _load_elm(config, world: World):
   """The trained ELM of ``config.eval.elm_workdir``, checked to live in the world's latent space."""
-  from eagle_jax.elm import trainer as elm_trainer  # noqa: PLC0415
+  from eagle_jax.elm import job as elm_job  # noqa: PLC0415
 
   path = config.eval.elm_workdir
   report = os.path.join(path, "encoder", "report.json")
@@ -127,21 +159,20 @@ def _load_elm(config, world: World):
     raise training.ConfigError(
         f"config.eval.elm_workdir={path!r}: the ELM was trained on other WALS factors ({emb}) "
         "than this run's latent space; train both with the same config.wals")
-  return elm_trainer.load_elm(path)
+  return elm_job.load_elm(path)
 
 
-def _split_report(config, episodes: dict[str, rollout.Episodes], n_pairs: int,
+def _split_report(job: Job, episodes: dict[str, rollout.Episodes], n_pairs: int, conf: float,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-  conf = float(config.eval.confidence)
   results = {name: _summary(ep, n_pairs, conf) for name, ep in episodes.items()}
   results.update(extra or {})
   comparisons = {}
-  for kind in config.reference.kinds:
+  for kind in (k.name for k in job.kinds):
     agent = np.asarray(results[f"agent[{kind}]"]["gain_per_pair"])
     for other in ("random", f"reference[{kind}]") + (("elm_baseline",) if extra else ()):
       diff = agent - np.asarray(results[other]["gain_per_pair"])
       comparisons[f"agent[{kind}] - {other}"] = mean_ci(diff, conf)
-  main = config.reference.main
+  main = job.main.name
   return {"pairs": n_pairs, "policies": results, "comparisons": comparisons, "headline": {
       "agent_gain": results[f"agent[{main}]"]["gain"],
       "random_gain": results["random"]["gain"],
@@ -150,18 +181,33 @@ def _split_report(config, episodes: dict[str, rollout.Episodes], n_pairs: int,
       "agent_minus_reference": comparisons[f"agent[{main}] - reference[{main}]"]}}
 
 
-def evaluate(config, workdir: str, world: World, *, mesh=None) -> dict[str, Any]:
-  """Runs every policy on both held-out splits; writes ``eval/report.json`` and PNG plots."""
-  key = jax.random.key(int(config.eval.seed))
+def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, mesh
+             ) -> dict[str, Any]:
+  """Runs every policy on both held-out splits; writes ``eval/report.json`` and PNG plots.
+
+  Args:
+    config: the run config (``eval`` for this loop, ``utility`` for the ELM baseline).
+    job: the validated job (``trainer.validate``): reference kinds, main kind, horizon.
+    ev: the validated ``config.eval`` (``EvalConfig.from_config``).
+    workdir: the run folder holding ``agents/<kind>``.
+    world: the run's world.
+    mesh: the device mesh ``job`` was validated for.
+  """
+  key = jax.random.key(ev.seed)
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   episodes: dict[str, dict[str, rollout.Episodes]] = {s: {} for s in SPLITS}
   steps: dict[str, int] = {}
+  # One unit per (policy, split) episode batch (3 policies per agent and the random one), and one
+  # per split for the ELM baseline.
+  progress = training.Progress((3 * len(job.kinds) + 1 + bool(ev.elm_workdir)) * len(SPLITS),
+                               desc="evaluate")
 
   async def run_all():
-    featurizer = rollout.Featurizer(world, int(config.rl.horizon))
-    for j, kind in enumerate(config.reference.kinds):
-      trainer = AgentTrainer(config, world, workdir, kind, mesh)
+    featurizer = rollout.Featurizer(world, job.horizon)
+    for j, ref in enumerate(job.kinds):
+      kind = ref.name
+      trainer = AgentTrainer(job, world, workdir, ref, mesh)
       step, state, _ = trainer.restore()
       steps[kind] = int(step)
       for name, params, greedy in ((f"reference[{kind}]", state["ref_params"], False),
@@ -170,25 +216,33 @@ def evaluate(config, workdir: str, world: World, *, mesh=None) -> dict[str, Any]
         for split in SPLITS:
           episodes[split][name] = await _episodes(
               world, featurizer, trainer.policy_fn(params), world.heldout_pairs[split],
-              jax.random.fold_in(key, 1 + j), config, greedy)
+              jax.random.fold_in(key, 1 + j), ev.samples, greedy)
+          progress.update(1)
     for split in SPLITS:
       episodes[split]["random"] = await _episodes(world, featurizer, None,
-                                                  world.heldout_pairs[split], key, config, False)
+                                                  world.heldout_pairs[split], key, ev.samples,
+                                                  False)
+      progress.update(1)
 
-  asyncio.run(run_all())
   extra = {s: {} for s in SPLITS}
-  if config.eval.elm_workdir:
-    elm = _load_elm(config, world)
-    for s in SPLITS:
-      extra[s]["elm_baseline"] = elm_baseline(config, world, world.heldout_pairs[s], elm)
-  splits = {s: _split_report(config, episodes[s], len(world.heldout_pairs[s]), extra[s])
+  try:
+    asyncio.run(run_all())
+    if ev.elm_workdir:
+      elm = _load_elm(config, world)
+      for s in SPLITS:
+        extra[s]["elm_baseline"] = elm_baseline(config, world, world.heldout_pairs[s], elm)
+        progress.update(1)
+  finally:
+    progress.close()
+  splits = {s: _split_report(job, episodes[s], len(world.heldout_pairs[s]), ev.confidence,
+                             extra[s])
             for s in SPLITS}
-  main = config.reference.main
+  main = job.main.name
   trajectories = []
   for split in SPLITS:
     ep = episodes[split][f"agent[{main}]/greedy"]
     actions = ep.action_texts(world)
-    for b in range(min(int(config.eval.trajectories) // len(SPLITS), len(ep.pairs))):
+    for b in range(min(ev.trajectories // len(SPLITS), len(ep.pairs))):
       u, i = (int(x) for x in ep.pairs[b])
       trajectories.append({
           "split": split, "user": u, "profile": world.profiles[u],
@@ -197,7 +251,7 @@ def evaluate(config, workdir: str, world: World, *, mesh=None) -> dict[str, Any]
                      "action": actions[b][t] if t < len(actions[b]) else None}
                     for t in range(len(ep.texts[b]))]})
   report = {
-      "samples_per_pair": int(config.eval.samples), "confidence": float(config.eval.confidence),
+      "samples_per_pair": ev.samples, "confidence": ev.confidence,
       "checkpoint_steps": steps, "main_reference": main, "splits": splits,
       "trajectories": trajectories,
       "env": {"transitions": world.env.steps, "parse_failures": world.env.parse_failures},
@@ -241,9 +295,10 @@ def run(config, workdir: str, world=None) -> dict:
   if not workdir or not os.path.isdir(os.path.join(workdir, "agents")):
     raise training.ConfigError(f"--workdir={workdir!r} holds no trained agents (agents/ missing)")
   mesh = training.build_mesh(config.mesh)
-  validate(config, mesh)
+  job = validate(config, mesh)
+  ev = EvalConfig.from_config(config.eval)
   world = world or build_world(config, workdir)
-  report = evaluate(config, workdir, world, mesh=mesh)
+  report = evaluate(config, job, ev, workdir, world, mesh=mesh)
   for split in SPLITS:
     h = report["splits"][split]["headline"]
     print(f"[evaluate] {split}: {report['splits'][split]['pairs']} held-out pairs, "

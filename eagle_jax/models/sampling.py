@@ -7,7 +7,7 @@ Generation (``Sampler.generate_ids``):
    RoPE positions count real tokens only, so padding changes nothing but the slots.
 2. A jitted function runs the prefill (a forward pass over ``[B, P]`` into a cache of ``S = P + N``
    slots, ``N`` the new-token bucket) and then a ``lax.while_loop`` of decode steps, each a forward
-   pass over ``[B, 1]``. The loop ends when ``max_new_tokens`` are produced or every row has emitted
+   pass over ``[B, 1]``. The loop ends when ``params.max_tokens`` are produced or every row has emitted
    a stop token. Compilation happens once per (batch size, ``P``, ``N``, sampling mode); the numeric
    knobs (temperature, top-k, top-p, penalty, stop ids, token budget) are traced values.
 3. Each step turns the last logits ``l`` (float32 ``[B, V]``) into a token:
@@ -46,47 +46,11 @@ import numpy as np
 from flax import nnx
 
 from eagle_jax.models import llama as llama_lib
+from eagle_jax.models.sampling_params import SamplingParams
 from eagle_jax.models.tokenizer import Tokenizer
 
 _NEG_INF = -1e30
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  """How to sample.
-
-  Attributes:
-    max_new_tokens: most tokens generated per row.
-    temperature: 0 for greedy decoding, else the softmax temperature.
-    top_k: keep the k most likely tokens (0: off).
-    top_p: nucleus mass (1.0: off).
-    repetition_penalty: > 1 discourages tokens already in the row (1.0: off).
-    no_repeat_ngram: forbid repeating any n-gram of this size (0: off).
-    stop_ids: token ids that end a row (default: the tokenizer's ``stop_ids`` in ``Sampler``).
-  """
-
-  max_new_tokens: int = 64
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  repetition_penalty: float = 1.0
-  no_repeat_ngram: int = 0
-  stop_ids: tuple[int, ...] | None = None
-
-  def __post_init__(self):
-    if self.max_new_tokens <= 0:
-      raise ValueError(f"SamplingParams.max_new_tokens: expected > 0, got {self.max_new_tokens}")
-    if self.temperature < 0:
-      raise ValueError(f"SamplingParams.temperature: expected >= 0, got {self.temperature}")
-    if self.top_k < 0:
-      raise ValueError(f"SamplingParams.top_k: expected >= 0, got {self.top_k}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"SamplingParams.top_p: expected in (0, 1], got {self.top_p}")
-    if self.repetition_penalty <= 0:
-      raise ValueError(
-          f"SamplingParams.repetition_penalty: expected > 0, got {self.repetition_penalty}")
-    if self.no_repeat_ngram < 0:
-      raise ValueError(f"SamplingParams.no_repeat_ngram: expected >= 0, got {self.no_repeat_ngram}")
+_DEFAULT_PARAMS = SamplingParams()
 
 
 class _Mode(NamedTuple):
@@ -391,7 +355,7 @@ class Sampler:
   def generate_ids(
       self,
       prompts: Sequence[Sequence[int]],
-      params: SamplingParams = SamplingParams(),
+      params: SamplingParams = _DEFAULT_PARAMS,
       *,
       seed: int = 0,
       seeds: Sequence[int] | None = None,
@@ -416,7 +380,7 @@ class Sampler:
       self,
       embeddings: jax.Array | np.ndarray,
       mask: np.ndarray,
-      params: SamplingParams = SamplingParams(),
+      params: SamplingParams = _DEFAULT_PARAMS,
       *,
       tokens: np.ndarray | None = None,
       seed: int = 0,
@@ -465,7 +429,7 @@ class Sampler:
     stop = params.stop_ids
     if stop is None:
       stop = self.tokenizer.stop_ids if self.tokenizer is not None else ()
-    n_bucket = bucket(params.max_new_tokens, self.min_bucket)
+    n_bucket = bucket(params.max_tokens, self.min_bucket)
     mode = _Mode(
         greedy=params.temperature == 0.0,
         top_k=params.top_k > 0 and params.temperature > 0,
@@ -482,13 +446,13 @@ class Sampler:
         top_p=jnp.float32(params.top_p),
         penalty=jnp.float32(params.repetition_penalty),
         stop_ids=jnp.asarray(stop_arr),
-        max_new=jnp.int32(params.max_new_tokens),
+        max_new=jnp.int32(params.max_tokens),
     )
     extra = {} if embeddings is None else {"embeddings": embeddings}
     out_tokens, out_mask, out_logp = self._run(
         self._generate, self.state, jnp.asarray(tokens), jnp.asarray(mask), knobs, keys,
         mode=mode, new_bucket=n_bucket, pad_id=self.pad_id, **extra)
-    n = params.max_new_tokens
+    n = params.max_tokens
     out_tokens = np.asarray(out_tokens)[:, :n]
     out_mask = np.asarray(out_mask)[:, :n]
     out_logp = np.asarray(out_logp)[:, :n]
@@ -510,7 +474,7 @@ class Sampler:
   def generate(
       self,
       prompts: Sequence[str],
-      params: SamplingParams = SamplingParams(),
+      params: SamplingParams = _DEFAULT_PARAMS,
       *,
       seed: int = 0,
       chat: bool = False,

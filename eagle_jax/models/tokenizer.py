@@ -113,11 +113,6 @@ class Tokenizer:
     return cls(backend, eos_id=backend.token_to_id(IM_END), pad_id=meta["pad_id"],
                default_system=match.group(1) if match else None)
 
-  @classmethod
-  def from_file(cls, path: str | pathlib.Path, **kwargs) -> Tokenizer:
-    """From a Hugging Face ``tokenizer.json``."""
-    return cls(tokenizers.Tokenizer.from_file(str(path)), **kwargs)
-
   @property
   def vocab_size(self) -> int:
     return self.backend.get_vocab_size(with_added_tokens=True)
@@ -140,11 +135,6 @@ class Tokenizer:
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-  def batch_decode(
-      self, ids: Sequence[Sequence[int]], skip_special_tokens: bool = True
-  ) -> list[str]:
-    return [self.decode(x, skip_special_tokens) for x in ids]
 
   def pad(
       self,
@@ -179,12 +169,6 @@ class Tokenizer:
       tokens[i, sl] = x
       mask[i, sl] = True
     return tokens, mask
-
-  def batch_encode(
-      self, texts: Sequence[str], *, padding_side: str = "left", length: int | None = None
-  ) -> tuple[np.ndarray, np.ndarray]:
-    """Encodes and pads; returns (tokens [B, T] int32, mask [B, T] bool)."""
-    return self.pad([self.encode(t) for t in texts], padding_side=padding_side, length=length)
 
   def apply_chat_template(
       self,

@@ -3,7 +3,7 @@
 Given a user ``z_u`` and an anchor movie ``z_a`` (augmented WALS vectors), projected gradient ascent
 on the content-gap utility ``U(z) = <z_u, z> + lam * sum_{j in NN_k(z)} ||z - y_j||``
 (``utility.content_gap_utility``) starts at ``z_a``; the optimum is decoded into a description by
-a trained ELM (``trainer.ELM``, task ``summary`` by default).
+a trained ELM (``elm.model.ELM``, task ``summary`` by default).
 
 Choices where the paper is silent (it only says "search nearby", App. B suggests staying inside
 ``B_eps`` of the data):
@@ -118,7 +118,7 @@ def decode_utility_optimum(elm, z_user: np.ndarray, z_anchor: np.ndarray,
   """The paper's ELM baseline: ``z* = argmax U`` near the anchor, decoded by the ELM.
 
   Args:
-    elm: a trained ``trainer.ELM`` (``trainer.load_elm(workdir)``).
+    elm: a trained ``elm.model.ELM`` (``elm.job.load_elm(workdir)``).
     z_user, z_anchor: [d] or [N, d] user and anchor item vectors (augmented WALS).
     item_table: [I, d] all item vectors.
     lam, k, steps, lr, radius: see ``ascend_utility``.

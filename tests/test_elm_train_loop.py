@@ -13,7 +13,9 @@ from decoder_fixtures import make_torch_llama, save_torch
 from configs import elm_ml100k
 from eagle_jax import training
 from eagle_jax.elm import adapter as adapter_lib
-from eagle_jax.elm import tasks, trainer
+from eagle_jax.elm import data as data_lib
+from eagle_jax.elm import job, tasks, train_loop
+from eagle_jax.elm import model as model_lib
 from eagle_jax.models import llama as llama_lib
 from eagle_jax.models import loading
 from eagle_jax.models.tokenizer import Tokenizer
@@ -48,14 +50,14 @@ def test_loss_equals_numpy_cross_entropy_of_torch_logits(tmp_path):
   dec_fm = training.FunctionalModel(lambda r: llama_lib.Llama(cfg, rngs=r))
   ad_fm = training.FunctionalModel(lambda r: adapter_lib.Adapter(3, cfg.hidden, 8, 1, rngs=r),
                                    seed=2)
-  parts = trainer.Parts(None, cfg, ad_fm, dec_fm, None, 0)
+  parts = model_lib.Parts(None, cfg, ad_fm, dec_fm, None, 0)
   dec_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   ad_params = ad_fm.init()
   rng = np.random.default_rng(0)
   tables = {0: rng.normal(size=(4, 3)).astype(np.float32)}
   batch = tasks.collate(_rows(cfg.vocab_size, rng, 3), tables, prompt_len=6, target_len=4,
                         pad_id=0)
-  loss_fn = jax.jit(functools.partial(trainer.loss_fn, parts=parts, target_start=6))
+  loss_fn = jax.jit(functools.partial(train_loop.loss_fn, parts=parts, target_start=6))
   loss, (total, count) = loss_fn(ad_params, dec_params, jax.tree.map(jnp.asarray, batch))
   # Reference: the adapter's soft token placed by hand, PyTorch logits, numpy cross-entropy.
   soft = np.asarray(ad_fm.module(ad_params)(jnp.asarray(batch["z"]), jnp.asarray(batch["domain"])))
@@ -95,23 +97,23 @@ def test_stage1_freezes_decoder_stage2_trains_it_and_resume_is_exact(tmp_path):
   config = _config()
   # Two of the forced devices: data parallel over a sharded batch, cheaper compiles than eight.
   mesh = training.build_mesh(config.mesh, devices=jax.devices()[:2])
-  parts, dec0 = trainer.build_parts(config, mesh, in_dim=5, tokenizer=tok())
+  parts, dec0 = model_lib.build_parts(config.decoder, config.adapter, mesh, in_dim=5,
+                                      tokenizer=tok())
   dec0_host = _leaves(dec0)
   rng = np.random.default_rng(0)
-  data = trainer.Dataset(_rows(parts.decoder_config.vocab_size, rng),
+  data = data_lib.Dataset(_rows(parts.decoder_config.vocab_size, rng),
                          {0: rng.normal(size=(4, 5)).astype(np.float32)}, 6, 4)
   ad0 = _leaves(parts.adapter_init())
 
   # Run 1 stops after step 2 (stage 1 only).
-  state, dec, _ = trainer.train(config, str(tmp_path / "a"), parts, dec0, data, {"k": 1},
-                                stop_after=2)
+  loop = train_loop.TrainLoop(config.train, parts, data)  # both stages compiled once, reused
+  state, dec, _ = loop.train(str(tmp_path / "a"), dec0, {"k": 1}, stop_after=2)
   assert set(state) == {"adapter", "opt"}
   for x, y in zip(_leaves(dec), dec0_host):
     np.testing.assert_array_equal(x, y)  # bit-identical decoder
   assert any(not np.array_equal(x, y) for x, y in zip(_leaves(state["adapter"]), ad0))
   # Run 2 resumes from the saved step 2 in the same folder and finishes (step 3, then stage 2).
-  state_b, dec_b, records = trainer.train(config, str(tmp_path / "a"), parts, dec0, data,
-                                          {"k": 1})
+  state_b, dec_b, records = loop.train(str(tmp_path / "a"), dec0, {"k": 1})
   assert [r["step"] for r in records] == [3, 4]  # resumed from the checkpoint of step 2
   assert [r["stage"] for r in records] == [1, 2]
   assert set(state_b) == {"adapter", "decoder", "opt"}
@@ -119,7 +121,7 @@ def test_stage1_freezes_decoder_stage2_trains_it_and_resume_is_exact(tmp_path):
   steps = [json.loads(line)["step"] for line in open(tmp_path / "a" / "metrics.jsonl")]
   assert steps == [1, 2, 3, 4]
   # An uninterrupted run ends in the same parameters.
-  state_c, dec_c, _ = trainer.train(config, str(tmp_path / "c"), parts, dec0, data, {"k": 1})
+  state_c, dec_c, _ = loop.train(str(tmp_path / "c"), dec0, {"k": 1})
   for x, y in zip(_leaves(state_b["adapter"]) + _leaves(dec_b),
                   _leaves(state_c["adapter"]) + _leaves(dec_c)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
@@ -143,16 +145,16 @@ def test_bad_config_values_name_the_field(field, value, match):
     node = node[p]
   node[last] = value
   with pytest.raises(training.ConfigError, match=match.replace(".", r"\.")):
-    trainer.validate_config(c)
+    job.validate_config(c)
 
 
 def test_batch_not_divisible_by_mesh_names_the_field(tmp_path):
   config = _config(batch_size=3)
   mesh = training.build_mesh(config.mesh, devices=jax.devices()[:2])
-  parts = trainer.Parts(None, None, None, None, mesh, 0)  # the check comes before any use
+  parts = model_lib.Parts(None, None, None, None, mesh, 0)  # the check comes before any use
   with pytest.raises(training.ConfigError, match=r"config\.train\.batch_size=3"):
-    trainer.train(config, str(tmp_path), parts, None, None)
+    train_loop.TrainLoop(config.train, parts, None)
 
 
 def test_default_config_is_valid():
-  trainer.validate_config(elm_ml100k.get_config())
+  job.validate_config(elm_ml100k.get_config())

@@ -1,0 +1,64 @@
+"""The client stack built from ``config.llm``: validation, cache identity, per-process caches."""
+
+import asyncio
+import hashlib
+
+import pytest
+
+from configs import env_blocks
+from eagle_jax.env import stack
+from eagle_jax.env.batching import BatchingClient
+from eagle_jax.env.cache import CachedClient
+
+
+def test_defaults_are_valid_and_bad_fields_are_named():
+  stack.check_llm_config(env_blocks.llm_config())
+  cases = [
+      (dict(server_url="http://127.0.0.1:1"), r"config.llm.served_model: required"),
+      (dict(server_url="127.0.0.1:8000", served_model="m"), r"config.llm.server_url"),
+      (dict(server_url="http://h:1", served_model="m", gguf="/x.gguf"), r"not both"),
+      (dict(gguf="/no/such/model.gguf"), r"config.llm.gguf: no such file"),
+      (dict(concurrency=0), r"config.llm.concurrency"),
+      (dict(timeout_s=0.0), r"config.llm.timeout_s"),
+      (dict(retries=-1), r"config.llm.retries"),
+      (dict(batch_buckets=(8, 4)), r"config.llm.batch_buckets"),
+  ]
+  for change, pattern in cases:
+    with pytest.raises(ValueError, match=pattern):
+      stack.check_llm_config(env_blocks.llm_config(**change))
+  c = env_blocks.llm_config()
+  with c.unlocked():
+    c.model_id = "hand-typed"
+  with pytest.raises(ValueError, match=r"unknown fields \['model_id'\]"):
+    stack.check_llm_config(c)
+
+
+def test_local_model_name_is_the_file_hash(tmp_path):
+  f = tmp_path / "m.gguf"
+  f.write_bytes(b"weights v1" * 1000)
+  want = hashlib.sha256(b"weights v1" * 1000).hexdigest()[:16]
+  assert stack.local_model_name(f) == f"local-jax:{want}"
+  f.write_bytes(b"weights v2" * 1000)  # a changed file is another model
+  assert stack.local_model_name(f) != f"local-jax:{want}"
+
+
+def test_process_cache_paths_are_seeded_from_the_shared_file(tmp_path):
+  shared = tmp_path / "cache.jsonl"
+  assert stack.process_cache_path(str(shared), 0, 1) == str(shared)
+  shared.write_text('{"k": 1}\n')
+  own = stack.process_cache_path(str(shared), 1, 2)
+  assert own == str(tmp_path / "cache.1.jsonl")
+  assert open(own).read() == '{"k": 1}\n'
+  with open(own, "a") as f:
+    f.write('{"k": 2}\n')
+  assert stack.process_cache_path(str(shared), 1, 2) == own  # never overwritten once there
+  assert open(own).read().count("\n") == 2
+
+
+def test_server_stack_names_the_served_model(tmp_path):
+  llm = env_blocks.llm_config(server_url="http://127.0.0.1:9", served_model="Qwen/Qwen2.5-7B")
+  s = stack.open_llm(llm, str(tmp_path / "cache.jsonl"))
+  assert isinstance(s.client, BatchingClient) and isinstance(s.cached, CachedClient)
+  assert s.model_name == "openai:Qwen/Qwen2.5-7B" == s.cached.model_id
+  assert s.local is None and s.counters() == {"cache_hits": 0, "cache_misses": 0}
+  asyncio.run(s.aclose())
