@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from eagle_jax import prompts
-from eagle_jax.env import actions
+from eagle_jax.env import action_templates, actions
 from eagle_jax.env.client import SamplingParams
 
 
@@ -263,14 +263,14 @@ def memo_encode(minilm):
 def _genre_slot_regexes(genres):
   """Regexes of every genre-slot template filled with one of ``genres`` (other slots: any)."""
   out = []
-  for grammar in (actions._TEMPLATES, actions._PERSONAL_TEMPLATES):
+  for grammar in (action_templates._TEMPLATES, action_templates._PERSONAL_TEMPLATES):
     for template in (t for ts in grammar.values() for t in ts):
       slots = [m for m in re.findall(r"{(\w+)}", template)]
       if not any(s in ("genre", "genre_mod", "genres", "liked", "liked_mod", "liked_plural")
                  for s in slots):
         continue
       for g in genres:
-        np_, mod, plural = actions._GENRE_FORMS[g]
+        np_, mod, plural = action_templates._GENRE_FORMS[g]
         forms = {"genre": np_, "genre_mod": mod, "genres": plural, "liked": np_,
                  "liked_mod": mod, "liked_plural": plural}
         parts = re.split(r"({\w+})", template)
