@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from eagle_jax.env import cache as cache_lib
 from eagle_jax.env.batching import BatchingClient
 from eagle_jax.env.client import SamplingBackend
+from eagle_jax.models.sampling_params import check_int
 
 FIELDS = ("gguf", "server_url", "served_model", "api_key_env", "concurrency", "timeout_s",
           "retries", "batch_buckets")
@@ -64,9 +65,7 @@ def check_llm_config(llm, field: str = "config.llm") -> None:
   elif llm.gguf and not os.path.isfile(llm.gguf):
     raise ValueError(f"{field}.gguf: no such file {llm.gguf!r}")
   for name, lo in (("concurrency", 1), ("retries", 0)):
-    v = llm[name]
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-      raise ValueError(f"{field}.{name}: expected an int >= {lo}, got {v!r}")
+    check_int(f"{field}.{name}", llm[name], lo)
   if isinstance(llm.timeout_s, bool) or not isinstance(llm.timeout_s, (int, float)) or not (
       llm.timeout_s > 0):
     raise ValueError(f"{field}.timeout_s: expected a number > 0, got {llm.timeout_s!r}")
