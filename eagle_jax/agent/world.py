@@ -212,7 +212,7 @@ def _encoder(config, workdir: str, emb_path: str, features: TextFeatures):
   return ed, meta
 
 
-def _env_data(config, workdir: str, llm: stack.LLMStack, features: TextFeatures,
+def _env_data(config, workdir: str, llm: stack.LLMStack, encode,
               movies: Sequence[catalog.Movie], users: Sequence[catalog.User]) -> build.EnvData:
   """Phase 4: the environment-data pipeline, with one progress bar per stage."""
   with contextlib.ExitStack() as bars:
@@ -222,7 +222,7 @@ def _env_data(config, workdir: str, llm: stack.LLMStack, features: TextFeatures,
       if n_requests:
         bars.enter_context(answer_progress(llm, f"world: {name}", n_requests))
 
-    return asyncio.run(build.build_env_data(config, llm.client, features, movies, users,
+    return asyncio.run(build.build_env_data(config, llm.client, encode, movies, users,
                                             os.path.join(workdir, "env"), on_stage=on_stage,
                                             stats=llm.counters))
 
@@ -285,7 +285,11 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
   movies = catalog.movies_from_ratings(ratings, np.concatenate([train_items, held_items]))
   users = catalog.users_from_ratings(ratings, np.concatenate([train_users, held_users]),
                                      n_titles=int(config.profiles.titles))
-  data = _env_data(config, workdir, llm, features, movies, users)
+  # Near-duplicate removal embeds through the raw encoder, not the memo: a resumed run reads the
+  # action sets from disk and never repeats that embedding, so the memo of action texts is filled
+  # below in one fixed call on every run (a text's row depends on the rows it is padded with).
+  data = _env_data(config, workdir, llm, encoder.encode, movies, users)
+  features(sorted({a["text"] for s in data.action_sets for a in s["actions"]}))
   env = ContentGapEnv(llm.client, transition_params(config), ed, z_items, z_users,
                       lam=float(config.utility.lam), k=int(config.utility.k),
                       max_sentences=int(config.env.max_sentences))
