@@ -14,6 +14,7 @@ Backbones:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -52,6 +53,40 @@ class TextFeatures:
 
   def __len__(self) -> int:
     return len(self._memo)
+
+  def __contains__(self, text: str) -> bool:
+    return text in self._memo
+
+  def save(self, path: str | os.PathLike, texts: Sequence[str]) -> None:
+    """Writes the rows of ``texts`` (encoded first if needed) to an ``.npz`` file, atomically.
+
+    A resumed run ``load``s them, so it reads the very rows the first run computed: a text's row
+    depends slightly on the texts it was padded with in its ``encode`` call."""
+    texts = list(texts)
+    rows = self(texts)
+    tmp = f"{os.fspath(path)}.tmp.npz"
+    np.savez(tmp, texts=np.asarray(texts, dtype=np.str_), rows=rows)
+    os.replace(tmp, path)
+
+  def load(self, path: str | os.PathLike) -> int:
+    """Adds the rows saved by ``save`` to the memo (no pickles); returns how many were read.
+
+    Raises:
+      ValueError: naming ``path`` if the file is not a ``save`` output of this feature width or
+        holds non-finite rows.
+    """
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        texts, rows = f["texts"], np.asarray(f["rows"])
+    except (OSError, KeyError, ValueError) as e:
+      raise ValueError(f"{path}: not a saved feature file (texts, rows): {e}") from None
+    if texts.ndim != 1 or rows.shape != (len(texts), self.dim):
+      raise ValueError(f"{path}: rows {rows.shape} for {texts.shape} texts, expected "
+                       f"({len(texts)}, {self.dim})")
+    if not np.all(np.isfinite(rows)):
+      raise ValueError(f"{path}: non-finite feature rows")
+    self._memo.update(zip(texts.tolist(), rows.astype(np.float32)))
+    return len(texts)
 
 
 class DecoderPooler:
