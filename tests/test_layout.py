@@ -77,3 +77,9 @@ def test_lower_layers_never_import_higher_ones():
     for d in deps:
       if rank(m) is not None and rank(d) is not None:
         assert rank(d) <= rank(m), f"{m} (layer {order[rank(m)]}) imports {d}"
+
+
+def test_every_module_has_about_500_lines_at_most():
+  long = {str(p.relative_to(ROOT)): n for p in PKG.rglob("*.py")
+          if (n := len(p.read_text().splitlines())) > 530}
+  assert not long, f"modules over ~500 lines (split them by job): {long}"

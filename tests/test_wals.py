@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from eagle_jax import parallel
-from eagle_jax.embed import wals, wals_metrics, wals_plan, wals_train
+from eagle_jax.embed import cholesky, wals, wals_metrics, wals_plan, wals_train
 
 
 def _random_problem(num_users=37, num_items=29, num_ratings=400, seed=0):
@@ -144,7 +144,7 @@ def test_cholesky_solve_matches_numpy():
     m = rng.normal(size=(3, d, 2 * d)).astype(np.float32)
     a = m @ m.transpose(0, 2, 1) + 0.5 * np.eye(d, dtype=np.float32)
     b = rng.normal(size=(3, d)).astype(np.float32)
-    x = np.asarray(jax.jit(wals.cholesky_solve)(a, b))
+    x = np.asarray(jax.jit(cholesky.cholesky_solve)(a, b))
     ref = np.linalg.solve(a.astype(np.float64), b.astype(np.float64)[..., None])[..., 0]
     np.testing.assert_allclose(x, ref, rtol=2e-4, atol=2e-4)
 
