@@ -2,7 +2,6 @@
 
 import decoder_fixtures
 import numpy as np
-import pytest
 import torch
 
 from eagle_jax.agent.features import DecoderPooler, TextFeatures
@@ -42,37 +41,13 @@ def test_text_features_encode_each_text_once():
   assert calls == [["aa", "b"], ["ccc"]] and f.encoded == 3 and len(f) == 3
 
 
-def test_text_features_saved_rows_are_read_back_bit_exactly_without_encoding(tmp_path):
+def test_decoder_pooler_row_does_not_depend_on_the_texts_pooled_with_it(tmp_path):
+  tmodel = decoder_fixtures.make_torch_llama()
+  _, model = loading.load_llama_safetensors(decoder_fixtures.save_torch(tmodel, tmp_path))
+  pooler = DecoderPooler(model, _CharTokenizer(), batch=4)
   rng = np.random.default_rng(0)
-  table = {t: rng.normal(size=3).astype(np.float32) for t in ["a", "bb", "ünïcode ☃", ""]}
-  first = TextFeatures(lambda ts: np.stack([table[t] for t in ts]), 3)
-  first(list(table))
-  path = tmp_path / "f.npz"
-  first.save(path, ["bb", "ünïcode ☃", ""])
-
-  def refuse(texts):
-    raise AssertionError(f"encoded {texts}")
-
-  second = TextFeatures(refuse, 3)
-  assert second.load(path) == 3
-  got = second(["", "ünïcode ☃", "bb"])
-  np.testing.assert_array_equal(got, np.stack([table[""], table["ünïcode ☃"], table["bb"]]))
-  assert "a" not in second and second.encoded == 0
-
-
-def test_text_features_load_names_the_file_on_bad_input(tmp_path):
-  f = TextFeatures(lambda ts: np.zeros((len(ts), 2), np.float32), 2)
-  wrong_width = tmp_path / "w.npz"
-  np.savez(wrong_width, texts=np.array(["a"]), rows=np.zeros((1, 3), np.float32))
-  nonfinite = tmp_path / "n.npz"
-  np.savez(nonfinite, texts=np.array(["a"]), rows=np.array([[0.0, np.nan]], np.float32))
-  pickled = tmp_path / "p.npz"
-  np.savez(pickled, texts=np.array([{"x": 1}], dtype=object), rows=np.zeros((1, 2)))
-  garbage = tmp_path / "g.npz"
-  garbage.write_bytes(b"not a zip")
-  for path, words in [(wrong_width, "expected (1, 2)"), (nonfinite, "non-finite"),
-                      (pickled, "not a saved feature file"), (garbage, "not a saved feature file")]:
-    with pytest.raises(ValueError, match=str(path.name)) as e:
-      f.load(path)
-    assert words in str(e.value)
-  assert len(f) == 0
+  texts = ["".join(rng.choice(list("abcdefgh "), rng.integers(1, 50))) for _ in range(12)]
+  alone = np.stack([pooler([t])[0] for t in texts[:3]])
+  for _ in range(3):
+    others = [texts[i] for i in rng.permutation(12)[: rng.integers(3, 12)]]
+    np.testing.assert_array_equal(pooler(others + texts[:3])[-3:], alone)

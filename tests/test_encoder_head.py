@@ -49,3 +49,16 @@ def test_genre_features_and_errors():
   np.testing.assert_array_equal(feats, [[0, 1, 1], [0, 0, 0], [1, 0, 0]])
   with pytest.raises(ValueError, match="same, non-zero"):
     encoder.fit_head(np.zeros((3, 2)), np.zeros((4, 2)), encoder.HeadConfig())
+
+
+def test_head_prediction_of_a_row_does_not_depend_on_the_other_rows():
+  rng = np.random.default_rng(3)
+  head = encoder.RegressionHead(24, 5, 32, dropout=0.1, rngs=__import__("flax").nnx.Rngs(0))
+  x = rng.normal(size=(600, 24)).astype(np.float32)
+  full = encoder.predict(head, x)  # 3 calls, the last one padded
+  assert full.shape == (600, 5)
+  for idx in ([0], [599], rng.choice(600, 37, replace=False)):
+    np.testing.assert_array_equal(encoder.predict(head, x[idx]), full[idx])
+  # The same numbers as the head applied directly (evaluation mode: no dropout).
+  np.testing.assert_allclose(full, np.asarray(head(x)), rtol=1e-5, atol=1e-6)
+  assert encoder.predict(head, x[:0]).shape == (0, 5)

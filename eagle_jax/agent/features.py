@@ -14,7 +14,6 @@ Backbones:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -54,46 +53,14 @@ class TextFeatures:
   def __len__(self) -> int:
     return len(self._memo)
 
-  def __contains__(self, text: str) -> bool:
-    return text in self._memo
-
-  def save(self, path: str | os.PathLike, texts: Sequence[str]) -> None:
-    """Writes the rows of ``texts`` (encoded first if needed) to an ``.npz`` file, atomically.
-
-    A resumed run ``load``s them, so it reads the very rows the first run computed: a text's row
-    depends slightly on the texts it was padded with in its ``encode`` call."""
-    texts = list(texts)
-    rows = self(texts)
-    tmp = f"{os.fspath(path)}.tmp.npz"
-    np.savez(tmp, texts=np.asarray(texts, dtype=np.str_), rows=rows)
-    os.replace(tmp, path)
-
-  def load(self, path: str | os.PathLike) -> int:
-    """Adds the rows saved by ``save`` to the memo (no pickles); returns how many were read.
-
-    Raises:
-      ValueError: naming ``path`` if the file is not a ``save`` output of this feature width or
-        holds non-finite rows.
-    """
-    try:
-      with np.load(path, allow_pickle=False) as f:
-        texts, rows = f["texts"], np.asarray(f["rows"])
-    except (OSError, KeyError, ValueError) as e:
-      raise ValueError(f"{path}: not a saved feature file (texts, rows): {e}") from None
-    if texts.ndim != 1 or rows.shape != (len(texts), self.dim):
-      raise ValueError(f"{path}: rows {rows.shape} for {texts.shape} texts, expected "
-                       f"({len(texts)}, {self.dim})")
-    if not np.all(np.isfinite(rows)):
-      raise ValueError(f"{path}: non-finite feature rows")
-    self._memo.update(zip(texts.tolist(), rows.astype(np.float32)))
-    return len(texts)
-
 
 class DecoderPooler:
   """Mean-pooled final hidden states of a ``Llama`` decoder: texts -> [N, D].
 
-  Texts are tokenised (no chat template), truncated to ``max_tokens``, right-padded to a bucket of
-  16 tokens and run in rows of ``batch`` (padded), so a run compiles one program per length bucket.
+  Texts are tokenised (no chat template), truncated to ``max_tokens``, right-padded to their own
+  bucket of 16 tokens and run ``batch`` rows at a time (padded) with texts of the same bucket only:
+  a run compiles one program per length bucket, and a text's row does not depend on the texts it is
+  pooled with (see ``models.text_encoder``).
   """
 
   def __init__(self, model: llama_lib.Llama, tokenizer, *, max_tokens: int = 256, batch: int = 16):
@@ -119,15 +86,16 @@ class DecoderPooler:
   def __call__(self, texts: Sequence[str]) -> np.ndarray:
     ids = [self.tokenizer.encode(t)[: self.max_tokens] or [0] for t in texts]
     out = np.zeros((len(ids), self.dim), np.float32)
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    for start in range(0, len(ids), self.batch):
-      rows = order[start: start + self.batch]
-      length = -(-max(len(ids[r]) for r in rows) // 16) * 16
-      tokens = np.zeros((self.batch, length), np.int32)
-      mask = np.zeros((self.batch, length), bool)
-      for j, r in enumerate(rows):
-        tokens[j, : len(ids[r])] = ids[r]
-        mask[j, : len(ids[r])] = True
-      pooled = np.asarray(self._pool(self._state, tokens, mask))
-      out[rows] = pooled[: len(rows)]
+    buckets = np.array([-(-len(x) // 16) * 16 for x in ids])
+    for length in sorted(set(buckets.tolist())):
+      members = np.flatnonzero(buckets == length)
+      for start in range(0, len(members), self.batch):
+        rows = members[start: start + self.batch]
+        tokens = np.zeros((self.batch, length), np.int32)
+        mask = np.zeros((self.batch, length), bool)
+        for j, r in enumerate(rows):
+          tokens[j, : len(ids[r])] = ids[r]
+          mask[j, : len(ids[r])] = True
+        pooled = np.asarray(self._pool(self._state, tokens, mask))
+        out[rows] = pooled[: len(rows)]
     return out

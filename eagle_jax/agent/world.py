@@ -12,8 +12,7 @@ once (``check_config``) and composes phases that each call one library function:
    server, behind the response cache, so a rerun replays the environment from disk);
 4. environment data: ``env.build.build_env_data`` writes ``env/{descriptions,profiles,actions}.jsonl``
    (anchor plots, user profiles, K candidate actions per anchor, with provenance): the same
-   pipeline as ``launch.build_env_data``; the action texts' features go to ``env/action_features.npz``
-   so a resumed run reads the rows the first run computed;
+   pipeline as ``launch.build_env_data``;
 5. episodes: anchors and users drawn from ratings, train / held-out (user, anchor) pairs;
 6. optionally every state of the depth-``env.prefetch_depth`` transition tree (``prefetch_tree``);
 7. ``world.json``: anchors, action provenance, profiles, pairs, for inspection.
@@ -286,21 +285,7 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
   movies = catalog.movies_from_ratings(ratings, np.concatenate([train_items, held_items]))
   users = catalog.users_from_ratings(ratings, np.concatenate([train_users, held_users]),
                                      n_titles=int(config.profiles.titles))
-  # Near-duplicate removal fills the memo with the action texts' rows; they are saved beside the
-  # action sets, so a resumed run (which reads the sets from disk) reads the same rows.
-  saved = os.path.join(workdir, "env", "action_features.npz")
-  if os.path.exists(saved):
-    try:
-      features.load(saved)
-    except ValueError as e:
-      raise training.ConfigError(f"{e}; delete it to re-encode the action texts") from None
   data = _env_data(config, workdir, llm, features, movies, users)
-  action_texts = sorted({a["text"] for s in data.action_sets for a in s["actions"]})
-  missing = sum(t not in features for t in action_texts)
-  if missing and os.path.exists(saved):
-    logging.warning("world: %d action texts missing from %s (run stopped between the action sets "
-                    "and their features); encoding them now", missing, saved)
-  features.save(saved, action_texts)
   env = ContentGapEnv(llm.client, transition_params(config), ed, z_items, z_users,
                       lam=float(config.utility.lam), k=int(config.utility.k),
                       max_sentences=int(config.env.max_sentences))

