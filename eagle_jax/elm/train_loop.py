@@ -201,9 +201,10 @@ class TrainLoop:
       step, stage = 0, 1 if s1 > 0 else 2
       state = self._fresh_state(stage, self.parts.adapter_init(), decoder_params)
     else:
-      # The stage of a checkpoint decides its structure: read its metadata first.
-      stage = int(ckpt.metadata(latest)["stage"])
-      step, state, _ = ckpt.restore(latest, target=self._stages[stage].abstract)
+      # The stage of a checkpoint decides its structure: the target is read from its metadata.
+      step, state, saved = ckpt.restore(
+          target=lambda m: self._stages[int(m["stage"])].abstract)
+      stage = int(saved["stage"])
       if stage == 2:
         decoder_params = state["decoder"]
       logging.info("resumed ELM training from step %d (stage %d) in %s", step, stage,
@@ -258,7 +259,7 @@ class TrainLoop:
 
 
 def restore_trained(directory: str, parts: Parts, train_config) -> tuple[dict[str, Any], dict]:
-  """The trained parameters of the latest checkpoint in ``directory``.
+  """The trained parameters of the newest intact checkpoint in ``directory``.
 
   Args:
     directory: a ``checkpoints/`` folder written by ``TrainLoop.train``.
@@ -272,15 +273,15 @@ def restore_trained(directory: str, parts: Parts, train_config) -> tuple[dict[st
   Raises:
     FileNotFoundError: no checkpoint in ``directory``.
   """
+  def target(meta):
+    stage = int(meta["stage"])
+    return abstract_state(parts, stage_optimizer(train_config, stage), stage)
+
   ckpt = checkpoint.Checkpointer(directory)
   try:
-    latest = ckpt.latest_step()
-    if latest is None:
+    if ckpt.latest_step() is None:
       raise FileNotFoundError(f"no ELM checkpoint in {directory}")
-    meta = ckpt.metadata(latest)
-    stage = int(meta["stage"])
-    target = abstract_state(parts, stage_optimizer(train_config, stage), stage)
-    _, state, _ = ckpt.restore(latest, target=target)
+    _, state, meta = ckpt.restore(target=target)
   finally:
     ckpt.close()
   return {k: v for k, v in state.items() if k != "opt"}, meta
