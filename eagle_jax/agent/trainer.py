@@ -30,9 +30,10 @@ one would have.
 Checkpoint (orbax, every ``checkpoint.every`` steps, at the phase boundary and at the end; newest
 ``checkpoint.max_to_keep`` kept): agent, reference and behaviour parameters, optimizer state, the
 run's PRNG key; the metadata holds the step, which is also the data iterator's state (batch i's
-pairs and draws are functions of (seed, i)). Restarting the same command resumes from the newest
-checkpoint; the environment replays from the response cache, so the resumed run's metrics equal an
-uninterrupted run's.
+pairs and draws are functions of (seed, i)). On SIGTERM (``preemption.Guard``) the current step
+finishes and is saved, then ``preemption.Preempted`` is raised. Restarting the same command resumes
+from the newest intact checkpoint; the environment replays from the response cache, so the resumed
+run's metrics equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from eagle_jax import checkpoint, parallel, training
+from eagle_jax import checkpoint, parallel, preemption, training
 from eagle_jax.agent import losses, reference, rollout
 from eagle_jax.agent.policy import PolicyConfig, PolicyValueNet
 from eagle_jax.agent.world import World, cache_stats
@@ -380,6 +381,14 @@ class AgentTrainer:
                                 "phase": "reference" if step < self.ref_steps else "rl",
                                 "data_state": {"next_batch": step}}, force=force)
 
+    guard = preemption.Guard().__enter__()
+
+    def stop_if_preempted(step: int, state: dict) -> None:
+      if guard.should_stop(step):
+        save(step, state, force=True)
+        ckpt.wait()
+        raise preemption.Preempted(step, ckpt.directory)
+
     try:
       if step < self.ref_steps:
         data = await reference.reference_dataset(
@@ -403,11 +412,14 @@ class AgentTrainer:
             save(step, state, force=True)
           else:
             save(step, state)
+          stop_if_preempted(step, state)
       elif step == self.ref_steps == 0 and not resumed:
         state = self.learner.start_rl(state)
-      state, step, last = await self._rl_loop(state, step, key, writer, progress, save)
+      state, step, last = await self._rl_loop(state, step, key, writer, progress, save,
+                                              stop_if_preempted)
       save(step, state, force=True)
     finally:
+      guard.__exit__()
       ckpt.close()
       writer.close()
       progress.close()
@@ -425,7 +437,7 @@ class AgentTrainer:
                                episodes.batch())
     return jax.block_until_ready(out)
 
-  async def _rl_loop(self, state, step, key, writer, progress, save):
+  async def _rl_loop(self, state, step, key, writer, progress, save, stop_if_preempted):
     overlap = self.job.rl.overlap
     i = step - self.ref_steps
     last: dict[str, Any] = {}
@@ -458,6 +470,12 @@ class AgentTrainer:
           **cache_stats(self.world)}, phase="rl")
       progress.update(1, {**last, "loss": last["total"]})
       save(step, state)
+      try:
+        stop_if_preempted(step, state)
+      except preemption.Preempted:
+        if i < self.rl_steps:
+          pending.cancel()  # the next step's collection, in flight
+        raise
     return state, step, last
 
 

@@ -12,7 +12,8 @@ reuses them, so a step compiles once per stage and loop.
 
 Checkpoints (``checkpoint.Checkpointer`` in ``<workdir>/checkpoints``) hold ``{"adapter", "opt"}``
 (plus ``"decoder"`` in stage 2: a frozen decoder is not copied into every checkpoint), written every
-``save_every`` steps and at the end of each stage; a rerun resumes from the latest step. Their
+``save_every`` steps, at the end of each stage and on SIGTERM (``preemption.Guard``: the step is
+saved, then ``preemption.Preempted`` is raised); a rerun resumes from the newest intact step. Their
 metadata adds ``stage``, ``step``, ``stage1_steps`` and ``stage2_steps`` to the caller's. Metrics go
 to ``metrics.jsonl`` and TensorBoard (``training.MetricsWriter``).
 """
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from eagle_jax import checkpoint, parallel, training
+from eagle_jax import checkpoint, parallel, preemption, training
 from eagle_jax.elm.data import Dataset
 from eagle_jax.elm.model import Parts, input_embeddings
 
@@ -219,6 +220,7 @@ class TrainLoop:
       ckpt.save(s, st, {**meta, "stage": stage, "step": s, "stage1_steps": s1,
                         "stage2_steps": self.stage_steps[2]}, force=True)
 
+    guard = preemption.Guard().__enter__()
     try:
       while step < total:
         if stage == 1 and step >= s1:  # (step s1 was saved at the end of stage 1)
@@ -245,11 +247,16 @@ class TrainLoop:
           t_last, n_last, window = now, step, []
           records.append(rec)
         progress.update(1, jax.device_get(m) if step % tc.log_every == 0 else None)
-        if step % tc.save_every == 0 or end_of_stage:
+        stop = guard.should_stop(step)
+        if step % tc.save_every == 0 or end_of_stage or stop:
           save(step, state)
+        if stop:
+          ckpt.wait()
+          raise preemption.Preempted(step, ckpt.directory)
         if stop_after is not None and step >= stop_after:
           break
     finally:
+      guard.__exit__()
       progress.close()
       writer.close()
       ckpt.close()
