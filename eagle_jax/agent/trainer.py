@@ -27,11 +27,10 @@ one step and the policy-gradient term carries the truncated importance ratio (``
 lagged parameters are part of the checkpoint, so a resumed run collects exactly what an uninterrupted
 one would have.
 
-Checkpoint (orbax, every ``checkpoint.every`` steps, at the phase boundary and at the end; newest
-``checkpoint.max_to_keep`` kept): agent, reference and behaviour parameters, optimizer state, the
-run's PRNG key; the metadata holds the step, which is also the data iterator's state (batch i's
-pairs and draws are functions of (seed, i)). On SIGTERM (``preemption.Guard``) the current step
-finishes and is saved, then ``preemption.Preempted`` is raised. Restarting the same command resumes
+Checkpoint (orbax, every ``checkpoint.every`` steps, at the phase boundary, at the end and on SIGTERM,
+then ``preemption.Preempted``; newest ``checkpoint.max_to_keep`` kept): agent, reference and
+behaviour parameters, optimizer state, the run's PRNG key; the metadata holds the step, which is also
+the data iterator's state (batch i's pairs and draws are functions of (seed, i)). Rerunning resumes
 from the newest intact checkpoint; the environment replays from the response cache, so the resumed
 run's metrics equal an uninterrupted run's.
 """
@@ -372,6 +371,7 @@ class AgentTrainer:
     key = jax.random.wrap_key_data(jnp.asarray(state["rng"]))
     t_start = time.perf_counter()
     last: dict[str, Any] = {}
+    guard = preemption.Guard().__enter__()  # SIGTERM: save this step, raise Preempted
 
     def save(step: int, state: dict, force: bool = False) -> None:
       if step == ckpt.latest_step():
@@ -381,10 +381,10 @@ class AgentTrainer:
                                 "phase": "reference" if step < self.ref_steps else "rl",
                                 "data_state": {"next_batch": step}}, force=force)
 
-    guard = preemption.Guard().__enter__()
-
-    def stop_if_preempted(step: int, state: dict) -> None:
+    def stop_if_preempted(step: int, state: dict, *in_flight: asyncio.Future) -> None:
       if guard.should_stop(step):
+        for task in in_flight:  # the next step's collection (a no-op once awaited)
+          task.cancel()
         save(step, state, force=True)
         ckpt.wait()
         raise preemption.Preempted(step, ckpt.directory)
@@ -409,9 +409,7 @@ class AgentTrainer:
           progress.update(1, last)
           if step == self.ref_steps:
             state = self.learner.start_rl(state)
-            save(step, state, force=True)
-          else:
-            save(step, state)
+          save(step, state, force=step == self.ref_steps)
           stop_if_preempted(step, state)
       elif step == self.ref_steps == 0 and not resumed:
         state = self.learner.start_rl(state)
@@ -470,12 +468,7 @@ class AgentTrainer:
           **cache_stats(self.world)}, phase="rl")
       progress.update(1, {**last, "loss": last["total"]})
       save(step, state)
-      try:
-        stop_if_preempted(step, state)
-      except preemption.Preempted:
-        if i < self.rl_steps:
-          pending.cancel()  # the next step's collection, in flight
-        raise
+      stop_if_preempted(step, state, pending)
     return state, step, last
 
 
