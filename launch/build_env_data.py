@@ -26,6 +26,7 @@ from eagle_jax import data
 from eagle_jax.data import catalog
 from eagle_jax.env import build, stack
 from eagle_jax.models.text_encoder import SentenceEncoder
+from launch import job
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Environment data configuration.",
                                           lock_config=True)
@@ -52,7 +53,10 @@ def main(argv):
     ratings = _ratings(config.data_source)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  os.makedirs(workdir, exist_ok=True)
+  job.run(workdir, lambda: _build(config, workdir, ratings), name="build_env_data")
+
+
+def _build(config, workdir: str, ratings) -> None:
   t0 = time.perf_counter()
   movies = catalog.movies_from_ratings(ratings,
                                        catalog.most_rated_items(ratings, config.num_movies))

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from eagle_jax import training
 from eagle_jax.evaluation import agent_eval
+from launch import job
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "movielens_smoke.py"),
@@ -30,10 +31,8 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   training.quiet_library_logs()
-  try:
-    agent_eval.run(_CONFIG.value, _WORKDIR.value)
-  except training.ConfigError as e:
-    raise app.UsageError(str(e)) from e
+  job.run(_WORKDIR.value, lambda: agent_eval.run(_CONFIG.value, _WORKDIR.value), name="evaluate",
+          distributed=bool(_CONFIG.value.distributed))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from eagle_jax import assets, training
 from eagle_jax.agent import trainer
 from eagle_jax.agent.world import build_world
 from eagle_jax.evaluation import agent_eval
+from launch import job
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "movielens_smoke.py"),
@@ -58,10 +59,8 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   training.quiet_library_logs()
-  try:
-    run(_CONFIG.value, _WORKDIR.value)
-  except training.ConfigError as e:
-    raise app.UsageError(str(e)) from e
+  job.run(_WORKDIR.value, lambda: run(_CONFIG.value, _WORKDIR.value), name="main",
+          distributed=bool(_CONFIG.value.distributed))
 
 
 if __name__ == "__main__":

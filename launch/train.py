@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from eagle_jax import training
 from eagle_jax.agent import trainer
 from eagle_jax.agent.world import build_world
+from launch import job
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "movielens_smoke.py"),
@@ -39,19 +40,23 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   training.quiet_library_logs()
-  try:
-    if _DRY_RUN.value:
+  if _DRY_RUN.value:
+    try:
       print(json.dumps(trainer.dry_run(_CONFIG.value), indent=2, default=str), flush=True)
-      return
-    if _PREPARE_ONLY.value:
-      training.check_workdir(_WORKDIR.value)
-      world = build_world(_CONFIG.value, _WORKDIR.value)
-      print(f"[train] world ready in {_WORKDIR.value}: {len(world.anchors)} anchors, "
-            f"{len(world.train_pairs)} train pairs", flush=True)
-      return
-    summary = trainer.run(_CONFIG.value, _WORKDIR.value)
-  except training.ConfigError as e:
-    raise app.UsageError(str(e)) from e
+    except training.ConfigError as e:
+      raise app.UsageError(str(e)) from e
+    return
+
+  def prepare():
+    world = build_world(_CONFIG.value, _WORKDIR.value)
+    print(f"[train] world ready in {_WORKDIR.value}: {len(world.anchors)} anchors, "
+          f"{len(world.train_pairs)} train pairs", flush=True)
+
+  if _PREPARE_ONLY.value:
+    job.run(_WORKDIR.value, prepare, name="train")
+    return
+  summary = job.run(_WORKDIR.value, lambda: trainer.run(_CONFIG.value, _WORKDIR.value),
+                    name="train", distributed=bool(_CONFIG.value.distributed))
   logging.info("train summary: %s", json.dumps(summary, default=float)[:2000])
 
 

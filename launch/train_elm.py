@@ -21,6 +21,7 @@ from ml_collections import config_flags
 from eagle_jax import assets, training
 from eagle_jax.elm import job
 from eagle_jax.env import stack
+from launch import job as launch_job
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "elm_ml100k.py"),
@@ -51,10 +52,9 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   training.quiet_library_logs()
   config, workdir = _CONFIG.value, _WORKDIR.value
-  try:
-    report = job.run(config, workdir, open_env=_env_opener(config, workdir))
-  except (training.ConfigError, ValueError) as e:
-    raise app.UsageError(str(e)) from e
+  report = launch_job.run(
+      workdir, lambda: job.run(config, workdir, open_env=_env_opener(config, workdir)),
+      name="train_elm", usage_errors=(training.ConfigError, ValueError))
   print(json.dumps({"headline": report.get("headline"), "seconds": report["seconds"],
                     "bc": report.get("eval", {}).get("behavioural_consistency", {}).get("elm")},
                    indent=2))

@@ -17,6 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from eagle_jax.embed import encoder_train
+from launch import job
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Encoder configuration file.",
                                           lock_config=True)
@@ -28,7 +29,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
-  report = encoder_train.run(_CONFIG.value, _WORKDIR.value)
+  report = job.run(_WORKDIR.value, lambda: encoder_train.run(_CONFIG.value, _WORKDIR.value),
+                   name="train_encoder")
   m = report["metrics"]
   print(json.dumps({"heldout_r2": m["heldout_r2"], "genre_baseline_r2": m["genre_baseline_r2"],
                     "metadata": m["metadata"], "description": m["description"],

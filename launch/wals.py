@@ -19,6 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from eagle_jax.embed import wals_train
+from launch import job
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "WALS configuration file.",
                                           lock_config=True)
@@ -30,7 +31,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
-  wals_train.run(_CONFIG.value, _WORKDIR.value)
+  job.run(_WORKDIR.value, lambda: wals_train.run(_CONFIG.value, _WORKDIR.value), name="wals")
 
 
 if __name__ == "__main__":

@@ -278,3 +278,30 @@ def test_pairs_are_a_function_of_seed_and_step():
   np.testing.assert_array_equal(a, rollout.sample_pairs(pairs, 8, 0, 5))
   assert not np.array_equal(a, rollout.sample_pairs(pairs, 8, 0, 6))
   assert len({tuple(x) for x in a}) == 8  # without replacement when the pool is large enough
+
+
+def test_evaluation_restore_falls_back_past_a_damaged_newest_step(tmp_path, caplog):
+  """``AgentTrainer.restore`` (what the evaluation calls) skips a damaged newest step."""
+  import logging  # noqa: PLC0415
+  import shutil  # noqa: PLC0415
+
+  from eagle_jax import checkpoint  # noqa: PLC0415
+
+  mesh = training.build_mesh({"data": -1})
+  learner = trainer.Learner(trainer.validate(_config(), mesh), 12, 10, mesh)
+  state = learner.init_state()
+  agent = object.__new__(trainer.AgentTrainer)  # restore reads only the folder and the learner
+  agent.workdir, agent.learner = str(tmp_path / "agents" / "uniform"), learner
+  ckpt_dir = os.path.join(agent.workdir, "checkpoints")
+  newer = dict(state, params=jax.tree.map(lambda x: x + 1.0, state["params"]))
+  with checkpoint.Checkpointer(ckpt_dir) as ckpt:
+    ckpt.save(4, state, {"step": 4})
+    ckpt.save(8, newer, {"step": 8})
+  shutil.rmtree(os.path.join(ckpt_dir, "8", "state"))
+  caplog.set_level(logging.WARNING)
+  step, restored, meta = agent.restore()
+  assert (step, meta) == (4, {"step": 4})
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+               restored, state)
+  assert any("step 8" in r.getMessage() and os.path.join(ckpt_dir, "8") in r.getMessage()
+             for r in caplog.records if r.levelno == logging.WARNING)

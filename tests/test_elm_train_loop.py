@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -158,3 +159,35 @@ def test_batch_not_divisible_by_mesh_names_the_field(tmp_path):
 
 def test_default_config_is_valid():
   job.validate_config(elm_ml100k.get_config())
+
+
+def test_preemption_saves_the_reached_step_and_resume_is_exact(tmp_path, monkeypatch):
+  """A stop request after step 3 (between the periodic saves 2 and 4) saves step 3 and raises
+  ``Preempted``; the rerun resumes there and ends in the uninterrupted run's parameters."""
+  from eagle_jax import checkpoint, preemption  # noqa: PLC0415
+
+  config = _config(stage1_steps=3, stage2_steps=2)
+  mesh = training.build_mesh(config.mesh, devices=jax.devices()[:2])
+  parts, dec0 = model_lib.build_parts(config.decoder, config.adapter, mesh, in_dim=5,
+                                      tokenizer=tok())
+  rng = np.random.default_rng(0)
+  data = data_lib.Dataset(_rows(parts.decoder_config.vocab_size, rng),
+                         {0: rng.normal(size=(4, 5)).astype(np.float32)}, 6, 4)
+  loop = train_loop.TrainLoop(config.train, parts, data)
+  stop_at = {"step": 3}
+  monkeypatch.setattr(preemption.Guard, "should_stop",
+                      lambda self, step: step == stop_at["step"])
+  with pytest.raises(preemption.Preempted) as info:
+    loop.train(str(tmp_path / "a"), dec0, {"k": 1})
+  ckpt_dir = str(tmp_path / "a" / "checkpoints")
+  assert info.value.step == 3 and info.value.directory == ckpt_dir
+  assert sorted(int(x) for x in os.listdir(ckpt_dir) if x.isdigit()) == [2, 3]
+  with checkpoint.Checkpointer(ckpt_dir) as ckpt:
+    assert ckpt.metadata()["step"] == 3
+  stop_at["step"] = None
+  state_b, dec_b, records = loop.train(str(tmp_path / "a"), dec0, {"k": 1})
+  assert [r["step"] for r in records] == [4, 5]
+  state_c, dec_c, _ = loop.train(str(tmp_path / "c"), dec0, {"k": 1})
+  for x, y in zip(_leaves(state_b["adapter"]) + _leaves(dec_b),
+                  _leaves(state_c["adapter"]) + _leaves(dec_c)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)

@@ -27,12 +27,12 @@ one step and the policy-gradient term carries the truncated importance ratio (``
 lagged parameters are part of the checkpoint, so a resumed run collects exactly what an uninterrupted
 one would have.
 
-Checkpoint (orbax, every ``checkpoint.every`` steps, at the phase boundary and at the end; newest
-``checkpoint.max_to_keep`` kept): agent, reference and behaviour parameters, optimizer state, the
-run's PRNG key; the metadata holds the step, which is also the data iterator's state (batch i's
-pairs and draws are functions of (seed, i)). Restarting the same command resumes from the newest
-checkpoint; the environment replays from the response cache, so the resumed run's metrics equal an
-uninterrupted run's.
+Checkpoint (orbax, every ``checkpoint.every`` steps, at the phase boundary, at the end and on SIGTERM,
+then ``preemption.Preempted``; newest ``checkpoint.max_to_keep`` kept): agent, reference and
+behaviour parameters, optimizer state, the run's PRNG key; the metadata holds the step, which is also
+the data iterator's state (batch i's pairs and draws are functions of (seed, i)). Rerunning resumes
+from the newest intact checkpoint; the environment replays from the response cache, so the resumed
+run's metrics equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from eagle_jax import checkpoint, parallel, training
+from eagle_jax import checkpoint, parallel, preemption, training
 from eagle_jax.agent import losses, reference, rollout
 from eagle_jax.agent.policy import PolicyConfig, PolicyValueNet
 from eagle_jax.agent.world import World, cache_stats
@@ -371,6 +371,7 @@ class AgentTrainer:
     key = jax.random.wrap_key_data(jnp.asarray(state["rng"]))
     t_start = time.perf_counter()
     last: dict[str, Any] = {}
+    guard = preemption.Guard().__enter__()  # SIGTERM: save this step, raise Preempted
 
     def save(step: int, state: dict, force: bool = False) -> None:
       if step == ckpt.latest_step():
@@ -379,6 +380,14 @@ class AgentTrainer:
         ckpt.save(step, state, {"step": step, "kind": name,
                                 "phase": "reference" if step < self.ref_steps else "rl",
                                 "data_state": {"next_batch": step}}, force=force)
+
+    def stop_if_preempted(step: int, state: dict, *in_flight: asyncio.Future) -> None:
+      if guard.should_stop(step):
+        for task in in_flight:  # the next step's collection (a no-op once awaited)
+          task.cancel()
+        save(step, state, force=True)
+        ckpt.wait()
+        raise preemption.Preempted(step, ckpt.directory)
 
     try:
       if step < self.ref_steps:
@@ -400,14 +409,15 @@ class AgentTrainer:
           progress.update(1, last)
           if step == self.ref_steps:
             state = self.learner.start_rl(state)
-            save(step, state, force=True)
-          else:
-            save(step, state)
+          save(step, state, force=step == self.ref_steps)
+          stop_if_preempted(step, state)
       elif step == self.ref_steps == 0 and not resumed:
         state = self.learner.start_rl(state)
-      state, step, last = await self._rl_loop(state, step, key, writer, progress, save)
+      state, step, last = await self._rl_loop(state, step, key, writer, progress, save,
+                                              stop_if_preempted)
       save(step, state, force=True)
     finally:
+      guard.__exit__()
       ckpt.close()
       writer.close()
       progress.close()
@@ -425,7 +435,7 @@ class AgentTrainer:
                                episodes.batch())
     return jax.block_until_ready(out)
 
-  async def _rl_loop(self, state, step, key, writer, progress, save):
+  async def _rl_loop(self, state, step, key, writer, progress, save, stop_if_preempted):
     overlap = self.job.rl.overlap
     i = step - self.ref_steps
     last: dict[str, Any] = {}
@@ -458,6 +468,7 @@ class AgentTrainer:
           **cache_stats(self.world)}, phase="rl")
       progress.update(1, {**last, "loss": last["total"]})
       save(step, state)
+      stop_if_preempted(step, state, pending)
     return state, step, last
 
 

@@ -12,7 +12,8 @@ reuses them, so a step compiles once per stage and loop.
 
 Checkpoints (``checkpoint.Checkpointer`` in ``<workdir>/checkpoints``) hold ``{"adapter", "opt"}``
 (plus ``"decoder"`` in stage 2: a frozen decoder is not copied into every checkpoint), written every
-``save_every`` steps and at the end of each stage; a rerun resumes from the latest step. Their
+``save_every`` steps, at the end of each stage and on SIGTERM (``preemption.Guard``: the step is
+saved, then ``preemption.Preempted`` is raised); a rerun resumes from the newest intact step. Their
 metadata adds ``stage``, ``step``, ``stage1_steps`` and ``stage2_steps`` to the caller's. Metrics go
 to ``metrics.jsonl`` and TensorBoard (``training.MetricsWriter``).
 """
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from eagle_jax import checkpoint, parallel, training
+from eagle_jax import checkpoint, parallel, preemption, training
 from eagle_jax.elm.data import Dataset
 from eagle_jax.elm.model import Parts, input_embeddings
 
@@ -201,9 +202,10 @@ class TrainLoop:
       step, stage = 0, 1 if s1 > 0 else 2
       state = self._fresh_state(stage, self.parts.adapter_init(), decoder_params)
     else:
-      # The stage of a checkpoint decides its structure: read its metadata first.
-      stage = int(ckpt.metadata(latest)["stage"])
-      step, state, _ = ckpt.restore(latest, target=self._stages[stage].abstract)
+      # The stage of a checkpoint decides its structure: the target is read from its metadata.
+      step, state, saved = ckpt.restore(
+          target=lambda m: self._stages[int(m["stage"])].abstract)
+      stage = int(saved["stage"])
       if stage == 2:
         decoder_params = state["decoder"]
       logging.info("resumed ELM training from step %d (stage %d) in %s", step, stage,
@@ -218,6 +220,7 @@ class TrainLoop:
       ckpt.save(s, st, {**meta, "stage": stage, "step": s, "stage1_steps": s1,
                         "stage2_steps": self.stage_steps[2]}, force=True)
 
+    guard = preemption.Guard().__enter__()
     try:
       while step < total:
         if stage == 1 and step >= s1:  # (step s1 was saved at the end of stage 1)
@@ -244,11 +247,16 @@ class TrainLoop:
           t_last, n_last, window = now, step, []
           records.append(rec)
         progress.update(1, jax.device_get(m) if step % tc.log_every == 0 else None)
-        if step % tc.save_every == 0 or end_of_stage:
+        stop = guard.should_stop(step)
+        if step % tc.save_every == 0 or end_of_stage or stop:
           save(step, state)
+        if stop:
+          ckpt.wait()
+          raise preemption.Preempted(step, ckpt.directory)
         if stop_after is not None and step >= stop_after:
           break
     finally:
+      guard.__exit__()
       progress.close()
       writer.close()
       ckpt.close()
@@ -258,7 +266,7 @@ class TrainLoop:
 
 
 def restore_trained(directory: str, parts: Parts, train_config) -> tuple[dict[str, Any], dict]:
-  """The trained parameters of the latest checkpoint in ``directory``.
+  """The trained parameters of the newest intact checkpoint in ``directory``.
 
   Args:
     directory: a ``checkpoints/`` folder written by ``TrainLoop.train``.
@@ -272,15 +280,15 @@ def restore_trained(directory: str, parts: Parts, train_config) -> tuple[dict[st
   Raises:
     FileNotFoundError: no checkpoint in ``directory``.
   """
+  def target(meta):
+    stage = int(meta["stage"])
+    return abstract_state(parts, stage_optimizer(train_config, stage), stage)
+
   ckpt = checkpoint.Checkpointer(directory)
   try:
-    latest = ckpt.latest_step()
-    if latest is None:
+    if ckpt.latest_step() is None:
       raise FileNotFoundError(f"no ELM checkpoint in {directory}")
-    meta = ckpt.metadata(latest)
-    stage = int(meta["stage"])
-    target = abstract_state(parts, stage_optimizer(train_config, stage), stage)
-    _, state, _ = ckpt.restore(latest, target=target)
+    _, state, meta = ckpt.restore(target=target)
   finally:
     ckpt.close()
   return {k: v for k, v in state.items() if k != "opt"}, meta

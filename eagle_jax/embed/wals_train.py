@@ -3,7 +3,8 @@
 ``run(config, workdir)`` is what ``python -m launch.wals`` and the quick-start ``launch.main`` call.
 Outputs in ``workdir``:
 * ``checkpoints/<sweep>/``: orbax checkpoints of the factors (``eagle_jax.checkpoint``); a rerun
-  resumes from the latest one and only runs the remaining sweeps.
+  resumes from the latest one and only runs the remaining sweeps. On SIGTERM the current sweep
+  finishes, is saved, and ``preemption.Preempted`` is raised (``eagle_jax/preemption.py``).
 * ``embeddings.npz`` (no pickle): ``user_factors`` [U, k], ``item_factors`` [I, k], ``user_bias``
   [U], ``item_bias`` [I], ``global_mean`` [], ``user_ids`` [U] and ``item_ids`` [I] (raw MovieLens ids).
 * ``report.json``: data summary, config, train/test RMSE of the predicted rating (unclipped and
@@ -22,7 +23,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from eagle_jax import checkpoint, data, parallel
+from eagle_jax import checkpoint, data, parallel, preemption
 from eagle_jax.embed import wals, wals_metrics
 
 
@@ -163,11 +164,18 @@ def run(config, workdir: str) -> dict:
     history.append(record)
     logging.info("sweep %d: %.3f s, objective %.6g", s, record["seconds"],
                  record.get("objective", float("nan")))
-    if s % config.checkpoint.every == 0 or s == cfg.sweeps:
+    stop = guard.should_stop(s)
+    if s % config.checkpoint.every == 0 or s == cfg.sweeps or stop:
       ckpt.save(s, f.to_dict(), {"history": history, "config": config.to_dict()}, force=True)
+    if stop:
+      ckpt.wait()
+      raise preemption.Preempted(s, ckpt.directory)
 
-  factors, _ = model.fit(factors, start=step, callback=on_sweep)
-  ckpt.close()
+  try:
+    with preemption.Guard() as guard:
+      factors, _ = model.fit(factors, start=step, callback=on_sweep)
+  finally:
+    ckpt.close()
   metrics = evaluate(factors, train, test, config.eval)
   export_npz(os.path.join(workdir, "embeddings.npz"), factors, ratings)
   seconds = [h["seconds"] for h in history]

@@ -1,0 +1,45 @@
+"""The one entry wrapper of the launchers that write a workdir: lock, one-line errors, preemption.
+
+``run(workdir, fn)`` checks ``--workdir`` (``training.check_workdir``), holds the workdir's lock
+(``workdir_lock.hold``: a second live run on the same workdir is refused at once) and calls
+``fn()``. Errors a user acts on are printed as one line, without a traceback: a bad config value
+(``training.ConfigError``, absl's usage error), a locked workdir or a checkpoint with no intact
+step (``error: ...``, exit status 1). A run stopped by SIGTERM after saving its checkpoint
+(``preemption.Preempted``) logs where it saved and exits with ``preemption.EXIT_CODE`` (75).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from absl import app, logging
+
+from eagle_jax import checkpoint, preemption, training, workdir_lock
+
+T = TypeVar("T")
+
+
+def run(workdir: str | None, fn: Callable[[], T], *, name: str, distributed: bool = False,
+        usage_errors: tuple[type[Exception], ...] = (training.ConfigError,)) -> T:
+  """``fn()`` under the workdir's lock; see the module docstring.
+
+  Args:
+    workdir: the ``--workdir`` flag's value.
+    fn: the job.
+    name: the launcher's name for its log lines (``train``, ``wals`` ...).
+    distributed: a multi-host job (one lock per host, see ``workdir_lock``).
+    usage_errors: exception types reported as absl usage errors.
+  """
+  try:
+    path = training.check_workdir(workdir)
+    with workdir_lock.hold(path, distributed=distributed):
+      return fn()
+  except usage_errors as e:
+    raise app.UsageError(str(e)) from e
+  except (workdir_lock.WorkdirLocked, checkpoint.CheckpointError) as e:
+    raise SystemExit(f"[{name}] error: {e}") from None
+  except preemption.Preempted as e:
+    logging.warning("[%s] %s", name, e)
+    print(f"[{name}] {e}", flush=True)
+    raise SystemExit(preemption.EXIT_CODE) from None
