@@ -53,7 +53,7 @@ def main(argv):
     ratings = _ratings(config.data_source)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  job.run(workdir, lambda: _build(config, workdir, ratings), name="build_env_data")
+  job.run(workdir, lambda: _build(config, workdir, ratings), name="build_env_data", config=config)
 
 
 def _build(config, workdir: str, ratings) -> None:

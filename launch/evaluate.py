@@ -32,7 +32,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   training.quiet_library_logs()
   job.run(_WORKDIR.value, lambda: agent_eval.run(_CONFIG.value, _WORKDIR.value), name="evaluate",
-          distributed=bool(_CONFIG.value.distributed))
+          config=_CONFIG.value, distributed=bool(_CONFIG.value.distributed))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 ``run(workdir, fn)`` checks ``--workdir`` (``training.check_workdir``), holds the workdir's lock
 (``workdir_lock.hold``: a second live run on the same workdir is refused at once) and calls
-``fn()``. Errors a user acts on are printed as one line, without a traceback: a bad config value
-(``training.ConfigError``, absl's usage error), a locked workdir or a checkpoint with no intact
-step (``error: ...``, exit status 1). A run stopped by SIGTERM after saving its checkpoint
-(``preemption.Preempted``) logs where it saved and exits with ``preemption.EXIT_CODE`` (75).
+``fn()``, after comparing the job's config with the one the workdir was made with
+(``run_config.check``). Errors a user acts on are printed as one line, without a traceback: a bad
+config value or a changed one (``training.ConfigError``, absl's usage error), a locked workdir or a
+checkpoint with no intact step (``error: ...``, exit status 1). A run stopped by SIGTERM after
+saving its checkpoint (``preemption.Preempted``) logs where it saved and exits with
+``preemption.EXIT_CODE`` (75).
 """
 
 from __future__ import annotations
@@ -13,27 +15,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from absl import app, logging
+from absl import app, flags, logging
 
-from eagle_jax import checkpoint, preemption, training, workdir_lock
+from eagle_jax import checkpoint, preemption, run_config, training, workdir_lock
+
+_ALLOW = flags.DEFINE_list(
+    "allow_config_change", [], "Config fields (dotted, or a block such as rl) allowed to differ "
+    "from the config the workdir was made with ('all': any); recorded in config_changes.jsonl.")
 
 T = TypeVar("T")
 
 
-def run(workdir: str | None, fn: Callable[[], T], *, name: str, distributed: bool = False,
-        usage_errors: tuple[type[Exception], ...] = (training.ConfigError,)) -> T:
+def run(workdir: str | None, fn: Callable[[], T], *, name: str, config=None,
+        distributed: bool = False, usage_errors: tuple[type[Exception], ...] = (training.ConfigError,)) -> T:
   """``fn()`` under the workdir's lock; see the module docstring.
 
   Args:
     workdir: the ``--workdir`` flag's value.
     fn: the job.
     name: the launcher's name for its log lines (``train``, ``wals`` ...).
+    config: the job's config, recorded in / compared with ``<workdir>/config.json``
+      (``run_config.check``, with ``--allow_config_change``) under the lock, before ``fn``.
     distributed: a multi-host job (one lock per host, see ``workdir_lock``).
     usage_errors: exception types reported as absl usage errors.
   """
   try:
     path = training.check_workdir(workdir)
     with workdir_lock.hold(path, distributed=distributed):
+      if config is not None:
+        run_config.check(config, path, allow=_ALLOW.value)
       return fn()
   except usage_errors as e:
     raise app.UsageError(str(e)) from e

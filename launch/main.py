@@ -59,7 +59,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   training.quiet_library_logs()
-  job.run(_WORKDIR.value, lambda: run(_CONFIG.value, _WORKDIR.value), name="main",
+  job.run(_WORKDIR.value, lambda: run(_CONFIG.value, _WORKDIR.value), name="main", config=_CONFIG.value,
           distributed=bool(_CONFIG.value.distributed))
 
 

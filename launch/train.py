@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from eagle_jax import training
-from eagle_jax.agent import trainer
+from eagle_jax.agent import dry_run, trainer
 from eagle_jax.agent.world import build_world
 from launch import job
 
@@ -42,7 +42,7 @@ def main(argv: Sequence[str]) -> None:
   training.quiet_library_logs()
   if _DRY_RUN.value:
     try:
-      print(json.dumps(trainer.dry_run(_CONFIG.value), indent=2, default=str), flush=True)
+      print(json.dumps(dry_run.dry_run(_CONFIG.value), indent=2, default=str), flush=True)
     except training.ConfigError as e:
       raise app.UsageError(str(e)) from e
     return
@@ -53,10 +53,10 @@ def main(argv: Sequence[str]) -> None:
           f"{len(world.train_pairs)} train pairs", flush=True)
 
   if _PREPARE_ONLY.value:
-    job.run(_WORKDIR.value, prepare, name="train")
+    job.run(_WORKDIR.value, prepare, name="train", config=_CONFIG.value)
     return
   summary = job.run(_WORKDIR.value, lambda: trainer.run(_CONFIG.value, _WORKDIR.value),
-                    name="train", distributed=bool(_CONFIG.value.distributed))
+                    name="train", config=_CONFIG.value, distributed=bool(_CONFIG.value.distributed))
   logging.info("train summary: %s", json.dumps(summary, default=float)[:2000])
 
 

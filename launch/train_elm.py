@@ -54,7 +54,7 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   report = launch_job.run(
       workdir, lambda: job.run(config, workdir, open_env=_env_opener(config, workdir)),
-      name="train_elm", usage_errors=(training.ConfigError, ValueError))
+      name="train_elm", config=config, usage_errors=(training.ConfigError, ValueError))
   print(json.dumps({"headline": report.get("headline"), "seconds": report["seconds"],
                     "bc": report.get("eval", {}).get("behavioural_consistency", {}).get("elm")},
                    indent=2))

@@ -30,7 +30,7 @@ def main(argv):
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
   report = job.run(_WORKDIR.value, lambda: encoder_train.run(_CONFIG.value, _WORKDIR.value),
-                   name="train_encoder")
+                   name="train_encoder", config=_CONFIG.value)
   m = report["metrics"]
   print(json.dumps({"heldout_r2": m["heldout_r2"], "genre_baseline_r2": m["genre_baseline_r2"],
                     "metadata": m["metadata"], "description": m["description"],

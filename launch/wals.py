@@ -31,7 +31,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
-  job.run(_WORKDIR.value, lambda: wals_train.run(_CONFIG.value, _WORKDIR.value), name="wals")
+  job.run(_WORKDIR.value, lambda: wals_train.run(_CONFIG.value, _WORKDIR.value), name="wals",
+          config=_CONFIG.value)
 
 
 if __name__ == "__main__":

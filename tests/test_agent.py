@@ -11,7 +11,7 @@ import pytest
 
 from configs import movielens_25m, movielens_smoke
 from eagle_jax import design, training
-from eagle_jax.agent import reference, rollout, trainer
+from eagle_jax.agent import dry_run, reference, rollout, trainer
 from eagle_jax.agent.policy import PolicyConfig, PolicyValueNet
 from eagle_jax.embed import wals
 from eagle_jax.evaluation import agent_eval
@@ -259,7 +259,7 @@ def test_workdir_errors_name_the_flag(tmp_path, monkeypatch):
 
 def test_paper_scale_config_dry_run_on_fake_devices():
   config = movielens_25m.get_config()
-  report = trainer.dry_run(config)
+  report = dry_run.dry_run(config)
   assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
   # Z is the augmented WALS space: rank + 3 wide, in the state (z_u, E_D(x)) and action (E_D(a)).
   latent = config.wals.wals.rank + 3

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from eagle_jax import training
+from eagle_jax import run_config, training
 from eagle_jax.agent import rollout
 from eagle_jax.agent.trainer import AgentTrainer, Job, validate
 from eagle_jax.agent.world import World, build_world
@@ -183,7 +183,11 @@ def _split_report(job: Job, episodes: dict[str, rollout.Episodes], n_pairs: int,
 
 def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, mesh
              ) -> dict[str, Any]:
-  """Runs every policy on both held-out splits; writes ``eval/report.json`` and PNG plots.
+  """Runs every policy on both held-out splits; writes ``report.json`` and PNG plots.
+
+  The folder is ``run_config.eval_dir``: ``<workdir>/eval`` under the evaluation settings the
+  workdir was made with, ``eval-<hash>`` beside it under others. The report carries the config and
+  the code version that produced it.
 
   Args:
     config: the run config (``eval`` for this loop, ``utility`` for the ELM baseline).
@@ -194,7 +198,7 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
     mesh: the device mesh ``job`` was validated for.
   """
   key = jax.random.key(ev.seed)
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = run_config.eval_dir(config, workdir)
   os.makedirs(out_dir, exist_ok=True)
   episodes: dict[str, dict[str, rollout.Episodes]] = {s: {} for s in SPLITS}
   steps: dict[str, int] = {}
@@ -255,9 +259,13 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
       "checkpoint_steps": steps, "main_reference": main, "splits": splits,
       "trajectories": trajectories,
       "env": {"transitions": world.env.steps, "parse_failures": world.env.parse_failures},
+      "code_version": run_config.code_version(), "config": run_config.to_dict(config),
   }
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
+  report_path = os.path.join(out_dir, "report.json")
+  with open(report_path + ".tmp", "w") as f:
     json.dump(report, f, indent=2)
+  os.replace(report_path + ".tmp", report_path)
+  report["path"] = report_path
   for split in SPLITS:
     _plots(splits[split]["policies"], out_dir, split)
   return report
@@ -306,5 +314,5 @@ def run(config, workdir: str, world=None) -> dict:
           f"[{h['agent_gain']['ci_low']:+.4f}, {h['agent_gain']['ci_high']:+.4f}] vs random "
           f"{h['random_gain']['mean']:+.4f}, untrained reference "
           f"{h['reference_gain']['mean']:+.4f}", flush=True)
-  print(f"[evaluate] report in {os.path.join(workdir, 'eval', 'report.json')}", flush=True)
+  print(f"[evaluate] report in {report['path']}", flush=True)
   return report
