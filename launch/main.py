@@ -21,16 +21,15 @@ import time
 from collections.abc import Sequence
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from eagle_jax import assets, training
+from eagle_jax import assets, cli, training
 from eagle_jax.agent import trainer
 from eagle_jax.agent.world import build_world
 from eagle_jax.evaluation import agent_eval
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "movielens_smoke.py"),
-    "EAGLE run configuration.", lock_config=True)
+    "EAGLE run configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; the job resumes from it.")
 
 
@@ -65,4 +64,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -14,20 +14,17 @@ from __future__ import annotations
 import json
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from eagle_jax import cli
 from eagle_jax.embed import encoder_train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Encoder configuration file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config("config", None, "Encoder configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoint, report).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required")
   report = encoder_train.run(_CONFIG.value, _WORKDIR.value)
   m = report["metrics"]
   print(json.dumps({"heldout_r2": m["heldout_r2"], "genre_baseline_r2": m["genre_baseline_r2"],
@@ -36,5 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, required=["config", "workdir"])

@@ -16,23 +16,19 @@ Outputs in ``--workdir``:
 from __future__ import annotations
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from eagle_jax import cli
 from eagle_jax.embed import wals_train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "WALS configuration file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config("config", None, "WALS configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, export, report).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required")
   wals_train.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, required=["config", "workdir"])

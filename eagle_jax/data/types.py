@@ -7,8 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from eagle_jax.checks import InputError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(InputError):
   """Malformed ratings data. The message names the file, the 1-based line and the field."""
 
   def __init__(self, path, message: str, *, line: int | None = None, field: str | None = None):
