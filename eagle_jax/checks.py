@@ -28,22 +28,23 @@ class NonFiniteError(InputError):
   """An array that enters the computation holds NaN or infinity; the message names its source."""
 
 
-def field_value(config, path: str) -> Any:
-  """The value at ``config.<a>.<b>`` for ``path`` ``"config.a.b"`` (the leading name is skipped)."""
-  value = config
-  for part in path.split(".")[1:]:
+def field_value(block, name: str) -> Any:
+  """The value at dotted ``name`` (``"eval.confidence"``) inside ``block``."""
+  value = block
+  for part in name.split("."):
     value = value[part]
   return value
 
 
-def check_number(config, path: str, *, integer: bool = False, lo: float | None = None,
-                 hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
-                 optional: bool = False) -> float | int | None:
-  """The number at ``path`` in ``config`` (see ``field_value``), checked against a range.
+def check_number(block, name: str, *, prefix: str = "config", integer: bool = False,
+                 lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                 hi_open: bool = False, optional: bool = False) -> float | int | None:
+  """The number at dotted ``name`` inside ``block``, checked against a range.
 
   Args:
-    config: the root config.
-    path: ``"config.<block>.<field>"``.
+    block: a config (or one of its blocks).
+    name: dotted path inside ``block`` (``"eval.confidence"``).
+    prefix: what ``block`` is called in messages (``"config"``, ``"config.wals"``).
     integer: require an int (bools are refused).
     lo, hi: bounds (None: unbounded); ``lo_open`` / ``hi_open`` exclude them.
     optional: None is allowed (and returned).
@@ -52,9 +53,10 @@ def check_number(config, path: str, *, integer: bool = False, lo: float | None =
     The value (an int when ``integer``).
 
   Raises:
-    ConfigError: ``path=value: expected <kind> in <range>``.
+    ConfigError: ``<prefix>.<name>=value: expected <kind> in <range>``.
   """
-  value = field_value(config, path)
+  path = f"{prefix}.{name}"
+  value = field_value(block, name)
   if value is None and optional:
     return None
   kind = "an int" if integer else "a finite number"
@@ -74,18 +76,33 @@ def check_number(config, path: str, *, integer: bool = False, lo: float | None =
   return value
 
 
-def check_numbers(config, specs: Iterable[tuple]) -> None:
-  """``check_number`` over ``(path, keyword arguments)`` pairs, in order."""
-  for path, kwargs in specs:
-    check_number(config, path, **kwargs)
+def check_numbers(block, specs: Iterable[tuple[str, dict]], prefix: str = "config") -> None:
+  """``check_number`` over ``(name, keyword arguments)`` pairs, in order."""
+  for name, kwargs in specs:
+    check_number(block, name, prefix=prefix, **kwargs)
 
 
-def check_choice(config, path: str, choices: Iterable[Any]) -> Any:
-  """The value at ``path``, which must be one of ``choices``; ConfigError naming it otherwise."""
-  value, choices = field_value(config, path), tuple(choices)
+def check_choice(block, name: str, choices: Iterable[Any], prefix: str = "config") -> Any:
+  """The value at ``name``, which must be one of ``choices``; ConfigError naming it otherwise."""
+  value, choices = field_value(block, name), tuple(choices)
   if value not in choices:
-    raise ConfigError(f"{path}={value!r}: expected one of {choices}")
+    raise ConfigError(f"{prefix}.{name}={value!r}: expected one of {choices}")
   return value
+
+
+# Fields of an AdamW block (``training.make_optimizer``): name -> check_number arguments.
+OPTIMIZER_FIELDS = {
+    "learning_rate": dict(lo=0.0, lo_open=True), "warmup_steps": dict(integer=True, lo=0),
+    "final_lr_fraction": dict(lo=0.0, hi=1.0), "weight_decay": dict(lo=0.0),
+    "grad_clip": dict(lo=0.0), "b1": dict(lo=0.0, hi=1.0, hi_open=True),
+    "b2": dict(lo=0.0, hi=1.0, hi_open=True)}
+
+
+def check_optimizer(block, name: str, prefix: str = "config") -> None:
+  """Checks the AdamW block at ``name`` (every field of ``OPTIMIZER_FIELDS`` it has)."""
+  opt = field_value(block, name)
+  check_numbers(block, [(f"{name}.{k}", v) for k, v in OPTIMIZER_FIELDS.items() if k in opt],
+                prefix)
 
 
 def check_input_path(path, field: str, *, kind: str = "file") -> str:

@@ -37,6 +37,7 @@ def run(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   training.check_workdir(workdir)
   trainer.validate(config, training.build_mesh(config.mesh))
+  agent_eval.EvalConfig.from_config(config.eval)  # evaluation runs last: check its fields first
   assets.fetch_all(progress=lambda msg: print(msg, flush=True))
   world = build_world(config, workdir)
   print(f"[main] world ready in {time.perf_counter() - t0:.0f} s; training agents for "
