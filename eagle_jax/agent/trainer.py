@@ -131,8 +131,9 @@ class Job:
   tensorboard: bool
 
 
-def validate(config, mesh: jax.sharding.Mesh) -> Job:
-  """Checks every field the trainer and the evaluation read, before any compute.
+def validate(config, mesh: jax.sharding.Mesh, inputs: bool = True) -> Job:
+  """Checks every field the trainer and the evaluation read, before any compute (``inputs``: also
+  that the input files and folders the config names exist; ``dry_run`` reads none).
 
   Returns:
     The ``Job`` every later stage reads.
@@ -175,8 +176,8 @@ def validate(config, mesh: jax.sharding.Mesh) -> Job:
   training.check_divisible(int(config.rl.batch_size), mesh, "config.rl.batch_size")
   training.check_divisible(int(config.reference.batch_size), mesh, "config.reference.batch_size")
   check_world_config(config)
-  wals_train.check_config(config.wals, "config.wals")
-  encoder_train.check_config(config.encoder, "config.encoder")
+  wals_train.check_config(config.wals, "config.wals", inputs)
+  encoder_train.check_config(config.encoder, "config.encoder", inputs)
   rl, ref = config.rl, config.reference
   return Job(
       kinds=kinds, main=main, seed=int(config.seed), horizon=int(rl.horizon),
@@ -497,7 +498,7 @@ def dry_run(config, devices=None) -> dict[str, Any]:
   Runs on fake devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
   """
   mesh = training.build_mesh(config.mesh, devices=devices)
-  job = validate(config, mesh)
+  job = validate(config, mesh, inputs=False)
   try:
     wals_config = wals.WALSConfig.from_config(config.wals.wals)
   except ValueError as e:

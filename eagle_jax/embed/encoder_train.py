@@ -81,9 +81,9 @@ def description_paths(config) -> list[str]:
   return [p for p in ([paths] if isinstance(paths, str) else list(paths)) if p]
 
 
-def check_config(config, field: str = "config") -> None:
+def check_config(config, field: str = "config", inputs: bool = True) -> None:
   """Validates an E_D job config (``configs/encoder_ml100k.py``; ``config.encoder`` of an EAGLE
-  run) at the job's entry, input paths included; ConfigError naming ``<field>.<name>``."""
+  run) at the job's entry (``inputs``: input paths too); ConfigError naming ``<field>.<name>``."""
   checks.check_choice(config, "target", TARGETS, field)
   checks.check_numbers(config, [
       ("heldout_fraction", dict(lo=0.0, hi=1.0, lo_open=True, hi_open=True)),
@@ -105,10 +105,12 @@ def check_config(config, field: str = "config") -> None:
       ("finetune.ridge_reg", dict(lo=0.0)),
       ("finetune.seed", dict(integer=True, lo=0)),
   ], field)
+  if not config.embeddings:
+    wals_train.check_config(config.wals, f"{field}.wals", inputs)
+  if not inputs:
+    return
   if config.embeddings:
     checks.check_input_path(config.embeddings, f"{field}.embeddings")
-  else:
-    wals_train.check_config(config.wals, f"{field}.wals")
   for path in description_paths(config):
     checks.check_input_path(path, f"{field}.descriptions")
   if config.minilm:

@@ -34,8 +34,9 @@ def peak_rss_bytes() -> int:
 _TFDS_PREFIX = "tfds:"
 
 
-def check_source(source, field: str) -> None:
-  """``source`` is one ``load_data`` can read; ConfigError naming ``field`` otherwise."""
+def check_source(source, field: str, inputs: bool = True) -> None:
+  """``source`` is one ``load_data`` can read (``inputs``: a folder must exist); ConfigError naming
+  ``field`` otherwise."""
   if source in ("ml100k", "synthetic"):
     return
   if isinstance(source, str) and source.startswith(_TFDS_PREFIX):
@@ -43,13 +44,15 @@ def check_source(source, field: str) -> None:
   if not isinstance(source, str) or not source:
     raise checks.ConfigError(f"{field}={source!r}: expected 'ml100k', 'synthetic', "
                              "'tfds:movielens/<version>-ratings' or a MovieLens folder")
-  checks.check_input_path(source, f"{field} (a MovieLens folder)", kind="dir")
+  if inputs:
+    checks.check_input_path(source, f"{field} (a MovieLens folder)", kind="dir")
 
 
-def check_config(config, field: str = "config") -> wals.WALSConfig:
+def check_config(config, field: str = "config", inputs: bool = True) -> wals.WALSConfig:
   """Validates a WALS job config (``configs/wals_ml100k.py``; ``config.wals`` of an EAGLE run) at
-  the job's entry. Returns the ``WALSConfig``; ConfigError naming ``<field>.<block>.<name>``."""
-  check_source(config.data.source, f"{field}.data.source")
+  the job's entry (``inputs``: also that input paths exist). Returns the ``WALSConfig``;
+  ConfigError naming ``<field>.<block>.<name>``."""
+  check_source(config.data.source, f"{field}.data.source", inputs)
   checks.check_numbers(config, [
       ("data.test_fraction", dict(lo=0.0, hi=1.0, hi_open=True)),
       ("data.min_train", dict(integer=True, lo=0)),
