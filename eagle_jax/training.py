@@ -33,12 +33,9 @@ import optax
 from flax import nnx
 
 from eagle_jax import parallel
+from eagle_jax.checks import ConfigError
 
 PyTree = Any
-
-
-class ConfigError(ValueError):
-  """A config value is invalid; the message names the field."""
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,32 +20,28 @@ import os
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from eagle_jax import data
+from eagle_jax import checks, cli, data
 from eagle_jax.data import catalog
 from eagle_jax.env import build, stack
 from eagle_jax.models.text_encoder import SentenceEncoder
 from launch import job
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Environment data configuration.",
-                                          lock_config=True)
+_CONFIG = cli.define_config("config", None, "Environment data configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (JSONL files, cache, report).")
 
 
 def _ratings(source: str):
   if source == "ml100k":
     return data.load_ml100k_assets()
-  if not os.path.isdir(source):
-    raise ValueError(f"config.data_source: expected 'ml100k' or a MovieLens folder, got {source!r}")
+  checks.check_input_path(source, "config.data_source (expected 'ml100k' or a MovieLens folder)",
+                          kind="dir")
   return data.load_movielens(source)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required")
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     stack.check_llm_config(config.llm)
@@ -81,5 +77,4 @@ def _build(config, workdir: str, ratings) -> None:
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, required=["config", "workdir"])

@@ -15,15 +15,14 @@ import os
 from collections.abc import Sequence
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from eagle_jax import training
+from eagle_jax import cli, training
 from eagle_jax.evaluation import agent_eval
 from launch import job
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "movielens_smoke.py"),
-    "EAGLE run configuration (as trained).", lock_config=True)
+    "EAGLE run configuration (as trained).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder written by launch.train.")
 
 
@@ -36,4 +35,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

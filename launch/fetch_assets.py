@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from eagle_jax import assets
+from eagle_jax import assets, cli
 
 _ASSETS = flags.DEFINE_list(
     "assets", [a.name for a in assets.ALL_ASSETS],
@@ -28,4 +28,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -21,17 +21,16 @@ import time
 from collections.abc import Sequence
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from eagle_jax import assets, training
+from eagle_jax import assets, cli, training
 from eagle_jax.agent import trainer
 from eagle_jax.agent.world import build_world
 from eagle_jax.evaluation import agent_eval
 from launch import job
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "movielens_smoke.py"),
-    "EAGLE run configuration.", lock_config=True)
+    "EAGLE run configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; the job resumes from it.")
 
 
@@ -39,6 +38,7 @@ def run(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   training.check_workdir(workdir)
   trainer.validate(config, training.build_mesh(config.mesh))
+  agent_eval.EvalConfig.from_config(config.eval)  # evaluation runs last: check its fields first
   assets.fetch_all(progress=lambda msg: print(msg, flush=True))
   world = build_world(config, workdir)
   print(f"[main] world ready in {time.perf_counter() - t0:.0f} s; training agents for "
@@ -64,4 +64,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,11 +15,11 @@ Prints ``serving <model> on http://HOST:PORT`` once the port accepts connections
 import asyncio
 import errno
 import socket
-import sys
 from collections.abc import Sequence
 
 from absl import app, flags
 
+from eagle_jax import checks, cli
 from eagle_jax.env import server
 
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind.")
@@ -60,12 +60,14 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _MAX_BATCH.value < 1:
     raise app.UsageError(f"--max_batch: expected >= 1, got {_MAX_BATCH.value}")
+  if _GGUF.value is not None:
+    checks.check_input_path(_GGUF.value, "--gguf")
   try:
     sock = server.bind_socket(_HOST.value, _PORT.value)
   except OSError as e:
     why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e})"
-    sys.exit(f"serve_env: --port={_PORT.value} on --host={_HOST.value} {why}; "
-             f"stop the other server or pick another port")
+    cli.fail(f"--port={_PORT.value} on --host={_HOST.value} {why}; "
+             "stop the other server or pick another port")
   from eagle_jax.env import local  # after the port check: imports JAX and the model code
 
   backend = local.LocalSampler.from_gguf(_GGUF.value, model_id=_MODEL_NAME.value,
@@ -76,4 +78,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -18,16 +18,15 @@ import os
 from collections.abc import Sequence
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from eagle_jax import training
+from eagle_jax import cli, training
 from eagle_jax.agent import dry_run, trainer
 from eagle_jax.agent.world import build_world
 from launch import job
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "movielens_smoke.py"),
-    "EAGLE run configuration.", lock_config=True)
+    "EAGLE run configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; the job resumes from it.")
 _PREPARE_ONLY = flags.DEFINE_bool(
     "prepare_only", False, "Only build the world (WALS, E_D, environment cache) and exit; on "
@@ -61,4 +60,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -16,16 +16,15 @@ import json
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from eagle_jax import assets, training
+from eagle_jax import assets, cli, training
 from eagle_jax.elm import job
 from eagle_jax.env import stack
 from launch import job as launch_job
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "elm_ml100k.py"),
-    "ELM configuration file.", lock_config=True)
+    "ELM configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, report).")
 
 
@@ -48,8 +47,6 @@ def _env_opener(config, workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required")
   training.quiet_library_logs()
   config, workdir = _CONFIG.value, _WORKDIR.value
   report = launch_job.run(
@@ -61,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, required=["workdir"])

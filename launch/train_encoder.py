@@ -14,13 +14,12 @@ from __future__ import annotations
 import json
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from eagle_jax import cli
 from eagle_jax.embed import encoder_train
 from launch import job
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Encoder configuration file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config("config", None, "Encoder configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoint, report).")
 
 
@@ -38,5 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, required=["config", "workdir"])

@@ -16,13 +16,12 @@ Outputs in ``--workdir``:
 from __future__ import annotations
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from eagle_jax import cli
 from eagle_jax.embed import wals_train
 from launch import job
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "WALS configuration file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config("config", None, "WALS configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, export, report).")
 
 
@@ -36,5 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, required=["config", "workdir"])

@@ -24,7 +24,7 @@ def dry_run(config, devices=None) -> dict[str, Any]:
   Runs on fake devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
   """
   mesh = training.build_mesh(config.mesh, devices=devices)
-  job = validate(config, mesh)
+  job = validate(config, mesh, inputs=False)
   try:
     wals_config = wals.WALSConfig.from_config(config.wals.wals)
   except ValueError as e:

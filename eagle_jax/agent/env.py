@@ -27,6 +27,7 @@ import numpy as np
 from eagle_jax import prompts
 from eagle_jax import utility as utility_lib
 from eagle_jax.agent.features import TextFeatures
+from eagle_jax.checks import check_finite
 from eagle_jax.env import client as client_lib
 
 
@@ -56,10 +57,10 @@ class ContentGapEnv:
                user_table: np.ndarray, *, lam: float, k: int = 3, max_sentences: int = 3):
     self.client = client
     self.params = params
-    self.item_table = jnp.asarray(item_table, jnp.float32)
+    self.item_table = jnp.asarray(check_finite(item_table, "item table Z"), jnp.float32)
     # E_D of each distinct text, computed once.
-    self._z = TextFeatures(ed, self.item_table.shape[1])
-    self.user_table = np.asarray(user_table, np.float32)
+    self._z = TextFeatures(ed, self.item_table.shape[1], name="E_D output")
+    self.user_table = check_finite(user_table, "user table Z").astype(np.float32)
     self.lam = float(lam)
     self.k = int(k)
     self.max_sentences = int(max_sentences)
@@ -101,6 +102,7 @@ class ContentGapEnv:
     z = jnp.asarray(z, jnp.float32)
     zu = jnp.asarray(self.user_table[np.asarray(users)])
     u, pref, dist = _utility(z, zu, self.item_table, lam=self.lam, k=self.k)
+    check_finite(u, "utility U(z) (check the E_D outputs and the WALS tables)")
     return {"utility": np.asarray(u), "preference": np.asarray(pref),
             "distance": np.asarray(jnp.sum(dist, -1))}
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eagle_jax.checks import NonFiniteError
 from eagle_jax.models import llama as llama_lib
 
 
@@ -31,9 +32,11 @@ class TextFeatures:
     encoded: number of texts actually sent to ``encode`` (the rest were memo hits).
   """
 
-  def __init__(self, encode: Callable[[Sequence[str]], np.ndarray], dim: int):
+  def __init__(self, encode: Callable[[Sequence[str]], np.ndarray], dim: int,
+               name: str = "text features"):
     self._encode = encode
     self.dim = int(dim)
+    self.name = name
     self._memo: dict[str, np.ndarray] = {}
     self.encoded = 0
 
@@ -44,6 +47,11 @@ class TextFeatures:
       rows = np.asarray(self._encode(todo), np.float32)
       if rows.shape != (len(todo), self.dim):
         raise ValueError(f"encoder returned {rows.shape}, expected ({len(todo)}, {self.dim})")
+      bad = ~np.isfinite(rows).all(axis=1)
+      if bad.any():
+        text = todo[int(np.argmax(bad))]
+        raise NonFiniteError(f"{self.name}: non-finite values for the text {text[:120]!r} "
+                             f"({int(bad.sum())} of {len(todo)} texts); expected finite numbers")
       self._memo.update(zip(todo, rows))
       self.encoded += len(todo)
     if not texts:

@@ -50,10 +50,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from eagle_jax import checkpoint, parallel, preemption, run_config, training
+from eagle_jax import checkpoint, checks, parallel, preemption, run_config, training
 from eagle_jax.agent import losses, reference, rollout
 from eagle_jax.agent.policy import PolicyConfig, PolicyValueNet
 from eagle_jax.agent.world import World, cache_stats
+from eagle_jax.agent.world import check_config as check_world_config
+from eagle_jax.embed import encoder_train, wals_train
 
 
 def agent_dir(workdir: str, kind: str) -> str:
@@ -129,8 +131,9 @@ class Job:
   tensorboard: bool
 
 
-def validate(config, mesh: jax.sharding.Mesh) -> Job:
-  """Checks every field the trainer and the evaluation read, before any compute.
+def validate(config, mesh: jax.sharding.Mesh, inputs: bool = True) -> Job:
+  """Checks every field the trainer and the evaluation read, before any compute (``inputs``: also
+  that the input files and folders the config names exist; ``dry_run`` reads none).
 
   Returns:
     The ``Job`` every later stage reads.
@@ -138,6 +141,32 @@ def validate(config, mesh: jax.sharding.Mesh) -> Job:
   Raises:
     ConfigError: naming the field and what was expected.
   """
+  checks.check_number(config, "actions.k", integer=True, lo=2)
+  checks.check_numbers(config, [
+      ("seed", dict(integer=True, lo=0)),
+      ("rl.horizon", dict(integer=True, lo=1)),
+      ("rl.steps", dict(integer=True, lo=0)),
+      ("rl.gamma", dict(lo=0.0, hi=1.0, lo_open=True)),
+      ("rl.gae_lambda", dict(lo=0.0, hi=1.0)),
+      ("rl.kl_coef", dict(lo=0.0)),
+      ("rl.value_coef", dict(lo=0.0)),
+      ("rl.entropy_coef", dict(lo=0.0)),
+      ("reference.steps", dict(integer=True, lo=0)),
+      ("reference.episodes", dict(integer=True, lo=1)),
+      ("reference.rollout_batch", dict(integer=True, lo=1)),
+      ("reference.design_dim", dict(integer=True, lo=0)),
+      ("reference.exploratory_m", dict(integer=True, lo=1, hi=int(config.actions.k))),
+      ("reference.design_eps", dict(lo=0.0, lo_open=True)),
+      ("reference.design_max_iters", dict(integer=True, lo=1)),
+      ("reference.design_ridge", dict(lo=0.0)),
+      ("policy.text_dim", dict(integer=True, lo=1)),
+      ("policy.hidden", dict(integer=True, lo=1)),
+      ("checkpoint.every", dict(integer=True, lo=1)),
+      ("checkpoint.max_to_keep", dict(integer=True, lo=1)),
+  ])
+  checks.check_optimizer(config, "rl.optim")
+  checks.check_optimizer(config, "reference.optim")
+  checks.check_choice(config, "utility.reward", rollout.REWARDS)
   kinds = tuple(reference.lookup(k, "config.reference.kinds") for k in config.reference.kinds)
   main = reference.lookup(config.reference.main, "config.reference.main")
   if main not in kinds:
@@ -146,31 +175,9 @@ def validate(config, mesh: jax.sharding.Mesh) -> Job:
         f"{tuple(k.name for k in kinds)} (the evaluation's headline agent)")
   training.check_divisible(int(config.rl.batch_size), mesh, "config.rl.batch_size")
   training.check_divisible(int(config.reference.batch_size), mesh, "config.reference.batch_size")
-  checks = [
-      ("config.rl.horizon", int(config.rl.horizon) >= 1, "an int >= 1"),
-      ("config.rl.steps", int(config.rl.steps) >= 0, "an int >= 0"),
-      ("config.reference.steps", int(config.reference.steps) >= 0, "an int >= 0"),
-      ("config.reference.episodes", int(config.reference.episodes) >= 1, "an int >= 1"),
-      ("config.reference.rollout_batch", int(config.reference.rollout_batch) >= 1,
-       "an int >= 1"),
-      ("config.reference.design_dim", int(config.reference.design_dim) >= 0, "an int >= 0"),
-      ("config.rl.gamma", 0.0 < float(config.rl.gamma) <= 1.0, "in (0, 1]"),
-      ("config.rl.gae_lambda", 0.0 <= float(config.rl.gae_lambda) <= 1.0, "in [0, 1]"),
-      ("config.rl.kl_coef", float(config.rl.kl_coef) >= 0.0, ">= 0"),
-      ("config.utility.reward", config.utility.reward in rollout.REWARDS,
-       f"one of {rollout.REWARDS}"),
-      ("config.reference.exploratory_m",
-       1 <= int(config.reference.exploratory_m) <= int(config.actions.k), "in [1, actions.k]"),
-      ("config.policy.text_dim", int(config.policy.text_dim) >= 1, "an int >= 1"),
-      ("config.policy.hidden", int(config.policy.hidden) >= 1, "an int >= 1"),
-      ("config.checkpoint.every", int(config.checkpoint.every) >= 1, "an int >= 1"),
-  ]
-  for field, ok, expected in checks:
-    if not ok:
-      value = config
-      for part in field.split(".")[1:]:
-        value = value[part]
-      raise training.ConfigError(f"{field}={value!r} must be {expected}")
+  check_world_config(config)
+  wals_train.check_config(config.wals, "config.wals", inputs)
+  encoder_train.check_config(config.encoder, "config.encoder", inputs)
   rl, ref = config.rl, config.reference
   return Job(
       kinds=kinds, main=main, seed=int(config.seed), horizon=int(rl.horizon),

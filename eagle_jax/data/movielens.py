@@ -13,6 +13,10 @@ Ids: users are numbered by increasing raw id; items by increasing raw id over th
 movie in ``movies.csv``, rated or not, as the paper counts 62,423 ML-25M movies). A rating of an item
 missing from the item table, a duplicated (user, item) rating or a duplicated item id is an error that
 names the file and line.
+
+Ratings: each reader checks them against its release's scale (``types.RatingScale``): half stars
+0.5..5 for the GroupLens CSV releases, whole stars 1..5 for ML-100K (either layout); a value off the
+scale is refused naming the file, line, value and the expected scale.
 """
 
 from __future__ import annotations
@@ -23,8 +27,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from eagle_jax.data.tables import read_table
-from eagle_jax.data.types import DataFormatError, RatingsData
+from eagle_jax.data.tables import read_header, read_table
+from eagle_jax.data.types import (
+    HALF_STARS,
+    WHOLE_STARS,
+    DataFormatError,
+    RatingScale,
+    RatingsData,
+    scale_of_release,
+)
 
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -54,13 +65,36 @@ def _index_of(ids_sorted: np.ndarray, raw: np.ndarray, path, field: str, header_
   return pos.astype(np.int32)
 
 
+def _first_duplicate(key: np.ndarray) -> tuple[int, int] | None:
+  """Rows (first, second) of the earliest-repeated value of ``key``, or None."""
+  order = np.argsort(key, kind="stable")
+  dup = np.flatnonzero(key[order][1:] == key[order][:-1])
+  if not dup.size:
+    return None
+  seconds = order[dup + 1]
+  j = int(np.argmin(seconds))
+  return int(order[dup[j]]), int(seconds[j])
+
+
 def _check_unique(raw: np.ndarray, path, field: str, header_lines: int) -> None:
-  order = np.argsort(raw, kind="stable")
-  dup = np.flatnonzero(raw[order][1:] == raw[order][:-1])
-  if dup.size:
-    row = int(order[dup[0] + 1])
-    raise DataFormatError(path, f"duplicated id {int(raw[row])}", line=row + 1 + header_lines,
+  rows = _first_duplicate(raw)
+  if rows is not None:
+    first, second = rows
+    raise DataFormatError(path, f"duplicated id {int(raw[second])} (first at line "
+                          f"{first + 1 + header_lines})", line=second + 1 + header_lines,
                           field=field)
+
+
+def _check_unique_ratings(raw_user, raw_item, user, item, num_items: int, path, user_field: str,
+                          item_field: str, header_lines: int) -> None:
+  """Refuses a second rating of one (user, item) pair, naming both lines and the file's ids."""
+  rows = _first_duplicate(user.astype(np.int64) * num_items + item)
+  if rows is not None:
+    first, second = rows
+    raise DataFormatError(
+        path, f"duplicate rating of {user_field} {int(raw_user[second])}, {item_field} "
+        f"{int(raw_item[second])} (first at line {first + 1 + header_lines}); expected one rating "
+        "per pair", line=second + 1 + header_lines)
 
 
 def _assemble(
@@ -75,8 +109,10 @@ def _assemble(
     ratings_path,
     item_path,
     header_lines: int,
+    user_field: str,
     item_field: str,
     item_header_lines: int,
+    scale: RatingScale,
     tags: dict[int, tuple[str, ...]] | None = None,
     user_table: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
     source: str = "",
@@ -90,12 +126,15 @@ def _assemble(
   item = _index_of(item_ids, raw_item, ratings_path, item_field, header_lines)
   user_ids, user = np.unique(raw_user, return_inverse=True)
   user = user.astype(np.int32)
-  key = user.astype(np.int64) * len(item_ids) + item
-  _check_unique(key, ratings_path, "userId/movieId pair", header_lines)
-  if not (rating.min() >= 0 and rating.max() <= 10):
-    row = int(np.argmax((rating < 0) | (rating > 10)))
-    raise DataFormatError(ratings_path, f"rating {rating[row]} outside [0, 10]",
-                          line=row + 1 + header_lines, field="rating")
+  for values, field, first_line in ((raw_user, user_field, 1 + header_lines),
+                                    (timestamp, "timestamp", 1 + header_lines)):
+    if values.size and values.min() < 0:
+      row = int(np.argmin(values))
+      raise DataFormatError(ratings_path, f"negative value {values[row]}; expected >= 0",
+                            line=row + first_line, field=field)
+  _check_unique_ratings(raw_user, raw_item, user, item, len(item_ids), ratings_path, user_field,
+                        item_field, header_lines)
+  scale.check(rating, ratings_path, first_line=1 + header_lines)
   features = None
   if user_table is not None:
     table_ids, columns = user_table
@@ -124,8 +163,8 @@ def _tags_by_item(path: pathlib.Path, item_field: str) -> dict[int, tuple[str, .
   return {item: tuple(sorted(c, key=lambda t, c=c: (-c[t], t))) for item, c in counts.items()}
 
 
-def load_movielens_csv(folder: str | os.PathLike) -> RatingsData:
-  """Reads a GroupLens CSV folder (ML-25M, ML-20M, ml-latest, ml-latest-small)."""
+def load_movielens_csv(folder: str | os.PathLike, scale: RatingScale = HALF_STARS) -> RatingsData:
+  """Reads a GroupLens CSV folder (ML-25M, ML-20M, ml-latest, ml-latest-small; half stars)."""
   folder = pathlib.Path(folder)
   ratings_path, movies_path, tags_path = (folder / n for n in ("ratings.csv", "movies.csv",
                                                                  "tags.csv"))
@@ -137,11 +176,11 @@ def load_movielens_csv(folder: str | os.PathLike) -> RatingsData:
   return _assemble(
       raw_user=r["userId"], raw_item=r["movieId"], rating=r["rating"], timestamp=r["timestamp"],
       item_ids=m["movieId"], titles=[str(t).strip() for t in m["title"].tolist()], genres=genres,
-      ratings_path=ratings_path, item_path=movies_path, header_lines=1, item_field="movieId",
-      item_header_lines=1, tags=tags, source=f"movielens-csv:{folder}")
+      ratings_path=ratings_path, item_path=movies_path, header_lines=1, user_field="userId",
+      item_field="movieId", item_header_lines=1, scale=scale, tags=tags, source=f"movielens-csv:{folder}")
 
 
-def load_ml100k(folder: str | os.PathLike) -> RatingsData:
+def load_ml100k(folder: str | os.PathLike, scale: RatingScale = WHOLE_STARS) -> RatingsData:
   """Reads the original ML-100K folder (``u.data``, ``u.item``, optional ``u.user``)."""
   folder = pathlib.Path(folder)
   data_path, item_path, user_path = folder / "u.data", folder / "u.item", folder / "u.user"
@@ -162,8 +201,8 @@ def load_ml100k(folder: str | os.PathLike) -> RatingsData:
   return _assemble(
       raw_user=r["user"], raw_item=r["item"], rating=r["rating"], timestamp=r["timestamp"],
       item_ids=it["item"], titles=[str(t).strip() for t in it["title"].tolist()], genres=genres,
-      ratings_path=data_path, item_path=item_path, header_lines=0, item_field="item",
-      item_header_lines=0, user_table=user_table, source=f"ml-100k:{folder}")
+      ratings_path=data_path, item_path=item_path, header_lines=0, user_field="user",
+      item_field="item", item_header_lines=0, scale=scale, user_table=user_table, source=f"ml-100k:{folder}")
 
 
 def _sorted_user_table(cols: dict[str, np.ndarray], id_field: str, path):
@@ -175,13 +214,16 @@ def _sorted_user_table(cols: dict[str, np.ndarray], id_field: str, path):
 
 def _recbole_aliases(path: pathlib.Path) -> dict[str, str]:
   """Maps recbole's typed headers (``user_id:token``) to bare names (``user_id``)."""
-  with open(path, encoding="utf8") as f:
-    header = f.readline().rstrip("\n").split("\t")
+  header = read_header(path, delimiter="\t", quoting=False)
   return {h: h.split(":", 1)[0] for h in header}
 
 
-def load_recbole(folder: str | os.PathLike, name: str | None = None) -> RatingsData:
+def load_recbole(folder: str | os.PathLike, name: str | None = None,
+                 scale: RatingScale | None = None) -> RatingsData:
   """Reads RecBole atomic files ``<name>.inter``, ``<name>.item`` and optional ``<name>.user``.
+
+  The rating scale defaults to the release ``name`` names (``scale_of_release``: whole stars for
+  ``ml-100k`` and ``ml-1m``, half stars otherwise).
 
   Titles are written back in the ``"Title (year)"`` form of the GroupLens files from recbole's
   ``movie_title`` and ``release_year`` columns; genres come from its ``class`` column.
@@ -215,13 +257,17 @@ def load_recbole(folder: str | os.PathLike, name: str | None = None) -> RatingsD
       raw_user=r["user_id"], raw_item=r["item_id"], rating=r["rating"],
       timestamp=r["timestamp"].astype(np.int64), item_ids=it["item_id"], titles=titles,
       genres=genres, ratings_path=inter_path, item_path=item_path, header_lines=1,
-      item_field="item_id", item_header_lines=1, user_table=user_table,
+      user_field="user_id", item_field="item_id", item_header_lines=1,
+      scale=scale or scale_of_release(name), user_table=user_table,
       source=f"recbole:{inter_path}")
 
 
 def load_movielens(path: str | os.PathLike) -> RatingsData:
-  """Reads any supported MovieLens folder, choosing the reader from the files present."""
+  """Reads any supported MovieLens folder, choosing the reader (and so the rating scale: half
+  stars for the CSV releases, whole stars for ML-100K) from the files present."""
   folder = pathlib.Path(path)
+  if not folder.is_dir():
+    raise DataFormatError(folder, "no such folder")
   if (folder / "ratings.csv").is_file():
     return load_movielens_csv(folder)
   if (folder / "u.data").is_file():

@@ -4,6 +4,13 @@ Parsing uses ``pyarrow.csv`` (multi-threaded, columnar), so MovieLens 25M's 25M-
 is parsed natively, not row by row in Python. pyarrow's own conversion errors do not say which row
 failed, so on any failure the file is scanned once more in Python to find the first offending line;
 the fast path pays nothing for that.
+
+Encoding: the GroupLens CSV files and recbole's atomic files are UTF-8; only the original ML-100K
+``u.item`` / ``u.user`` are latin-1 (their reader passes ``encoding="latin-1"``). A UTF-8 byte-order
+mark at the start of a file is skipped. A byte that is not valid in the file's encoding is refused
+naming the file, the line, the byte and its column, rather than guessed at: a latin-1 title in a
+UTF-8 file is a file that was re-saved in another encoding, and decoding it as latin-1 would
+silently garble every correctly encoded non-ASCII title in it.
 """
 
 from __future__ import annotations
@@ -59,16 +66,13 @@ def read_table(
       empty or non-finite numeric value. The message names file, line (1-based) and field.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise DataFormatError(path, "file not found")
-  if os.path.getsize(path) == 0:
-    raise DataFormatError(path, "file is empty", line=1)
+  _check_file(path)
   aliases = dict(header_aliases or {})
   read_opts = pa_csv.ReadOptions(
       encoding=encoding, column_names=list(names) if names is not None else None,
       block_size=1 << 24)
   if names is None:
-    header = _header(path, delimiter, quoting, encoding)
+    header = read_header(path, delimiter=delimiter, quoting=quoting, encoding=encoding)
     file_names = [aliases.get(h, h) for h in header]
     read_opts = pa_csv.ReadOptions(
         encoding=encoding, column_names=file_names, skip_rows=1, block_size=1 << 24)
@@ -88,6 +92,7 @@ def read_table(
     table = pa_csv.read_csv(
         path, read_options=read_opts, parse_options=parse_opts, convert_options=convert_opts)
   except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+    _raise_bad_byte(path, encoding)
     _raise_located(path, columns, file_names, delimiter, quoting, encoding, names is None)
     raise DataFormatError(path, f"could not parse: {e}") from e  # not located: still name the file
   if table.num_rows == 0 and not allow_empty:
@@ -99,7 +104,11 @@ def read_table(
       _raise_located(path, columns, file_names, delimiter, quoting, encoding, names is None)
       raise DataFormatError(path, "empty or non-finite value", field=name)
     if kind == "str":
-      out[name] = np.asarray(col.to_pylist(), dtype=object)
+      try:
+        out[name] = np.asarray(col.to_pylist(), dtype=object)
+      except UnicodeDecodeError:
+        _raise_bad_byte(path, encoding)
+        raise
     else:
       out[name] = col.to_numpy().astype(_NUMPY_TYPES[kind])
   return out
@@ -109,20 +118,57 @@ def _all_finite(col: pa.ChunkedArray) -> bool:
   return bool(np.isfinite(col.to_numpy()).all()) if len(col) else True
 
 
-def _header(path: str, delimiter: str, quoting: bool, encoding: str) -> list[str]:
-  with open(path, encoding=encoding, newline="") as f:
-    reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quoting
-                        else csv.QUOTE_NONE)
-    try:
+def _check_file(path: str) -> None:
+  if not os.path.isfile(path):
+    raise DataFormatError(path, "file not found")
+  if os.path.getsize(path) == 0:
+    raise DataFormatError(path, "file is empty", line=1)
+
+
+def _python_encoding(encoding: str) -> str:
+  """The codec Python reads ``encoding`` with: UTF-8 skips a leading byte-order mark."""
+  return "utf-8-sig" if encoding.lower().replace("-", "").replace("_", "") == "utf8" else encoding
+
+
+def read_header(path: str | os.PathLike, *, delimiter: str = ",", quoting: bool = True,
+                encoding: str = "utf8") -> list[str]:
+  """The stripped column names on the first line of ``path`` (a UTF-8 byte-order mark skipped).
+
+  Raises:
+    DataFormatError: missing or empty file, or a header byte not valid in ``encoding``.
+  """
+  path = os.fspath(path)
+  _check_file(path)
+  try:
+    with open(path, encoding=_python_encoding(encoding), newline="") as f:
+      reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quoting
+                          else csv.QUOTE_NONE)
       return [h.strip() for h in next(reader)]
-    except StopIteration:
-      raise DataFormatError(path, "file is empty", line=1) from None
+  except StopIteration:
+    raise DataFormatError(path, "file is empty", line=1) from None
+  except UnicodeDecodeError:
+    _raise_bad_byte(path, encoding)
+    raise
+
+
+def _raise_bad_byte(path: str, encoding: str) -> None:
+  """Raises a DataFormatError at the first byte of ``path`` not valid in ``encoding``, if any."""
+  codec = _python_encoding(encoding)
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        raw.decode(codec if lineno == 1 else encoding)
+      except UnicodeDecodeError as e:
+        byte = raw[e.start]
+        raise DataFormatError(
+            path, f"byte 0x{byte:02x} at column {e.start + 1} is not valid {encoding} text; "
+            f"expected a {encoding} file (re-save it as {encoding})", line=lineno) from None
 
 
 def _raise_located(path, columns, file_names, delimiter, quoting, encoding, has_header):
   """Scans ``path`` in Python and raises a DataFormatError at the first bad value, if any."""
   try:
-    f = open(path, encoding=encoding, newline="")
+    f = open(path, encoding=_python_encoding(encoding), newline="")
   except OSError:
     return
   with f:
@@ -152,5 +198,6 @@ def _raise_located(path, columns, file_names, delimiter, quoting, encoding, has_
                 line=lineno, field=name) from None
           if kind != "int" and not math.isfinite(number):
             raise DataFormatError(path, f"non-finite value {value!r}", line=lineno, field=name)
-    except UnicodeDecodeError as e:
-      raise DataFormatError(path, f"not valid {encoding} text: {e}") from None
+    except UnicodeDecodeError:
+      _raise_bad_byte(path, encoding)
+      raise

@@ -28,7 +28,7 @@ from unittest import mock
 
 import numpy as np
 
-from eagle_jax.data.types import DataFormatError, RatingsData
+from eagle_jax.data.types import DataFormatError, RatingsData, scale_of_release
 
 # tfds config name -> folder name inside the GroupLens zip.
 _FOLDERS = {"25m": "ml-25m", "20m": "ml-20m", "latest-small": "ml-latest-small", "100k": "ml-100k",
@@ -141,6 +141,7 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None = None, split: str =
   raw_user = np.array([int(r["user_id"]) for r in records], np.int64)
   raw_item = np.array([int(r["movie_id"]) for r in records], np.int64)
   rating = np.array([r["user_rating"] for r in records], np.float32)
+  scale_of_release(_version(name)).check(rating, f"tfds:{name}", first_line=0, field="user_rating")
   timestamp = np.array([r["timestamp"] for r in records], np.int64)
   item_ids, first = np.unique(raw_item, return_index=True)
   titles = [_text(records[j]["movie_title"]) for j in first]

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from eagle_jax.checks import InputError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(InputError):
   """Malformed ratings data. The message names the file, the 1-based line and the field."""
 
   def __init__(self, path, message: str, *, line: int | None = None, field: str | None = None):
@@ -19,6 +21,48 @@ class DataFormatError(ValueError):
     if field is not None:
       where += f", field {field!r}"
     super().__init__(f"{where}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RatingScale:
+  """The ratings a MovieLens release can hold: ``lo..hi`` in steps of ``step``.
+
+  Attributes:
+    lo, hi: smallest and largest rating.
+    step: spacing of the allowed values from ``lo``.
+    releases: which releases use it (for messages).
+  """
+
+  lo: float
+  hi: float
+  step: float
+  releases: str
+
+  def describe(self) -> str:
+    return f"{self.lo:g} to {self.hi:g} in steps of {self.step:g} ({self.releases})"
+
+  def check(self, rating: np.ndarray, path, *, first_line: int, field: str = "rating") -> None:
+    """Raises ``DataFormatError`` at the first rating off this scale (row ``n`` is line
+    ``n + first_line``)."""
+    rating = np.asarray(rating, np.float64)
+    units = (rating - self.lo) / self.step
+    bad = ~((rating >= self.lo) & (rating <= self.hi) & (np.abs(units - np.round(units)) < 1e-6))
+    if bad.any():
+      row = int(np.argmax(bad))
+      raise DataFormatError(path, f"rating {rating[row]:g} is off the scale: expected "
+                            f"{self.describe()}", line=row + first_line, field=field)
+
+
+# ml-latest, ML-25M, ML-20M and ML-10M: half stars. ML-100K and ML-1M: whole stars.
+HALF_STARS = RatingScale(0.5, 5.0, 0.5, "ml-latest, ML-25M, ML-20M, ML-10M")
+WHOLE_STARS = RatingScale(1.0, 5.0, 1.0, "ML-100K, ML-1M")
+_WHOLE_STAR_RELEASES = ("100k", "1m")
+
+
+def scale_of_release(name: str) -> RatingScale:
+  """The scale of a release named like ``ml-100k``, ``100k``, ``ml-25m`` or ``latest-small``."""
+  key = name.lower().removeprefix("ml-").removeprefix("movielens/").removesuffix("-ratings")
+  return WHOLE_STARS if key in _WHOLE_STAR_RELEASES else HALF_STARS
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -31,11 +31,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from eagle_jax import checkpoint, training
+from eagle_jax import checkpoint, checks, training
 from eagle_jax.elm import data as data_lib
 from eagle_jax.elm import evaluation, train_loop
 from eagle_jax.elm import model as model_lib
 from eagle_jax.elm import tasks as tasks_lib
+from eagle_jax.embed import encoder_train
 from eagle_jax.models import sampling as sampling_lib
 from eagle_jax.models.sampling_params import SamplingParams
 
@@ -55,6 +56,12 @@ def validate_config(config) -> None:
   if config.decoder.kind not in ("gguf", "random"):
     raise ConfigError(f"config.decoder.kind: expected 'gguf' or 'random', got "
                       f"{config.decoder.kind!r}")
+  if config.decoder.gguf:
+    checks.check_input_path(config.decoder.gguf, "config.decoder.gguf")
+  if config.encoder_dir:
+    checks.check_input_path(config.encoder_dir, "config.encoder_dir", kind="dir")
+  else:
+    encoder_train.check_config(config.encoder, "config.encoder")
   for f in ("hidden", "n_tokens"):
     positive_int(f"adapter.{f}", config.adapter[f])
   if not float(config.adapter.out_scale) > 0:

@@ -59,7 +59,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from eagle_jax import checkpoint, training
+from eagle_jax import checkpoint, checks, training
 from eagle_jax.data import records
 from eagle_jax.embed import encoder, wals_train
 
@@ -72,6 +72,51 @@ def metadata_text(title: str, genres: Sequence[str], tags: Sequence[str] = ()) -
   return text
 
 
+TARGETS = ("augmented", "factors")
+
+
+def description_paths(config) -> list[str]:
+  """The non-empty description files of ``config.descriptions`` (one path or a list)."""
+  paths = config.descriptions
+  return [p for p in ([paths] if isinstance(paths, str) else list(paths)) if p]
+
+
+def check_config(config, field: str = "config", inputs: bool = True) -> None:
+  """Validates an E_D job config (``configs/encoder_ml100k.py``; ``config.encoder`` of an EAGLE
+  run) at the job's entry (``inputs``: input paths too); ConfigError naming ``<field>.<name>``."""
+  checks.check_choice(config, "target", TARGETS, field)
+  checks.check_numbers(config, [
+      ("heldout_fraction", dict(lo=0.0, hi=1.0, lo_open=True, hi_open=True)),
+      ("split_seed", dict(integer=True, lo=0)),
+      ("recall_k", dict(integer=True, lo=1)),
+      ("ridge_reg", dict(lo=0.0)),
+      ("head.hidden", dict(integer=True, lo=1)),
+      ("head.dropout", dict(lo=0.0, hi=1.0, hi_open=True)),
+      ("head.learning_rate", dict(lo=0.0, lo_open=True)),
+      ("head.weight_decay", dict(lo=0.0)),
+      ("head.steps", dict(integer=True, lo=1)),
+      ("head.batch_size", dict(integer=True, lo=1)),
+      ("head.seed", dict(integer=True, lo=0)),
+      ("finetune.epochs", dict(integer=True, lo=0)),
+      ("finetune.validation_fraction", dict(lo=0.0, hi=1.0, lo_open=True, hi_open=True)),
+      ("finetune.learning_rate", dict(lo=0.0, lo_open=True)),
+      ("finetune.weight_decay", dict(lo=0.0)),
+      ("finetune.batch_size", dict(integer=True, lo=1)),
+      ("finetune.ridge_reg", dict(lo=0.0)),
+      ("finetune.seed", dict(integer=True, lo=0)),
+  ], field)
+  if not config.embeddings:
+    wals_train.check_config(config.wals, f"{field}.wals", inputs)
+  if not inputs:
+    return
+  if config.embeddings:
+    checks.check_input_path(config.embeddings, f"{field}.embeddings")
+  for path in description_paths(config):
+    checks.check_input_path(path, f"{field}.descriptions")
+  if config.minilm:
+    checks.check_input_path(config.minilm, f"{field}.minilm", kind="dir")
+
+
 def load_targets(path: str, item_ids: np.ndarray, target: str) -> np.ndarray:
   """Item vectors [I, d] from a WALS ``embeddings.npz``, in the order of ``item_ids``.
 
@@ -80,8 +125,8 @@ def load_targets(path: str, item_ids: np.ndarray, target: str) -> np.ndarray:
     item_ids: [I] raw item ids of the ratings data.
     target: "augmented" ([y_i, 1, c_i, 1]) or "factors" (y_i).
   """
-  if target not in ("augmented", "factors"):
-    raise ValueError(f"config.target: expected 'augmented' or 'factors', got {target!r}")
+  if target not in TARGETS:
+    raise ValueError(f"config.target: expected one of {TARGETS}, got {target!r}")
   return wals_train.load_npz(path, item_ids=item_ids)[
       "item_augmented" if target == "augmented" else "item_factors"]
 
@@ -281,7 +326,8 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
   Returns:
     The report.
   """
-  os.makedirs(workdir, exist_ok=True)
+  training.check_workdir(workdir)
+  check_config(config)
   t_start = time.perf_counter()
   ratings = wals_train.load_data(config.wals.data)
   emb_path = config.embeddings
@@ -301,12 +347,7 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
     kind.append("metadata")
   index_of_id = {int(m): i for i, m in enumerate(ratings.item_ids)}
   described = 0
-  for path in ([config.descriptions] if isinstance(config.descriptions, str)
-               else list(config.descriptions)):
-    if not path:
-      continue
-    if not os.path.exists(path):
-      raise ValueError(f"config.descriptions: {path!r} does not exist")
+  for path in description_paths(config):
     for rec in records.read_jsonl(path, key="movie_id"):
       if not rec.get("ok") or int(rec["movie_id"]) not in index_of_id:
         continue

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from eagle_jax import checkpoint, data, parallel, preemption
+from eagle_jax import checkpoint, checks, data, parallel, preemption, training
 from eagle_jax.embed import wals, wals_metrics
 
 
@@ -33,6 +33,50 @@ def peak_rss_bytes() -> int:
 
 
 _TFDS_PREFIX = "tfds:"
+
+
+def check_source(source, field: str, inputs: bool = True) -> None:
+  """``source`` is one ``load_data`` can read (``inputs``: a folder must exist); ConfigError naming
+  ``field`` otherwise."""
+  if source in ("ml100k", "synthetic"):
+    return
+  if isinstance(source, str) and source.startswith(_TFDS_PREFIX):
+    return
+  if not isinstance(source, str) or not source:
+    raise checks.ConfigError(f"{field}={source!r}: expected 'ml100k', 'synthetic', "
+                             "'tfds:movielens/<version>-ratings' or a MovieLens folder")
+  if inputs:
+    checks.check_input_path(source, f"{field} (a MovieLens folder)", kind="dir")
+
+
+def check_config(config, field: str = "config", inputs: bool = True) -> wals.WALSConfig:
+  """Validates a WALS job config (``configs/wals_ml100k.py``; ``config.wals`` of an EAGLE run) at
+  the job's entry (``inputs``: also that input paths exist). Returns the ``WALSConfig``;
+  ConfigError naming ``<field>.<block>.<name>``."""
+  check_source(config.data.source, f"{field}.data.source", inputs)
+  checks.check_numbers(config, [
+      ("data.test_fraction", dict(lo=0.0, hi=1.0, hi_open=True)),
+      ("data.min_train", dict(integer=True, lo=0)),
+      ("eval.recall_k", dict(integer=True, lo=1)),
+      ("eval.relevant_min_rating", dict(optional=True)),
+      ("eval.clip_min", {}),
+      ("eval.clip_max", {}),
+      ("checkpoint.max_to_keep", dict(integer=True, lo=1)),
+      ("checkpoint.every", dict(integer=True, lo=1)),
+  ], prefix=field)
+  if config.data.source == "synthetic":
+    checks.check_numbers(config, [(f"data.synthetic.{n}", dict(integer=True, lo=1))
+                                  for n in ("num_users", "num_items", "num_ratings", "rank")]
+                         + [("data.synthetic.seed", dict(integer=True, lo=0))], prefix=field)
+  if not config.eval.clip_min < config.eval.clip_max:
+    raise checks.ConfigError(f"{field}.eval.clip_min={config.eval.clip_min!r} must be below "
+                             f"{field}.eval.clip_max={config.eval.clip_max!r}")
+  try:
+    return wals.WALSConfig.from_config(config.wals)
+  except (ValueError, TypeError) as e:
+    text = str(e)
+    where = f"{field}.wals." if text.startswith("WALSConfig.") else f"{field}.wals: "
+    raise checks.ConfigError(where + text.removeprefix("WALSConfig.")) from None
 
 
 def load_data(cfg) -> data.RatingsData:
@@ -56,9 +100,7 @@ def load_data(cfg) -> data.RatingsData:
     from eagle_jax.data import tfds_source  # noqa: PLC0415 (the optional tfds extra)
     return tfds_source.load(source[len(_TFDS_PREFIX):], data_dir=cfg.get("data_dir") or None,
                             folder=cfg.get("tfds_folder") or None)
-  if not isinstance(source, str) or not os.path.isdir(source):
-    raise ValueError(f"config.data.source must be 'ml100k', 'synthetic', "
-                     f"'tfds:movielens/<version>-ratings' or a MovieLens folder, got {source!r}")
+  check_source(source, "config.data.source")
   return data.load_movielens(source)
 
 
@@ -113,8 +155,14 @@ def load_npz(path: str, *, item_ids: np.ndarray | None = None, user_ids: np.ndar
   Raises:
     ValueError: naming the file when an array or an id is missing.
   """
-  with np.load(path, allow_pickle=False) as z:
-    arrays = {k: z[k] for k in z.files}
+  checks.check_input_path(path, "WALS embeddings")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      arrays = {k: z[k] for k in z.files}
+  except (OSError, ValueError, EOFError) as e:
+    raise checks.ConfigError(f"{path}: not a readable .npz file ({e})") from None
+  for name, arr in arrays.items():
+    checks.check_finite(arr, f"{path}: {name}")
   out = {}
   if item_ids is not None:
     r = _rows(path, arrays, "item", item_ids, ("item_factors", "item_bias"))
@@ -136,7 +184,9 @@ def load_npz(path: str, *, item_ids: np.ndarray | None = None, user_ids: np.ndar
 
 def run(config, workdir: str) -> dict:
   """Trains (resuming from ``workdir``), exports and reports. Returns the report."""
-  os.makedirs(workdir, exist_ok=True)
+  training.check_workdir(workdir)
+  cfg = check_config(config)
+  mesh = training.build_mesh(config.mesh)
   t0 = time.perf_counter()
   ratings = load_data(config.data)
   train, test = data.split(ratings, test_fraction=config.data.test_fraction,
@@ -144,8 +194,6 @@ def run(config, workdir: str) -> dict:
   logging.info("data: %s; train %d, test %d ratings", ratings.summary(), train.num_ratings,
                test.num_ratings)
   load_seconds = time.perf_counter() - t0
-  mesh = parallel.make_mesh(dict(config.mesh))
-  cfg = wals.WALSConfig.from_config(config.wals)
   t0 = time.perf_counter()
   model = wals.WALS.from_ratings(train, cfg, mesh=mesh)
   setup_seconds = time.perf_counter() - t0

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from eagle_jax import run_config, training
+from eagle_jax import checks, run_config, training
 from eagle_jax.agent import rollout
 from eagle_jax.agent.trainer import AgentTrainer, Job, validate
 from eagle_jax.agent.world import World, build_world
@@ -69,13 +69,15 @@ class EvalConfig:
   def from_config(cls, eval_config) -> EvalConfig:
     """Raises ``ConfigError`` naming the ``config.eval`` field that is out of range."""
     e = eval_config
+    checks.check_numbers(e, [
+        ("samples", dict(integer=True, lo=1)), ("seed", dict(integer=True, lo=0)),
+        ("confidence", dict(lo=0.0, hi=1.0, lo_open=True, hi_open=True)),
+        ("trajectories", dict(integer=True, lo=0)), ("elm_steps", dict(integer=True, lo=1)),
+        ("elm_lr", dict(lo=0.0, lo_open=True))], prefix="config.eval")
+    if e.elm_workdir:
+      checks.check_input_path(e.elm_workdir, "config.eval.elm_workdir", kind="dir")
     out = cls(samples=int(e.samples), seed=int(e.seed), confidence=float(e.confidence),
               trajectories=int(e.trajectories), elm_workdir=str(e.elm_workdir or ""))
-    for field, ok, expected in (("samples", out.samples >= 1, "an int >= 1"),
-                                ("confidence", 0.0 < out.confidence < 1.0, "in (0, 1)"),
-                                ("trajectories", out.trajectories >= 0, "an int >= 0")):
-      if not ok:
-        raise training.ConfigError(f"config.eval.{field}={e[field]!r} must be {expected}")
     return out
 
 

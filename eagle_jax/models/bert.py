@@ -454,7 +454,7 @@ def load_bert(
     ValueError: a missing file, a bad ``config.json`` field, or a missing, unexpected or misshaped
       tensor (naming it and the file).
   """
-  from safetensors.numpy import load_file  # noqa: PLC0415 (only the loader needs it)
+  from eagle_jax.models.files import load_safetensors_file  # noqa: PLC0415
 
   path = pathlib.Path(path)
   weights = path / "model.safetensors" if path.is_dir() else path
@@ -462,6 +462,6 @@ def load_bert(
     raise ValueError(f"path {str(path)!r}: no safetensors file at {str(weights)!r}")
   if config is None:
     config = BertConfig.from_json(weights.parent / "config.json", dtype=dtype)
-  tensors = load_file(str(weights))
+  tensors = load_safetensors_file(weights)
   model = nnx.eval_shape(lambda: BertModel(config, rngs=nnx.Rngs(0)))
   return assign_hf_tensors(model, tensors, source=str(weights), mesh=mesh, rules=rules)

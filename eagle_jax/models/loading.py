@@ -23,7 +23,6 @@ materialised unsharded on one device when a mesh is given, and no random init is
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Callable, Mapping
 
@@ -31,18 +30,20 @@ import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from flax import nnx
 
 from eagle_jax import parallel
 from eagle_jax.models import llama as llama_lib
+from eagle_jax.models.files import (
+    LoadingError,
+    finite_weights,
+    load_safetensors_file,
+    open_gguf,
+    read_json,
+)
 
 # HF buffers that are not parameters (safe to ignore when present).
 _IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
-
-
-class LoadingError(ValueError):
-  """A checkpoint does not match the model: names the tensor and what was expected."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,12 +264,14 @@ def read_safetensors_dir(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   single = path / "model.safetensors"
   index = path / "model.safetensors.index.json"
   if single.is_file():
-    return dict(safetensors.numpy.load_file(str(single)))
+    return load_safetensors_file(single)
   if index.is_file():
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise LoadingError(f"{index}: missing the 'weight_map' object")
     out: dict[str, np.ndarray] = {}
-    for name in files:
-      out.update(safetensors.numpy.load_file(str(path / name)))
+    for name in sorted(set(weight_map.values())):
+      out.update(load_safetensors_file(path / name))
     return out
   raise LoadingError(f"{path}: expected model.safetensors or model.safetensors.index.json")
 
@@ -285,7 +288,10 @@ def load_llama_safetensors(
   cfg_file = path / "config.json"
   if not cfg_file.is_file():
     raise LoadingError(f"{path}: no config.json")
-  config = config_from_hf(json.loads(cfg_file.read_text()), dtype=dtype, param_dtype=param_dtype)
+  try:
+    config = config_from_hf(read_json(cfg_file), dtype=dtype, param_dtype=param_dtype)
+  except LoadingError as e:
+    raise LoadingError(f"{path}/{e}" if str(e).startswith("config.json") else str(e)) from None
   hf = read_safetensors_dir(path)
   params = hf_to_params(hf, config, source=str(path))
   return config, load_params(config, params, source=str(path), mesh=mesh)
@@ -373,13 +379,19 @@ def gguf_to_hf(
       counterpart.
   """
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise LoadingError(f"GGUF file not found: {path}")
-  reader = gguf.GGUFReader(str(path))
-  config = config_from_gguf(reader)
+  reader = open_gguf(path)
+  try:
+    config = config_from_gguf(reader)
+  except LoadingError as e:
+    raise LoadingError(f"{path}: {e}") from None
   hf: dict[str, np.ndarray] = {}
   for t in reader.tensors:
-    arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+    try:
+      arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+      raise LoadingError(f"{path}: tensor {t.name!r} has quantisation {t.tensor_type.name}, "
+                         "which gguf cannot dequantise") from None
+    arr = finite_weights(arr.astype(np.float32, copy=False), f"{path}: tensor {t.name!r}")
     arr = arr.reshape([int(x) for x in reversed(t.shape.tolist())])
     name = t.name
     if name == "token_embd.weight":

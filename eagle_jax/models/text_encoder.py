@@ -58,7 +58,10 @@ def load_tokenizer(path: str | os.PathLike, max_length: int) -> tokenizers.Token
   path = pathlib.Path(path)
   if not path.is_file():
     raise ValueError(f"tokenizer path {str(path)!r} is not a file")
-  tok = tokenizers.Tokenizer.from_file(str(path))
+  try:
+    tok = tokenizers.Tokenizer.from_file(str(path))
+  except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception on a bad file)
+    raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
   tok.no_padding()
   tok.enable_truncation(max_length)
   return tok

@@ -26,6 +26,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from eagle_jax.models.files import open_gguf
+
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 _CONTROL, _USER_DEFINED = 3, 4
@@ -43,7 +45,7 @@ def _gguf_field(reader: gguf.GGUFReader, key: str, default=None):
 
 def bpe_from_gguf(path: str | pathlib.Path) -> tuple[tokenizers.Tokenizer, dict]:
   """A ``tokenizers.Tokenizer`` and the GGUF tokenizer metadata (ids, chat template)."""
-  reader = gguf.GGUFReader(str(path))
+  reader = open_gguf(path)
   model = _gguf_field(reader, "tokenizer.ggml.model")
   if model != "gpt2":
     raise ValueError(
