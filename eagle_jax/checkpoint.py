@@ -80,7 +80,9 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
   return jnp.stack([a, b])
 
 
-_fingerprints = jax.jit(lambda leaves: [_leaf_fingerprint(x) for x in leaves])
+# One program per leaf: leaves of one tree may live on different device sets (a restore without a
+# target places each leaf as it was saved), which a single jitted call over all leaves refuses.
+_fingerprint = jax.jit(_leaf_fingerprint)
 
 
 def _fingerprintable(x) -> bool:
@@ -112,7 +114,7 @@ def digest(tree: PyTree) -> dict[str, dict[str, Any]]:
   """
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   todo = [i for i, (_, x) in enumerate(flat) if _fingerprintable(x)]
-  fps = jax.device_get(_fingerprints([jnp.asarray(flat[i][1]) for i in todo])) if todo else []
+  fps = jax.device_get([_fingerprint(jnp.asarray(flat[i][1])) for i in todo])
   out = {_path_name(p): {"dtype": str(getattr(x, "dtype", "")), "shape": list(np.shape(x)),
                          "fp": None} for p, x in flat}
   for i, fp in zip(todo, fps):

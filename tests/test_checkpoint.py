@@ -203,3 +203,18 @@ def test_digest_is_order_and_value_sensitive():
   assert d["x"]["fp"] != checkpoint.digest({"x": np.arange(6, dtype=np.float32)[::-1].copy(),
                                             "k": a["k"]})["x"]["fp"]
   assert d["k"]["fp"] != checkpoint.digest({"x": a["x"], "k": np.array([False, True])})["k"]["fp"]
+
+
+def test_restore_without_target_of_leaves_on_different_devices(tmp_path):
+  # Leaves on 8 devices and on one device in one tree: a restore without a target places each as
+  # saved, and verifying their fingerprints must not mix device sets (a resumed agent's state).
+  mesh = parallel.make_mesh()
+  state = {**_state(mesh), "one": jax.device_put(np.arange(5, dtype=np.float32),
+                                                 jax.devices()[0])}
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, state)
+    ckpt.wait()
+    step, out, _ = ckpt.restore()
+  assert step == 1
+  for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(out)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
