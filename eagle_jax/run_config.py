@@ -20,13 +20,14 @@ run with another config.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from eagle_jax import training
@@ -199,3 +200,32 @@ def eval_dir(config, workdir: str) -> str:
     return os.path.join(workdir, "eval")
   digest = hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest()[:8]
   return os.path.join(workdir, f"eval-{digest}")
+
+
+@contextlib.contextmanager
+def recorded(config, workdir: str, *, allow: Iterable[str] = (),
+             flag: str = "--allow_config_change") -> Iterator[dict[str, Any]]:
+  """``check`` for the duration of a job: if the job then refuses its config (a
+  ``training.ConfigError`` from its entry validation), the record and the change log are put back
+  as they were, so an invalid config never becomes a workdir's record."""
+  paths = [os.path.join(workdir, RECORD), os.path.join(workdir, CHANGES)]
+  before = {}
+  for path in paths:
+    try:
+      with open(path, "rb") as f:
+        before[path] = f.read()
+    except FileNotFoundError:
+      before[path] = None
+  current = check(config, workdir, allow=allow, flag=flag)
+  try:
+    yield current
+  except training.ConfigError:
+    for path, data in before.items():
+      if data is None:
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(path)
+      else:
+        with open(path + ".tmp", "wb") as f:
+          f.write(data)
+        os.replace(path + ".tmp", path)
+    raise

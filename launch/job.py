@@ -42,9 +42,10 @@ def run(workdir: str | None, fn: Callable[[], T], *, name: str, config=None,
   try:
     path = training.check_workdir(workdir)
     with workdir_lock.hold(path, distributed=distributed):
-      if config is not None:
-        run_config.check(config, path, allow=_ALLOW.value)
-      return fn()
+      if config is None:
+        return fn()
+      with run_config.recorded(config, path, allow=_ALLOW.value):
+        return fn()
   except usage_errors as e:
     raise app.UsageError(str(e)) from e
   except (workdir_lock.WorkdirLocked, checkpoint.CheckpointError) as e:

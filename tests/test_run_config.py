@@ -96,3 +96,25 @@ def test_evaluate_with_a_changed_config_fails_at_once_without_a_traceback(tmp_pa
   assert "config.actions.k: recorded 5, now 6" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "eval").exists() and not (tmp_path / "world.json").exists()
+
+
+def test_a_config_the_job_refuses_never_becomes_the_record(tmp_path):
+  def job_refusing(config):
+    raise training.ConfigError("config.eval.confidence=1.5: expected < 1")
+
+  with pytest.raises(training.ConfigError):
+    with run_config.recorded(_config(eval__confidence=1.5), str(tmp_path)):
+      job_refusing(None)
+  assert not (tmp_path / "config.json").exists()
+  with run_config.recorded(_config(), str(tmp_path)):
+    pass
+  recorded = (tmp_path / "config.json").read_bytes()
+  with pytest.raises(training.ConfigError):
+    with run_config.recorded(_config(rl__steps=300), str(tmp_path), allow=["rl.steps"]):
+      job_refusing(None)
+  assert (tmp_path / "config.json").read_bytes() == recorded
+  assert not (tmp_path / "config_changes.jsonl").exists()
+  with pytest.raises(RuntimeError):  # any other failure keeps the record (the run did start)
+    with run_config.recorded(_config(rl__steps=300), str(tmp_path), allow=["rl.steps"]):
+      raise RuntimeError("crash")
+  assert json.loads((tmp_path / "config.json").read_text())["config"]["rl"]["steps"] == 300
