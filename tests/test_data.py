@@ -161,7 +161,7 @@ def test_tfds_source_is_reachable_from_a_job_config(small, tmp_path):
   with pytest.raises(ValueError, match="unknown MovieLens version"):
     wals_train.load_data(cfg)
   cfg.source = str(tmp_path / "nowhere")
-  with pytest.raises(ValueError, match="config.data.source must be"):
+  with pytest.raises(ValueError, match=r"config.data.source .*nowhere'?: no such folder"):
     wals_train.load_data(cfg)
 
 

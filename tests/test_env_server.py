@@ -299,11 +299,12 @@ def test_busy_port_fails_fast_before_the_model_loads(tmp_path):
     with pytest.raises(OSError) as info:
       server_lib.bind_socket("127.0.0.1", port)
     assert info.value.errno == errno.EADDRINUSE
-    # The GGUF does not exist: had serve_env loaded the model first, that would be its error.
+    # The GGUF exists but is not a model: had serve_env loaded it first, that would be its error.
+    fake = tmp_path / "not_a_model.gguf"
+    fake.write_bytes(b"not a gguf file")
     t = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.serve_env", f"--port={port}",
-         f"--gguf={tmp_path / 'missing.gguf'}"],
+        [sys.executable, "-m", "launch.serve_env", f"--port={port}", f"--gguf={fake}"],
         cwd=_REPO, capture_output=True, text=True, timeout=300)
     elapsed = time.monotonic() - t
   assert proc.returncode == 1, proc.stderr

@@ -25,13 +25,13 @@ ARGS = ["--config=configs/wals_ml100k.py", "--config.data.source=synthetic",
         "--config.data.synthetic.num_ratings=20000", f"--config.checkpoint.every={EVERY}"]
 
 
-def _start(workdir, sweeps=SWEEPS):
+def _start(workdir, sweeps=SWEEPS, extra=()):
   """``launch.wals`` in the background; stdout and stderr go to files in the workdir's parent."""
   log = open(f"{workdir}.{time.monotonic_ns()}.log", "w")  # noqa: SIM115
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.Popen(
       [sys.executable, "-m", "launch.wals", f"--workdir={workdir}", *ARGS,
-       f"--config.wals.sweeps={sweeps}"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+       f"--config.wals.sweeps={sweeps}", *extra], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
   proc.log_path = log.name
   return proc
 
@@ -122,7 +122,8 @@ def test_lock_of_a_sigkilled_run_does_not_block_the_next(tmp_path):
   _wait_for(lambda: os.path.exists(lock) and f'"pid": {proc.pid}' in open(lock).read(), proc)
   proc.kill()
   proc.wait()
-  code, out = _finish(_start(workdir, sweeps=20))
+  # A shorter run on the same workdir: a deliberate config change (recorded, not refused).
+  code, out = _finish(_start(workdir, sweeps=20, extra=["--allow_config_change=wals.sweeps"]))
   assert code == 0, out[-3000:]
   assert "in use by another run" not in out
 
