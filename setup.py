@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "aiohttp>=3.9",  # OpenAI-compatible sampling client and server (eagle_jax.env).
     "openai>=1.50",  # OpenAI-compatible sampling client (eagle_jax.env.openai).
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
+    "jinja2>=3.1",  # chat templates from model files (eagle_jax.models.chat_template).
+    "scipy>=1.11",  # binomial intervals of the AI rater (eagle_jax.evaluation.rater).
 ]
 
 # The "tfds:movielens/..." data source (eagle_jax.data.tfds_source), imported only when configured.
@@ -39,7 +41,6 @@ EXTRAS_REQUIRE = {
         "clarabel>=0.9",
         "torch>=2.4",  # PyTorch transformers models as test references; never at runtime.
         "transformers>=5.0.0",  # reference models and tokenizers; never imported by eagle_jax.
-        "jinja2>=3.1",  # transformers' chat templates (tokenizer parity test).
         *TFDS_REQUIRES,  # tests of the tfds data source.
     ],
     "bench": [
@@ -63,6 +64,7 @@ setuptools.setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["eagle_jax", "eagle_jax.*"]),
+    package_data={"eagle_jax.models": ["chat_templates/*.jinja"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

@@ -17,8 +17,11 @@ def _sampling(**fields) -> ml_collections.ConfigDict:
 def llm_config(**overrides) -> ml_collections.ConfigDict:
   """``config.llm``: which environment LLM answers and how it is reached."""
   c = ml_collections.ConfigDict()
-  # Local GGUF of the environment LLM ("" = the pinned SmolLM2-135M-Instruct asset).
+  # Local GGUF of the environment LLM: a path or a pinned asset ("smollm2", "gemma3"; "" = smollm2).
   c.gguf = ""
+  # Chat template of the local model: "" = the GGUF's tokenizer.chat_template (ChatML when it has
+  # none), a bundled template's name ("gemma") or a .jinja file.
+  c.chat_template = ""
   # OpenAI-compatible server (vLLM, JetStream, llama.cpp, launch.serve_env) instead of the local
   # sampler, e.g. "http://127.0.0.1:8000".
   c.server_url = ""

@@ -10,6 +10,10 @@ the smoke keeps the transition tree small: K = 5 candidates, horizon H = 2 (the 
 ``movielens_25m.py``: H = 5), 5 train and 3 held-out anchors, K + K^2 = 30 transitions each,
 computed up front (``env.prefetch_depth``) and replayed from the response cache by training.
 Every choice the papers leave open is recorded next to its field.
+
+``configs/movielens_smoke.py:gemma3`` is the same run with Gemma 3 270M (base) as the environment
+LLM, e.g. for environment transfer in the other direction (``--config.eval.transfer.enabled=True``
+tests it with SmolLM2).
 """
 
 import ml_collections
@@ -18,7 +22,8 @@ from configs import encoder_ml100k, wals_ml100k
 from configs.env_blocks import actions_config, descriptions_config, llm_config, profiles_config
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  """The smoke run; ``variant="gemma3"`` (``movielens_smoke.py:gemma3``): Gemma 3 environment."""
   config = ml_collections.ConfigDict()
   # Seed of parameters, pair sampling and action draws.
   config.seed = 0
@@ -170,4 +175,43 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.elm_steps = 100
   # Step size of that ascent.
   config.eval.elm_lr = 0.05
+  # Environment transfer (the paper's Table 3): run every policy again with another environment LLM
+  # on the anchors, actions and profiles frozen from training (eagle_jax/evaluation/transfer.py).
+  config.eval.transfer = ml_collections.ConfigDict()
+  # Run the transfer section.
+  config.eval.transfer.enabled = False
+  # The test environment LLM (a config.llm block): Gemma 3 270M base, with Gemma's chat template.
+  config.eval.transfer.llm = llm_config(gguf="gemma3", chat_template="gemma",
+                                        batch_buckets=config.llm.batch_buckets)
+  # AI rater (eagle_jax/evaluation/rater.py): the paper's pairwise rater questions, both orders.
+  config.eval.rater = ml_collections.ConfigDict()
+  # Run the rater section.
+  config.eval.rater.enabled = False
+  # The rater model (a config.llm block; equal to config.llm: the environment LLM itself).
+  config.eval.rater.llm = llm_config(batch_buckets=config.llm.batch_buckets)
+  # Held-out pairs rated per split (a seeded sample).
+  config.eval.rater.pairs = 24
+  # Report policies rated (the distance question compares each with "random").
+  config.eval.rater.policies = ("random", "reference[g_optimal]", "agent[g_optimal]")
+  # Questions asked: "user" (User Utility), "overall", "distance" (Distance Score).
+  config.eval.rater.questions = ("user", "overall", "distance")
+  # Tokens of each answer (one letter is asked for).
+  config.eval.rater.max_tokens = 6
+  # Seed of the pair sample.
+  config.eval.rater.seed = 0
+  if variant == "gemma3":
+    _gemma3_environment(config)
+  elif variant:
+    raise ValueError(f"configs/movielens_smoke.py:{variant}: unknown variant; expected '' or "
+                     "'gemma3'")
   return config
+
+
+def _gemma3_environment(config: ml_collections.ConfigDict) -> None:
+  """The ``:gemma3`` variant: Gemma 3 270M (base) writes the world and the transitions; the
+  transfer test environment is SmolLM2 (the default world's environment), i.e. Table 3 "back"."""
+  config.llm.gguf = "gemma3"
+  config.llm.chat_template = "gemma"
+  config.eval.transfer.llm = llm_config(batch_buckets=config.llm.batch_buckets)
+  config.eval.rater.llm = llm_config(gguf="gemma3", chat_template="gemma",
+                                     batch_buckets=config.llm.batch_buckets)

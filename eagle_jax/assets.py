@@ -282,3 +282,24 @@ def gemma3_gguf(root: pathlib.Path | None = None, **kwargs) -> pathlib.Path:
   for chunk in chunks:  # The chunks are no longer needed once the whole file is verified.
     shutil.rmtree(chunk, ignore_errors=True)
   return final
+
+
+# Names a config may give instead of a GGUF path (``config.llm.gguf``, ``config.decoder.gguf``).
+GGUF_ASSETS: dict[str, Callable[[], pathlib.Path]] = {
+    "smollm2": smollm2_gguf,
+    "gemma3": gemma3_gguf,
+}
+
+
+def is_gguf_asset(value: str) -> bool:
+  """Whether ``value`` names a pinned GGUF asset (``GGUF_ASSETS``) rather than a file path."""
+  return value in GGUF_ASSETS
+
+
+def resolve_gguf(value: str) -> pathlib.Path:
+  """The GGUF file of a config value: "" (SmolLM2), an asset name (``GGUF_ASSETS``) or a path."""
+  if not value:
+    return smollm2_gguf()
+  if value in GGUF_ASSETS:
+    return GGUF_ASSETS[value]()
+  return pathlib.Path(value)

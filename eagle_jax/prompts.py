@@ -13,6 +13,9 @@ the model's chat template. The paper's prompts are images we could not read (PAP
 * **action**: one concrete change to the movie, in one of the five categories of the paper, optionally
   personalised to a user profile.
 * **transition**: the environment step: apply an action to a description, return the new description.
+* **rater**: a pairwise question to an AI rater (the paper's human form, answered by a model): which
+  of two movies a viewer would prefer, which is better overall, which is more different from an
+  original; answered with one letter.
 """
 
 from __future__ import annotations
@@ -98,6 +101,29 @@ def transition_prompt(description: str, action: str) -> list[Message]:
                "change applied. Answer with the new plot in three sentences.")
 
 
+RATER_QUESTIONS = {
+    "user": "Which of the two movies would this viewer prefer to watch?",
+    "overall": "Which of the two movies is better overall?",
+    "distance": "Which of the two movies is more different from the original movie?",
+}
+
+
+def rater_prompt(question: str, first: str, second: str, *, profile: str | None = None,
+                 original: str | None = None) -> list[Message]:
+  """A pairwise question (``RATER_QUESTIONS``) about movies A = ``first`` and B = ``second``.
+
+  ``profile`` is shown for the viewer question, ``original`` for the distance question."""
+  if question not in RATER_QUESTIONS:
+    raise ValueError(f"rater question {question!r} is not one of {sorted(RATER_QUESTIONS)}")
+  context = ""
+  if profile:
+    context += f"Viewer: {profile}\n\n"
+  if original:
+    context += f"Original movie: {original}\n\n"
+  return _chat(f"{context}Movie A: {first}\n\nMovie B: {second}\n\n{RATER_QUESTIONS[question]} "
+               "Answer with one letter: A or B.")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Parsing.
 
@@ -167,3 +193,24 @@ def parse_list(text: str, *, min_words: int = 3) -> list[str]:
 
 def parse_profile(text: str) -> str:
   return clean_paragraph(text, min_words=6, max_sentences=3)
+
+
+_CHOICE_START = re.compile(r"^\W*(?:(?:the\s+)?(?:answer|movie|option)\s*(?:is\s*)?:?\s*)?([AB])\b",
+                           re.IGNORECASE)
+_CHOICE_NAMED = re.compile(r"\b(?:movie|option|answer(?:\s+is)?:?)\s+([AB])\b", re.IGNORECASE)
+
+
+def parse_choice(text: str) -> str | None:
+  """The letter a rater chose ("A" or "B"), or None when the answer names neither unambiguously.
+
+  Accepted: the answer starting with the letter ("B", "B.", "Movie A ...", "Answer: B"), or naming
+  exactly one of "Movie A"/"Movie B" (or option/answer) anywhere; naming both is ambiguous. The
+  article "A" opening a sentence ("A movie about ...") is not a choice."""
+  t = text.strip()
+  named = {x.upper() for x in _CHOICE_NAMED.findall(t)}
+  if len(named) > 1:
+    return None
+  m = _CHOICE_START.match(t)
+  if m and not re.match(r"^A\s+[a-z]", t):
+    return m.group(1).upper()
+  return named.pop() if named else None

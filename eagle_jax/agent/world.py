@@ -252,7 +252,7 @@ def _policy_features(config, llm: stack.LLMStack, features: TextFeatures) -> Tex
     if llm.local is not None:
       pooler = DecoderPooler(llm.local.sampler.model, llm.local.tokenizer)
     else:  # remote environment: load the decoder locally
-      path = config.llm.gguf or assets.smollm2_gguf()
+      path = assets.resolve_gguf(config.llm.gguf)
       _, model = loading.load_llama_gguf(path)
       pooler = DecoderPooler(model, Tokenizer.from_gguf(path))
     out = TextFeatures(pooler, pooler.dim)

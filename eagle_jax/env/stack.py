@@ -15,7 +15,9 @@ and a remote model thus never share cache entries, and a server serving the mode
 name is asked for that name.
 
 ``config.llm`` fields (``check_llm_config`` validates them, naming the field):
-  gguf: local GGUF path ("" = the pinned SmolLM2-135M-Instruct asset).
+  gguf: local GGUF path, or a pinned asset's name ("smollm2", "gemma3"); "" = SmolLM2-135M-Instruct.
+  chat_template: the local model's chat template: "" = the GGUF's (ChatML when it has none), a
+    bundled template's name or a .jinja file (``models.chat_template``).
   server_url: OpenAI-compatible server base URL ("" = the local sampler).
   served_model: the model name the server serves (required with ``server_url``).
   api_key_env: environment variable holding the server's API key.
@@ -35,13 +37,14 @@ import pathlib
 import shutil
 from collections.abc import Sequence
 
+from eagle_jax import assets
 from eagle_jax.env import cache as cache_lib
 from eagle_jax.env.batching import BatchingClient
 from eagle_jax.env.client import SamplingBackend
 from eagle_jax.models.sampling_params import check_int
 
-FIELDS = ("gguf", "server_url", "served_model", "api_key_env", "concurrency", "timeout_s",
-          "retries", "batch_buckets")
+FIELDS = ("gguf", "chat_template", "server_url", "served_model", "api_key_env", "concurrency",
+          "timeout_s", "retries", "batch_buckets")
 
 
 def check_llm_config(llm, field: str = "config.llm") -> None:
@@ -51,7 +54,7 @@ def check_llm_config(llm, field: str = "config.llm") -> None:
   if missing or unknown:
     raise ValueError(f"{field}: missing fields {missing} / unknown fields {unknown}; expected "
                      f"exactly {list(FIELDS)}")
-  for name in ("gguf", "server_url", "served_model", "api_key_env"):
+  for name in ("gguf", "chat_template", "server_url", "served_model", "api_key_env"):
     if not isinstance(llm[name], str):
       raise ValueError(f"{field}.{name}: expected a string, got {llm[name]!r}")
   if llm.server_url:
@@ -62,8 +65,12 @@ def check_llm_config(llm, field: str = "config.llm") -> None:
                        "lists under /v1/models)")
     if llm.gguf:
       raise ValueError(f"{field}: set gguf (local sampler) or server_url (server), not both")
-  elif llm.gguf and not os.path.isfile(llm.gguf):
-    raise ValueError(f"{field}.gguf: no such file {llm.gguf!r}")
+    if llm.chat_template:
+      raise ValueError(f"{field}.chat_template: a server applies its own chat template; leave it "
+                       "empty with server_url")
+  elif llm.gguf and not assets.is_gguf_asset(llm.gguf) and not os.path.isfile(llm.gguf):
+    raise ValueError(f"{field}.gguf: no such file {llm.gguf!r} (nor a pinned asset's name: "
+                     f"{sorted(assets.GGUF_ASSETS)})")
   for name, lo in (("concurrency", 1), ("retries", 0)):
     check_int(f"{field}.{name}", llm[name], lo)
   if isinstance(llm.timeout_s, bool) or not isinstance(llm.timeout_s, (int, float)) or not (
@@ -90,6 +97,16 @@ def local_model_name(gguf: str | os.PathLike) -> str:
   """Cache identity of a local model file: ``local-jax:<first 16 hex of its sha256>``."""
   st = os.stat(gguf)
   return f"local-jax:{_file_sha256(str(gguf), st.st_size, st.st_mtime_ns)[:16]}"
+
+
+def chat_template_id(chat_template: str) -> str:
+  """Cache-identity suffix of a chat-template override ("" for the model file's own): the
+  response cache keys messages, so a model rendered with another template is another model."""
+  if not chat_template:
+    return ""
+  data = (pathlib.Path(chat_template).read_bytes() if os.path.isfile(chat_template)
+          else chat_template.encode())
+  return f"+chat:{hashlib.sha256(data).hexdigest()[:8]}"
 
 
 def process_cache_path(path: str, process_index: int, process_count: int) -> str:
@@ -163,17 +180,17 @@ def open_llm(llm, cache_path: str, *, sampler=None, model_file: str | os.PathLik
                            max_concurrency=int(llm.concurrency), timeout_s=float(llm.timeout_s),
                            max_retries=int(llm.retries), default_chat=chat)
   else:
-    from eagle_jax import assets  # noqa: PLC0415
     from eagle_jax.env.local import LocalSampler  # noqa: PLC0415 (JAX model code)
 
     if sampler is not None and model_name is not None:
       name = model_name
     else:
-      path = model_file or llm.gguf or assets.smollm2_gguf()
-      name = local_model_name(path)
+      path = model_file or assets.resolve_gguf(llm.gguf)
+      name = local_model_name(path) + chat_template_id(llm.chat_template)
     buckets: Sequence[int] = tuple(int(b) for b in llm.batch_buckets)
     if sampler is None:
-      backend = LocalSampler.from_gguf(path, model_id=name, batch_buckets=buckets, chat=chat)
+      backend = LocalSampler.from_gguf(path, model_id=name, batch_buckets=buckets, chat=chat,
+                                       chat_template=llm.chat_template or None)
     else:
       backend = LocalSampler(sampler, model_id=name, batch_buckets=buckets, chat=chat)
   cached = cache_lib.CachedClient(backend, cache_lib.ResponseCache(cache_path))

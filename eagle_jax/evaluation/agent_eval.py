@@ -36,6 +36,7 @@ from eagle_jax import checks, run_config, training
 from eagle_jax.agent import rollout
 from eagle_jax.agent.trainer import AgentTrainer, Job, validate
 from eagle_jax.agent.world import World, build_world
+from eagle_jax.evaluation import rater as rater_lib
 
 
 def mean_ci(x: np.ndarray, confidence: float) -> dict[str, float]:
@@ -183,13 +184,38 @@ def _split_report(job: Job, episodes: dict[str, rollout.Episodes], n_pairs: int,
       "agent_minus_reference": comparisons[f"agent[{main}] - reference[{main}]"]}}
 
 
+async def _policy_episodes(world: World, job: Job, states: dict[str, Any], ev: EvalConfig,
+                           key: jax.Array, progress) -> dict[str, dict[str, rollout.Episodes]]:
+  """Episodes of every policy on both held-out splits in ``world`` (its environment LLM)."""
+  featurizer = rollout.Featurizer(world, job.horizon)
+  episodes: dict[str, dict[str, rollout.Episodes]] = {s: {} for s in SPLITS}
+  for j, ref in enumerate(job.kinds):
+    kind, (trainer, state) = ref.name, states[ref.name]
+    for name, params, greedy in ((f"reference[{kind}]", state["ref_params"], False),
+                                 (f"agent[{kind}]", state["params"], False),
+                                 (f"agent[{kind}]/greedy", state["params"], True)):
+      for split in SPLITS:
+        episodes[split][name] = await _episodes(
+            world, featurizer, trainer.policy_fn(params), world.heldout_pairs[split],
+            jax.random.fold_in(key, 1 + j), ev.samples, greedy)
+        progress.update(1)
+  for split in SPLITS:
+    episodes[split]["random"] = await _episodes(world, featurizer, None,
+                                                world.heldout_pairs[split], key, ev.samples, False)
+    progress.update(1)
+  return episodes
+
+
 def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, mesh
              ) -> dict[str, Any]:
   """Runs every policy on both held-out splits; writes ``report.json`` and PNG plots.
 
   The folder is ``run_config.eval_dir``: ``<workdir>/eval`` under the evaluation settings the
   workdir was made with, ``eval-<hash>`` beside it under others. The report carries the config and
-  the code version that produced it.
+  the code version that produced it. With ``config.eval.transfer.enabled`` every policy runs again
+  with another environment LLM (``transfer.py``; section ``transfer``); with
+  ``config.eval.rater.enabled`` an AI rater answers the paper's pairwise questions about the
+  episodes (``rater.py``; section ``rater``).
 
   Args:
     config: the run config (``eval`` for this loop, ``utility`` for the ELM baseline).
@@ -199,45 +225,44 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
     world: the run's world.
     mesh: the device mesh ``job`` was validated for.
   """
+  from eagle_jax.evaluation import transfer  # noqa: PLC0415
+
   key = jax.random.key(ev.seed)
   out_dir = run_config.eval_dir(config, workdir)
   os.makedirs(out_dir, exist_ok=True)
-  episodes: dict[str, dict[str, rollout.Episodes]] = {s: {} for s in SPLITS}
+  tcfg = transfer.TransferConfig.from_config(config.eval.transfer)
+  rcfg = rater_lib.RaterConfig.from_config(config.eval.rater)
   steps: dict[str, int] = {}
-  # One unit per (policy, split) episode batch (3 policies per agent and the random one), and one
-  # per split for the ELM baseline.
-  progress = training.Progress((3 * len(job.kinds) + 1 + bool(ev.elm_workdir)) * len(SPLITS),
+  states: dict[str, Any] = {}
+  for ref in job.kinds:
+    trainer = AgentTrainer(job, world, workdir, ref, mesh)
+    step, state, _ = trainer.restore()
+    steps[ref.name] = int(step)
+    states[ref.name] = (trainer, state)
+  # One unit per (policy, split) episode batch (3 policies per agent and the random one) per
+  # environment, and one per split for the ELM baseline.
+  per_env = (3 * len(job.kinds) + 1) * len(SPLITS)
+  progress = training.Progress(per_env * (1 + tcfg.enabled) + bool(ev.elm_workdir) * len(SPLITS),
                                desc="evaluate")
-
-  async def run_all():
-    featurizer = rollout.Featurizer(world, job.horizon)
-    for j, ref in enumerate(job.kinds):
-      kind = ref.name
-      trainer = AgentTrainer(job, world, workdir, ref, mesh)
-      step, state, _ = trainer.restore()
-      steps[kind] = int(step)
-      for name, params, greedy in ((f"reference[{kind}]", state["ref_params"], False),
-                                   (f"agent[{kind}]", state["params"], False),
-                                   (f"agent[{kind}]/greedy", state["params"], True)):
-        for split in SPLITS:
-          episodes[split][name] = await _episodes(
-              world, featurizer, trainer.policy_fn(params), world.heldout_pairs[split],
-              jax.random.fold_in(key, 1 + j), ev.samples, greedy)
-          progress.update(1)
-    for split in SPLITS:
-      episodes[split]["random"] = await _episodes(world, featurizer, None,
-                                                  world.heldout_pairs[split], key, ev.samples,
-                                                  False)
-      progress.update(1)
-
   extra = {s: {} for s in SPLITS}
+  transfer_report = None
   try:
-    asyncio.run(run_all())
+    episodes = asyncio.run(_policy_episodes(world, job, states, ev, key, progress))
     if ev.elm_workdir:
       elm = _load_elm(config, world)
       for s in SPLITS:
         extra[s]["elm_baseline"] = elm_baseline(config, world, world.heldout_pairs[s], elm)
         progress.update(1)
+    if tcfg.enabled:
+      test_world = transfer.open_world(config, tcfg, world, workdir)
+      try:
+        t_episodes = asyncio.run(_policy_episodes(test_world, job, states, ev, key, progress))
+        t_splits = {s: _split_report(job, t_episodes[s], len(world.heldout_pairs[s]),
+                                     ev.confidence) for s in SPLITS}
+        transfer_report = transfer.report(world, test_world, episodes, t_episodes, t_splits,
+                                          ev.confidence, mean_ci)
+      finally:
+        asyncio.run(test_world.llm.aclose())
   finally:
     progress.close()
   splits = {s: _split_report(job, episodes[s], len(world.heldout_pairs[s]), ev.confidence,
@@ -260,9 +285,14 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
       "samples_per_pair": ev.samples, "confidence": ev.confidence,
       "checkpoint_steps": steps, "main_reference": main, "splits": splits,
       "trajectories": trajectories,
-      "env": {"transitions": world.env.steps, "parse_failures": world.env.parse_failures},
+      "env": {"model": world.llm.model_name, "transitions": world.env.steps,
+              "parse_failures": world.env.parse_failures},
       "code_version": run_config.code_version(), "config": run_config.to_dict(config),
   }
+  if transfer_report is not None:
+    report["transfer"] = transfer_report
+  if rcfg.enabled:
+    report["rater"] = rate(config, rcfg, world, episodes, ev, workdir)
   report_path = os.path.join(out_dir, "report.json")
   with open(report_path + ".tmp", "w") as f:
     json.dump(report, f, indent=2)
@@ -271,6 +301,78 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
   for split in SPLITS:
     _plots(splits[split]["policies"], out_dir, split)
   return report
+
+
+def rate(config, rcfg: rater_lib.RaterConfig, world: World,
+         episodes: dict[str, dict[str, rollout.Episodes]], ev: EvalConfig, workdir: str
+         ) -> dict[str, Any]:
+  """The AI rater's section of the report (``rater.py``) over a seeded sample of held-out pairs.
+
+  Each rated pair contributes its first sampled episode per policy (the greedy one for greedy
+  policies); the distance question compares it with the random policy's episode of the same pair
+  and sample index. The rater is ``config.eval.rater.llm`` (the environment LLM's stack is reused
+  when the block equals ``config.llm``)."""
+  from eagle_jax.env import stack  # noqa: PLC0415
+
+  for split in SPLITS:
+    unknown = [p for p in rcfg.policies if p not in episodes[split]]
+    if unknown:
+      raise training.ConfigError(f"config.eval.rater.policies: unknown {unknown}; this run's "
+                                 f"policies are {sorted(episodes[split])}")
+  same = run_config.to_dict(config.eval.rater.llm) == run_config.to_dict(config.llm)
+  llm = world.llm if same else stack.open_llm(
+      config.eval.rater.llm, os.path.join(workdir, "env", "rater_cache.jsonl"),
+      field="config.eval.rater.llm")
+  rng = np.random.default_rng(rcfg.seed)
+  out: dict[str, Any] = {"model": llm.model_name, "splits": {}}
+  try:
+    for split in SPLITS:
+      pairs = world.heldout_pairs[split]
+      pick = np.sort(rng.choice(len(pairs), size=min(rcfg.pairs, len(pairs)), replace=False))
+      out["splits"][split] = asyncio.run(_rate_split(world, llm.client, rcfg, episodes[split],
+                                                     pick, len(pairs), ev.confidence))
+  finally:
+    if not same:
+      asyncio.run(llm.aclose())
+  return out
+
+
+async def _rate_split(world: World, client, rcfg: rater_lib.RaterConfig,
+                      episodes: dict[str, rollout.Episodes], pick: np.ndarray, n_pairs: int,
+                      confidence: float) -> dict[str, Any]:
+  """One split's rater blocks; ``pick``: [N] indices of the rated pairs among ``n_pairs``."""
+
+  def rows(ep: rollout.Episodes) -> np.ndarray:  # each picked pair's first episode
+    return pick * (len(ep.pairs) // n_pairs)
+
+  rand = episodes["random"]
+  rr = rows(rand)
+  anchors = [rand.texts[r][0] for r in rr]
+  profiles = [world.profiles[int(u)] for u in rand.pairs[rr, 0]]
+  z_anchor = world.env.embed(anchors)
+  rand_final = [rand.texts[r][-1] for r in rr]
+  rand_shift = np.linalg.norm(world.env.embed(rand_final) - z_anchor, axis=-1)
+  blocks, items_all = [], []
+  for name in rcfg.policies:
+    ep = episodes[name]
+    r = rows(ep)
+    finals = [ep.texts[i][-1] for i in r]
+    shift = np.linalg.norm(world.env.embed(finals) - z_anchor, axis=-1)
+    for q in rcfg.questions:
+      if q == "distance" and name == "random":
+        continue
+      items = rater_lib.build_items(q, anchors=anchors, variants=finals, randoms=rand_final,
+                                    profiles=profiles, variant_utility=ep.utility[r, -1],
+                                    anchor_utility=ep.utility[r, 0], variant_shift=shift,
+                                    random_shift=rand_shift)
+      blocks.append((q, name, len(items_all), len(items)))
+      items_all.extend(items)
+  letters = await rater_lib.ask(client, items_all, max_tokens=rcfg.max_tokens, seed=rcfg.seed)
+  out: dict[str, Any] = {"pairs": int(len(pick)), "questions": {}}
+  for q, name, start, n in blocks:
+    out["questions"].setdefault(q, {})[name] = rater_lib.summarise(
+        items_all[start:start + n], letters[start:start + n], confidence, mean_ci)
+  return out
 
 
 def _plots(results: dict[str, Any], out_dir: str, split: str) -> None:
