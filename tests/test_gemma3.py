@@ -251,16 +251,38 @@ def test_gemma3_270m_answers_factual_questions():
     assert fact in answer, answers
 
 
+def transformers_from_gguf(path):
+  """transformers' own GGUF reading of the same file (config, dequantisation, name mapping and the
+  ``- 1`` on Gemma norms) into an eager float32 Gemma3ForCausalLM; ``from_pretrained(gguf_file=)``
+  would need ``accelerate``, which is not installed, so its two steps are called directly."""
+  from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+  cfg = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+  cfg._attn_implementation = "eager"
+  tmodel = transformers.Gemma3ForCausalLM(cfg).eval()
+  tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=tmodel)["tensors"]
+  missing, unexpected = tmodel.load_state_dict(
+      {k: torch.as_tensor(np.asarray(v, np.float32)) for k, v in tensors.items()}, strict=False)
+  assert missing == ["lm_head.weight"] and not unexpected  # lm_head is tied to the embeddings
+  tmodel.tie_weights()
+  return tmodel
+
+
 @pytest.mark.slow
 def test_gemma3_270m_logits_match_transformers_gguf_load():
-  config, model, tok = gemma3_270m()
-  path = assets.gemma3_gguf()
-  tmodel = transformers.Gemma3ForCausalLM.from_pretrained(
-      str(path.parent), gguf_file=path.name, torch_dtype=torch.float32,
-      attn_implementation="eager").eval()
-  ids = np.asarray([tok(FEW_SHOT + FACTS[0][0]).input_ids])
-  ours = np.asarray(jax.jit(lambda m, t: m(t)[0])(model, jnp.asarray(ids)))
-  ref = torch_logits(tmodel, ids)
-  err = np.abs(ours - ref).max()
-  assert err <= 1e-2 * np.abs(ref).max(), err
-  assert (ours[0].argmax(-1) == ref[0].argmax(-1)).all()
+  # Both sides dequantise the same file to float32 with gguf.quants, so the weights are equal and
+  # only float32 summation order differs; Gemma's residual stream is large (logits up to ~35,
+  # norm weights up to ~300). Measured: 1.3e-4 max abs on the 27-token prompt, 7.2e-4 over 600
+  # tokens (sliding layers past their 512-slot window); the tolerance leaves ~3x headroom.
+  _, model, tok = gemma3_270m()
+  tmodel = transformers_from_gguf(assets.gemma3_gguf())
+  assert tmodel.config.layer_types[5] == "full_attention" and tmodel.config.sliding_window == 512
+  short = np.asarray([tok(FEW_SHOT + FACTS[0][0]).input_ids])
+  long = np.asarray([tok(FEW_SHOT * 60).input_ids[:600]])
+  forward = jax.jit(lambda m, t: m(t)[0])
+  for ids in (short, long):
+    ours = np.asarray(forward(model, jnp.asarray(ids)))
+    ref = torch_logits(tmodel, ids)
+    assert np.abs(ours - ref).max() <= 2e-3, (ids.shape, np.abs(ours - ref).max())
+    assert np.abs(ref).max() > 10.0
+    assert (ours[0].argmax(-1) == ref[0].argmax(-1)).mean() > 0.99

@@ -1,16 +1,24 @@
 """Real decoder weights into the NNX ``Llama``: GGUF and Hugging Face safetensors, key-checked.
 
-Both sources are first brought to the Hugging Face Llama layout (``model.layers.N.self_attn.q_proj.
-weight`` as ``[out, in]`` arrays), then mapped to our parameter names and shapes by one function
-(``hf_to_params``) and assigned with ``assign_checked``, which refuses a missing, unexpected or
-misshaped tensor and names it.
+Both sources are first brought to the Hugging Face layout of ``LlamaForCausalLM`` or
+``Gemma3ForCausalLM`` (``model.layers.N.self_attn.q_proj.weight`` as ``[out, in]`` arrays), then
+mapped to our parameter names and shapes by one function (``hf_to_params``) and assigned with
+``assign_checked``, which refuses a missing, unexpected or misshaped tensor and names it. The
+config comes from ``configs.py`` (``config_from_hf`` / ``config_from_gguf``, re-exported here).
+
+Per-block norms: Llama has ``input_layernorm`` (our ``attn_norm``) and
+``post_attention_layernorm`` (our ``mlp_norm``, before the MLP). Gemma 3 has four:
+``input_layernorm``, ``post_attention_layernorm`` (our ``post_attn_norm``, on the attention
+output), ``pre_feedforward_layernorm`` (our ``mlp_norm``), ``post_feedforward_layernorm`` (our
+``post_mlp_norm``), plus ``self_attn.q_norm``/``k_norm`` ``[head_dim]``.
 
 GGUF (llama.cpp): tensors are read with ``gguf.GGUFReader`` and dequantised with
 ``gguf.quants.dequantize`` to float32; GGUF lists shapes fastest-axis first, so the numpy shape is
-the reversed GGUF shape, which is exactly HF's ``[out, in]``. llama.cpp's converter permutes the
-rows of ``attn_q``/``attn_k`` per head from HF's rotate-half order to interleaved pairs
-(``w.reshape(n, 2, d/2, in).swapaxes(1, 2)``); ``unpermute_rotary`` applies the inverse. The config
-comes from the ``llama.*`` metadata; a missing ``output.weight`` means tied embeddings.
+the reversed GGUF shape, which is exactly HF's ``[out, in]``. For ``llama`` files, llama.cpp's
+converter permutes the rows of ``attn_q``/``attn_k`` per head from HF's rotate-half order to
+interleaved pairs (``w.reshape(n, 2, d/2, in).swapaxes(1, 2)``); ``unpermute_rotary`` applies the
+inverse. For ``gemma3`` files it does not permute (Gemma uses NeoX-style RoPE in llama.cpp), but
+stores each RMSNorm weight as ``1 + w``; ``gguf_to_hf`` subtracts the 1.
 
 safetensors: read with ``safetensors.numpy`` (no torch, no pickle), sharded checkpoints through
 ``model.safetensors.index.json``; the config from ``config.json``.
