@@ -99,7 +99,11 @@ class LocalSampler(SamplingBackend):
   def from_gguf(
       cls, path: str | pathlib.Path | None = None, **kwargs
   ) -> LocalSampler:
-    """Loads a llama-architecture GGUF (default: the pinned SmolLM2-135M-Instruct asset)."""
+    """Loads a llama or gemma3 GGUF (default: the pinned SmolLM2-135M-Instruct asset).
+
+    The architecture is dispatched by ``loading.load_llama_gguf``; the tokenizer is
+    ``Tokenizer.from_gguf`` of the same file.
+    """
     from eagle_jax import assets
     from eagle_jax.models import loading
     from eagle_jax.models.tokenizer import Tokenizer

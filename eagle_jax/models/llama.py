@@ -1,24 +1,31 @@
-"""Llama-family decoder (Llama, SmolLM2, Gemma-style switches) in Flax NNX.
+"""Llama-family decoder (Llama, SmolLM2, Gemma 1 and Gemma 3 switches) in Flax NNX.
 
 The model is the standard pre-norm decoder-only transformer:
 
   h_0 = E[tokens] * (sqrt(D) if scale_embeddings else 1)
-  a_l = h_l + Attn(RMSNorm(h_l))         with RoPE on q and k, grouped-query attention
-  h_{l+1} = a_l + W_down (act(W_gate x) * (W_up x)),  x = RMSNorm(a_l)   (SwiGLU / GeGLU)
+  a_l = h_l + P_a(Attn(RMSNorm(h_l)))    with RoPE on q and k, grouped-query attention
+  h_{l+1} = a_l + P_m(W_down (act(W_gate x) * (W_up x))),  x = RMSNorm(a_l)   (SwiGLU / GeGLU)
   logits = RMSNorm(h_L) W_out             W_out = E^T when the embeddings are tied
 
-* **RMSNorm**: ``x / sqrt(mean(x^2) + eps) * (offset + w)``, computed in float32; ``offset`` is 0
-  for Llama and 1 for Gemma (whose checkpoints store ``w - 1``).
-* **RoPE**: the "rotate half" layout of Hugging Face Llama: feature ``i < d/2`` is paired with
-  ``i + d/2`` and rotated by angle ``pos * theta^(-2i/d)``. GGUF files store q/k rows permuted for
-  llama.cpp's interleaved layout; ``loading.py`` undoes that permutation, so both sources meet here.
+``P_a``/``P_m`` are the identity, or with ``post_norms`` (Gemma 2/3) two more RMSNorms, so a block
+has four norms.
+
+* **RMSNorm**, **RoPE** (rotate-half layout) and the masked GQA softmax live in ``attention.py``.
+  GGUF files of Llama store q/k rows permuted for llama.cpp's interleaved layout; ``loading.py``
+  undoes that permutation, so both sources meet here.
 * **GQA**: ``heads`` query heads share ``kv_heads`` key/value heads (``heads % kv_heads == 0``).
 * **Masking**: attention is causal over *slots* (positions in the token array or the KV cache) and
   restricted to slots that hold real tokens. Because every row of a batch writes the same slot
   indices, left-padded prompts work with one shared cache index; RoPE uses the per-row ``positions``
   (the count of real tokens before each token), so padding does not shift positions.
+* **Gemma 3**: ``qk_norm`` (RMSNorm over ``head_dim`` of q and k before RoPE), ``layer_types``
+  interleaving global layers with sliding-window layers (``sliding_window`` slots, RoPE base
+  ``rope_local_theta``; global layers use ``rope_theta`` and the linear ``rope_scaling``), and
+  ``query_scale = query_pre_attn_scalar ** -0.5``. Each ``Attention`` fixes its layer's RoPE base,
+  factor and window at construction (``LlamaConfig.layer_attention``).
 * **KV cache**: ``KVCache`` holds ``k, v: [layers, B, S, kv_heads, head_dim]``, the slot mask
   ``[B, S]`` and the next slot index. A call with ``T`` tokens writes slots ``[index, index + T)``.
+  Sliding layers keep all ``S`` slots too and mask the ones outside their window.
 
 Precision: parameters are stored in ``param_dtype`` (float32 by default) and cast to ``dtype`` (the
 compute dtype, e.g. bfloat16) at use; norms, RoPE, softmax and logits are computed in float32.
@@ -30,9 +37,8 @@ dimension it does not divide (SmolLM2 has 9 heads). Activations are constrained 
 only when a mesh is set with ``jax.set_mesh``. Layers are an unrolled Python list (no layer scan):
 decoding on CPU is memory bound and a scan would copy each layer's weights once per step.
 
-Gemma-style variants that differ only by config are covered by ``scale_embeddings``,
-``norm_offset``, ``activation="gelu_tanh"``, ``query_scale`` and ``final_logit_softcap``. Gemma
-2/3's sliding-window layers, attention soft-capping and QK-norm are not implemented.
+Not implemented: Gemma 2's attention logit soft-capping (its final-logit soft-capping is
+``final_logit_softcap``), and a ring-buffer cache for sliding layers.
 """
 
 from __future__ import annotations
@@ -45,13 +51,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eagle_jax.models.attention import LAYER_KINDS, SLIDING, apply_rope, attend, rms_norm
 from eagle_jax.parallel import constrain
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +83,13 @@ class LlamaConfig:
     activation: MLP gate activation, ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU, Gemma).
     query_scale: attention logit scale; ``None`` means ``head_dim ** -0.5``.
     final_logit_softcap: if set, ``logits = c * tanh(logits / c)`` (Gemma 2).
+    qk_norm: RMSNorm over ``head_dim`` on each query and key head before RoPE (Gemma 3).
+    post_norms: extra RMSNorms on the attention and MLP outputs before each residual add
+      (Gemma 2/3's four norms per block).
+    layer_types: per-layer ``"full_attention"`` or ``"sliding_attention"``; None: all full.
+    sliding_window: window width W of the sliding layers (a query sees itself and W - 1 before).
+    rope_local_theta: RoPE base of the sliding layers; None: ``rope_theta``.
+    rope_scaling: linear RoPE factor of the full-attention layers (positions / factor).
   """
 
   vocab_size: int
@@ -97,6 +110,12 @@ class LlamaConfig:
   activation: str = "silu"
   query_scale: float | None = None
   final_logit_softcap: float | None = None
+  qk_norm: bool = False
+  post_norms: bool = False
+  layer_types: tuple[str, ...] | None = None
+  sliding_window: int | None = None
+  rope_local_theta: float | None = None
+  rope_scaling: float = 1.0
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim"):
@@ -112,6 +131,22 @@ class LlamaConfig:
       raise ValueError(
           f"LlamaConfig.activation: expected one of {sorted(_ACTIVATIONS)}, got "
           f"{self.activation!r}")
+    if self.layer_types is not None:
+      object.__setattr__(self, "layer_types", tuple(self.layer_types))
+      if len(self.layer_types) != self.layers or set(self.layer_types) - set(LAYER_KINDS):
+        raise ValueError(f"LlamaConfig.layer_types: expected {self.layers} entries from "
+                         f"{LAYER_KINDS}, got {self.layer_types!r}")
+      if SLIDING in self.layer_types and not (
+          isinstance(self.sliding_window, int) and self.sliding_window > 0):
+        raise ValueError("LlamaConfig.sliding_window: sliding layers need a positive int, got "
+                         f"{self.sliding_window!r}")
+
+  def layer_attention(self, layer: int) -> tuple[float, float, int | None]:
+    """(RoPE base, linear RoPE factor, sliding window or None) of decoder layer ``layer``."""
+    if self.layer_types is not None and self.layer_types[layer] == SLIDING:
+      theta = self.rope_theta if self.rope_local_theta is None else self.rope_local_theta
+      return theta, 1.0, self.sliding_window
+    return self.rope_theta, self.rope_scaling, None
 
   def replace(self, **changes) -> LlamaConfig:
     return dataclasses.replace(self, **changes)
@@ -164,41 +199,12 @@ def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
   return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float, offset: float) -> jax.Array:
-  """x: [..., D]; scale: [D]. Normalises in float32 and returns x's dtype."""
-  xf = x.astype(jnp.float32)
-  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return (y * (offset + scale.astype(jnp.float32))).astype(x.dtype)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, rotate-half layout.
-
-  Args:
-    x: [B, T, N, d] queries or keys.
-    positions: [B, T] int32 positions.
-    theta: base frequency.
-
-  Returns:
-    [B, T, N, d], x's dtype.
-  """
-  d = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [d/2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, d/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
-  xf = x.astype(jnp.float32)
-  x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
-
-
 class RMSNorm(nnx.Module):
   """RMSNorm with a learned per-feature scale [D]."""
 
-  def __init__(self, dim: int, config: LlamaConfig, *, rngs: nnx.Rngs):
+  def __init__(self, dim: int, config: LlamaConfig, *, rngs: nnx.Rngs, axis: str = "embed"):
     init = nnx.initializers.zeros if config.norm_offset else nnx.initializers.ones
-    self.scale = _param(rngs, init, (dim,), ("embed",), config.param_dtype)
+    self.scale = _param(rngs, init, (dim,), (axis,), config.param_dtype)
     self.eps = config.rms_eps
     self.offset = config.norm_offset
 
@@ -209,10 +215,14 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE and an optional KV cache."""
 
-  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, layer: int = 0):
     c = config
     dense = nnx.initializers.normal(0.02)
     self.config = c
+    self.rope_theta, self.rope_factor, self.window = c.layer_attention(layer)
+    if c.qk_norm:
+      self.q_norm = RMSNorm(c.head_dim, c, rngs=rngs, axis="kv")
+      self.k_norm = RMSNorm(c.head_dim, c, rngs=rngs, axis="kv")
     self.wq = _param(rngs, dense, (c.hidden, c.heads, c.head_dim), ("embed", "heads", "kv"),
                      c.param_dtype)
     self.wk = _param(rngs, dense, (c.hidden, c.kv_heads, c.head_dim),
@@ -248,8 +258,11 @@ class Attention(nnx.Module):
     q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
-    q = constrain(apply_rope(q, positions, c.rope_theta), ("batch", "length", "heads", "kv"))
-    k = constrain(apply_rope(k, positions, c.rope_theta), ("batch", "length", "kv_heads", "kv"))
+    if c.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    theta, factor = self.rope_theta, self.rope_factor
+    q = constrain(apply_rope(q, positions, theta, factor), ("batch", "length", "heads", "kv"))
+    k = constrain(apply_rope(k, positions, theta, factor), ("batch", "length", "kv_heads", "kv"))
     v = constrain(v, ("batch", "length", "kv_heads", "kv"))
     new_cache = None
     if layer_cache is not None:
@@ -258,16 +271,8 @@ class Attention(nnx.Module):
       cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, index, 0, 0))
       new_cache = (ck, cv)
       k, v = ck[layer].astype(dt), cv[layer].astype(dt)
-    b, t, h, hd = q.shape
-    g = h // c.kv_heads
-    scale = c.query_scale if c.query_scale is not None else hd**-0.5
-    qg = q.reshape(b, t, c.kv_heads, g, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    slots = jnp.arange(k.shape[1], dtype=jnp.int32)
-    allowed = key_mask[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
-    scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+    scale = c.query_scale if c.query_scale is not None else c.head_dim**-0.5
+    out = attend(q, k, v, key_mask, query_slots, scale, self.window)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     y = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
     return y, new_cache
@@ -296,16 +301,25 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """One pre-norm decoder block."""
 
-  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, layer: int = 0):
     self.attn_norm = RMSNorm(config.hidden, config, rngs=rngs)
-    self.attn = Attention(config, rngs=rngs)
+    self.attn = Attention(config, rngs=rngs, layer=layer)
     self.mlp_norm = RMSNorm(config.hidden, config, rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
+    self.post_norms = config.post_norms
+    if config.post_norms:
+      self.post_attn_norm = RMSNorm(config.hidden, config, rngs=rngs)
+      self.post_mlp_norm = RMSNorm(config.hidden, config, rngs=rngs)
 
   def __call__(self, x, positions, key_mask, query_slots, layer_cache):
     y, new_cache = self.attn(self.attn_norm(x), positions, key_mask, query_slots, layer_cache)
+    if self.post_norms:
+      y = self.post_attn_norm(y)
     x = constrain(x + y, ("batch", "length", "embed"))
-    x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "embed"))
+    y = self.mlp(self.mlp_norm(x))
+    if self.post_norms:
+      y = self.post_mlp_norm(y)
+    x = constrain(x + y, ("batch", "length", "embed"))
     return x, new_cache
 
 
@@ -333,7 +347,8 @@ class Llama(nnx.Module):
     # Parameters are created unsharded; loading.shard_model places them on a mesh.
     with nnx.use_eager_sharding(False):
       self.embedder = Embedder(config, rngs=rngs)
-      self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.layers)])
+      self.layers = nnx.List([Block(config, rngs=rngs, layer=i)
+                              for i in range(config.layers)])
       self.final_norm = RMSNorm(config.hidden, config, rngs=rngs)
       if not config.tie_embeddings:
         self.lm_head = _param(rngs, nnx.initializers.normal(0.02),

@@ -1,16 +1,24 @@
 """Real decoder weights into the NNX ``Llama``: GGUF and Hugging Face safetensors, key-checked.
 
-Both sources are first brought to the Hugging Face Llama layout (``model.layers.N.self_attn.q_proj.
-weight`` as ``[out, in]`` arrays), then mapped to our parameter names and shapes by one function
-(``hf_to_params``) and assigned with ``assign_checked``, which refuses a missing, unexpected or
-misshaped tensor and names it.
+Both sources are first brought to the Hugging Face layout of ``LlamaForCausalLM`` or
+``Gemma3ForCausalLM`` (``model.layers.N.self_attn.q_proj.weight`` as ``[out, in]`` arrays), then
+mapped to our parameter names and shapes by one function (``hf_to_params``) and assigned with
+``assign_checked``, which refuses a missing, unexpected or misshaped tensor and names it. The
+config comes from ``configs.py`` (``config_from_hf`` / ``config_from_gguf``, re-exported here).
+
+Per-block norms: Llama has ``input_layernorm`` (our ``attn_norm``) and
+``post_attention_layernorm`` (our ``mlp_norm``, before the MLP). Gemma 3 has four:
+``input_layernorm``, ``post_attention_layernorm`` (our ``post_attn_norm``, on the attention
+output), ``pre_feedforward_layernorm`` (our ``mlp_norm``), ``post_feedforward_layernorm`` (our
+``post_mlp_norm``), plus ``self_attn.q_norm``/``k_norm`` ``[head_dim]``.
 
 GGUF (llama.cpp): tensors are read with ``gguf.GGUFReader`` and dequantised with
 ``gguf.quants.dequantize`` to float32; GGUF lists shapes fastest-axis first, so the numpy shape is
-the reversed GGUF shape, which is exactly HF's ``[out, in]``. llama.cpp's converter permutes the
-rows of ``attn_q``/``attn_k`` per head from HF's rotate-half order to interleaved pairs
-(``w.reshape(n, 2, d/2, in).swapaxes(1, 2)``); ``unpermute_rotary`` applies the inverse. The config
-comes from the ``llama.*`` metadata; a missing ``output.weight`` means tied embeddings.
+the reversed GGUF shape, which is exactly HF's ``[out, in]``. For ``llama`` files, llama.cpp's
+converter permutes the rows of ``attn_q``/``attn_k`` per head from HF's rotate-half order to
+interleaved pairs (``w.reshape(n, 2, d/2, in).swapaxes(1, 2)``); ``unpermute_rotary`` applies the
+inverse. For ``gemma3`` files it does not permute (Gemma uses NeoX-style RoPE in llama.cpp), but
+stores each RMSNorm weight as ``1 + w``; ``gguf_to_hf`` subtracts the 1.
 
 safetensors: read with ``safetensors.numpy`` (no torch, no pickle), sharded checkpoints through
 ``model.safetensors.index.json``; the config from ``config.json``.
@@ -34,6 +42,7 @@ from flax import nnx
 
 from eagle_jax import parallel
 from eagle_jax.models import llama as llama_lib
+from eagle_jax.models.configs import config_from_gguf, config_from_hf, gguf_field
 from eagle_jax.models.files import (
     LoadingError,
     finite_weights,
@@ -136,10 +145,26 @@ def init_sharded(config: llama_lib.LlamaConfig, mesh: jax.sharding.Mesh, seed: i
 # ------------------------------------------------------------------------------------------------
 
 
+def _hf_norm_names(config: llama_lib.LlamaConfig) -> dict[str, str]:
+  """Our per-block norm names -> HF's (Llama's ``post_attention_layernorm`` is Gemma 3's
+  ``pre_feedforward_layernorm``; Gemma 3's ``post_attention_layernorm`` is a post-norm)."""
+  names = {"attn_norm.scale": "input_layernorm.weight"}
+  if config.post_norms:
+    names.update({"post_attn_norm.scale": "post_attention_layernorm.weight",
+                  "mlp_norm.scale": "pre_feedforward_layernorm.weight",
+                  "post_mlp_norm.scale": "post_feedforward_layernorm.weight"})
+  else:
+    names["mlp_norm.scale"] = "post_attention_layernorm.weight"
+  if config.qk_norm:
+    names.update({"attn.q_norm.scale": "self_attn.q_norm.weight",
+                  "attn.k_norm.scale": "self_attn.k_norm.weight"})
+  return names
+
+
 def hf_to_params(
     hf: Mapping[str, np.ndarray], config: llama_lib.LlamaConfig, *, source: str
 ) -> dict[str, np.ndarray]:
-  """Maps HF ``LlamaForCausalLM`` tensors (``[out, in]``) to our dotted parameter names.
+  """Maps HF ``LlamaForCausalLM``/``Gemma3ForCausalLM`` tensors (``[out, in]``) to our names.
 
   Raises:
     LoadingError: a required HF tensor is missing, misshaped, or an HF tensor is not consumed.
@@ -165,8 +190,8 @@ def hf_to_params(
   for i in range(c.layers):
     p = f"model.layers.{i}."
     o = f"layers.{i}."
-    out[o + "attn_norm.scale"] = get(p + "input_layernorm.weight", (d,))
-    out[o + "mlp_norm.scale"] = get(p + "post_attention_layernorm.weight", (d,))
+    for ours, theirs in _hf_norm_names(c).items():
+      out[o + ours] = get(p + theirs, (hd if ".q_norm" in ours or ".k_norm" in ours else d,))
     out[o + "attn.wq"] = get(p + "self_attn.q_proj.weight", (h * hd, d)).T.reshape(d, h, hd)
     out[o + "attn.wk"] = get(p + "self_attn.k_proj.weight", (kvh * hd, d)).T.reshape(d, kvh, hd)
     out[o + "attn.wv"] = get(p + "self_attn.v_proj.weight", (kvh * hd, d)).T.reshape(d, kvh, hd)
@@ -205,57 +230,6 @@ def load_params(
 # ------------------------------------------------------------------------------------------------
 # safetensors (Hugging Face layout).
 # ------------------------------------------------------------------------------------------------
-
-
-def config_from_hf(cfg: Mapping, **overrides) -> llama_lib.LlamaConfig:
-  """``LlamaConfig`` from a Hugging Face ``config.json`` dict (model_type ``llama`` or ``gemma``).
-
-  Gemma (v1) differs from Llama only by switches: embeddings scaled by sqrt(hidden), RMSNorm with
-  ``1 + w``, GeGLU (tanh GELU) MLP, tied embeddings and a free ``head_dim``.
-  """
-  def need(key):
-    if key not in cfg:
-      raise LoadingError(f"config.json: missing field {key!r}")
-    return cfg[key]
-
-  arch = cfg.get("model_type", "llama")
-  if arch not in ("llama", "gemma"):
-    raise LoadingError(
-        f"config.json: model_type {arch!r} is not supported; expected 'llama' or 'gemma'")
-  heads = int(need("num_attention_heads"))
-  hidden = int(need("hidden_size"))
-  rope_theta = cfg.get("rope_theta")
-  if rope_theta is None:
-    rope_theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-  rope_type = (cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}).get("rope_type")
-  if rope_type not in (None, "default"):
-    raise LoadingError(f"config.json: rope scaling type {rope_type!r} is not supported")
-  for flag in ("attention_bias", "mlp_bias"):
-    if cfg.get(flag):
-      raise LoadingError(f"config.json: {flag}=true is not supported (bias-free Llama only)")
-  gemma = arch == "gemma"
-  act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
-  acts = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
-  if act not in acts:
-    raise LoadingError(f"config.json: activation {act!r}; expected one of {sorted(acts)}")
-  kwargs = dict(
-      vocab_size=int(need("vocab_size")),
-      hidden=hidden,
-      intermediate=int(need("intermediate_size")),
-      layers=int(need("num_hidden_layers")),
-      heads=heads,
-      kv_heads=int(cfg.get("num_key_value_heads") or heads),
-      head_dim=int(cfg.get("head_dim") or hidden // heads),
-      rope_theta=float(rope_theta),
-      rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
-      max_len=int(cfg.get("max_position_embeddings", 2048)),
-      scale_embeddings=gemma,
-      norm_offset=1.0 if gemma else 0.0,
-      activation=acts[act],
-  )
-  kwargs.update(overrides)
-  return llama_lib.LlamaConfig(**kwargs)
 
 
 def read_safetensors_dir(path: str | pathlib.Path) -> dict[str, np.ndarray]:
@@ -318,44 +292,6 @@ def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _field(reader: gguf.GGUFReader, key: str, default=None):
-  field = reader.fields.get(key)
-  if field is None:
-    if default is None:
-      raise LoadingError(f"GGUF metadata: missing field {key!r}")
-    return default
-  return field.contents()
-
-
-def config_from_gguf(reader: gguf.GGUFReader, **overrides) -> llama_lib.LlamaConfig:
-  """``LlamaConfig`` from ``llama.*`` GGUF metadata."""
-  arch = _field(reader, "general.architecture")
-  if arch != "llama":
-    raise LoadingError(f"GGUF general.architecture is {arch!r}; only 'llama' is supported")
-  names = {t.name for t in reader.tensors}
-  hidden = int(_field(reader, "llama.embedding_length"))
-  heads = int(_field(reader, "llama.attention.head_count"))
-  embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-  if embd is None:
-    raise LoadingError("GGUF: missing tensor 'token_embd.weight'")
-  vocab = int(embd.shape[-1])  # GGUF shapes are [in, out]: [hidden, vocab]
-  kwargs = dict(
-      vocab_size=vocab,
-      hidden=hidden,
-      intermediate=int(_field(reader, "llama.feed_forward_length")),
-      layers=int(_field(reader, "llama.block_count")),
-      heads=heads,
-      kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
-      head_dim=int(_field(reader, "llama.rope.dimension_count", hidden // heads)),
-      rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-      rms_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-      tie_embeddings="output.weight" not in names,
-      max_len=int(_field(reader, "llama.context_length", 2048)),
-  )
-  kwargs.update(overrides)
-  return llama_lib.LlamaConfig(**kwargs)
-
-
 _GGUF_TO_HF = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -367,12 +303,24 @@ _GGUF_TO_HF = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+_GEMMA3_GGUF_TO_HF = {
+    **_GGUF_TO_HF,
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
 
 
 def gguf_to_hf(
     path: str | pathlib.Path,
 ) -> tuple[llama_lib.LlamaConfig, dict[str, np.ndarray]]:
-  """Reads a llama-architecture GGUF as a config and float32 HF-layout tensors.
+  """Reads a ``llama`` or ``gemma3`` GGUF as a config and float32 HF-layout tensors.
+
+  llama.cpp's converter stores every Gemma RMSNorm weight as ``1 + w`` (llama.cpp multiplies by
+  the stored weight) and leaves Gemma's q/k rows in rotate-half order (NeoX RoPE), so for
+  ``gemma3`` the norms get ``- 1`` and q/k are not un-permuted.
 
   Raises:
     LoadingError: unsupported architecture, missing metadata, or a tensor name that has no HF
@@ -384,6 +332,8 @@ def gguf_to_hf(
     config = config_from_gguf(reader)
   except LoadingError as e:
     raise LoadingError(f"{path}: {e}") from None
+  gemma = gguf_field(reader, "general.architecture") == "gemma3"
+  names = _GEMMA3_GGUF_TO_HF if gemma else _GGUF_TO_HF
   hf: dict[str, np.ndarray] = {}
   for t in reader.tensors:
     try:
@@ -394,6 +344,8 @@ def gguf_to_hf(
     arr = finite_weights(arr.astype(np.float32, copy=False), f"{path}: tensor {t.name!r}")
     arr = arr.reshape([int(x) for x in reversed(t.shape.tolist())])
     name = t.name
+    if gemma and name.endswith("norm.weight"):
+      arr = arr - np.float32(1.0)
     if name == "token_embd.weight":
       hf["model.embed_tokens.weight"] = arr
     elif name == "output_norm.weight":
@@ -402,13 +354,13 @@ def gguf_to_hf(
       hf["lm_head.weight"] = arr
     elif name.startswith("blk."):
       _, layer, rest = name.split(".", 2)
-      if rest not in _GGUF_TO_HF:
-        raise LoadingError(f"{path}: GGUF tensor {name!r} has no Llama counterpart")
-      if rest == "attn_q.weight":
+      if rest not in names:
+        raise LoadingError(f"{path}: GGUF tensor {name!r} has no Hugging Face counterpart")
+      if rest == "attn_q.weight" and not gemma:
         arr = unpermute_rotary(arr, config.heads)
-      elif rest == "attn_k.weight":
+      elif rest == "attn_k.weight" and not gemma:
         arr = unpermute_rotary(arr, config.kv_heads)
-      hf[f"model.layers.{layer}.{_GGUF_TO_HF[rest]}"] = arr
+      hf[f"model.layers.{layer}.{names[rest]}"] = arr
     elif name == "rope_freqs.weight":
       raise LoadingError(f"{path}: GGUF tensor 'rope_freqs.weight' (scaled RoPE) is unsupported")
     else:
@@ -423,7 +375,7 @@ def load_llama_gguf(
     param_dtype: jnp.dtype = jnp.float32,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[llama_lib.LlamaConfig, llama_lib.Llama]:
-  """Loads a llama-architecture GGUF (dequantised) into a ``Llama``.
+  """Loads a ``llama`` or ``gemma3`` GGUF (dequantised) into a ``Llama``.
 
   Args:
     path: the ``.gguf`` file.
@@ -442,7 +394,8 @@ def load_llama_gguf(
 
 
 def params_to_hf(model: llama_lib.Llama) -> dict[str, np.ndarray]:
-  """Inverse of ``hf_to_params``: our parameters as HF ``LlamaForCausalLM`` float32 tensors."""
+  """Inverse of ``hf_to_params``: our parameters as HF ``LlamaForCausalLM`` (or
+  ``Gemma3ForCausalLM``) float32 tensors."""
   c = model.config
   d, h, kvh, hd = c.hidden, c.heads, c.kv_heads, c.head_dim
   to_np: Callable = lambda v: np.asarray(v[...], dtype=np.float32)
@@ -450,10 +403,11 @@ def params_to_hf(model: llama_lib.Llama) -> dict[str, np.ndarray]:
       "model.embed_tokens.weight": to_np(model.embedder.embedding),
       "model.norm.weight": to_np(model.final_norm.scale),
   }
+  state = {path_key(k): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   for i, blk in enumerate(model.layers):
     p = f"model.layers.{i}."
-    out[p + "input_layernorm.weight"] = to_np(blk.attn_norm.scale)
-    out[p + "post_attention_layernorm.weight"] = to_np(blk.mlp_norm.scale)
+    for ours, theirs in _hf_norm_names(c).items():
+      out[p + theirs] = np.asarray(state[f"layers.{i}.{ours}"].get_value(), dtype=np.float32)
     out[p + "self_attn.q_proj.weight"] = to_np(blk.attn.wq).reshape(d, h * hd).T
     out[p + "self_attn.k_proj.weight"] = to_np(blk.attn.wk).reshape(d, kvh * hd).T
     out[p + "self_attn.v_proj.weight"] = to_np(blk.attn.wv).reshape(d, kvh * hd).T

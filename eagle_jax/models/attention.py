@@ -1,0 +1,104 @@
+"""The decoder's attention math: RMSNorm, RoPE, and grouped-query attention with slot masks.
+
+Pure functions of arrays (no parameters, no config object), used by ``llama.py``'s ``Attention``:
+
+* ``rms_norm``: ``x / sqrt(mean(x^2) + eps) * (offset + w)`` in float32 (``offset`` 1 for Gemma,
+  whose checkpoints store ``w - 1``). Also the QK-norm of Gemma 3 (over ``head_dim`` of each head).
+* ``apply_rope``: rotary embedding in Hugging Face's rotate-half layout, feature ``i < d/2`` paired
+  with ``i + d/2`` and rotated by ``pos / factor * theta^(-2i/d)``; ``factor`` is the linear RoPE
+  scaling of Gemma 3's global layers (1 elsewhere).
+* ``attend``: softmax attention of ``H`` query heads over ``KVH`` shared key/value heads (GQA).
+  Keys are *slots* (token-array or KV-cache positions). A key slot ``s`` is visible from query slot
+  ``q`` iff it holds a real token, ``s <= q`` (causal) and, for a sliding-window layer of width
+  ``W``, ``s > q - W`` (the query and the ``W - 1`` slots before it, as Hugging Face's
+  ``sliding_window_overlay``). Slot distance equals token distance because a row's real tokens
+  occupy contiguous slots: prompts are left-padded and every later call appends at the same index
+  for all rows (a finished row's padding comes after its last real token).
+
+Gemma 3 interleaves local (sliding-window, own RoPE base) and global layers; ``layer_kind`` names
+the per-layer choice, with the Hugging Face ``layer_types`` spellings.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+LAYER_KINDS = (FULL, SLIDING)
+
+
+def gemma3_layer_types(layers: int, pattern: int = 6) -> tuple[str, ...]:
+  """Gemma 3's default interleaving: layer ``i`` is global iff ``(i + 1) % pattern == 0``."""
+  return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(layers))
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, offset: float) -> jax.Array:
+  """x: [..., D]; scale: [D]. Normalises in float32 and returns x's dtype."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (y * (offset + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, factor: float = 1.0) -> jax.Array:
+  """Rotary embedding, rotate-half layout.
+
+  Args:
+    x: [B, T, N, d] queries or keys.
+    positions: [B, T] int32 positions.
+    theta: base frequency.
+    factor: linear RoPE scaling (positions are divided by it); 1 means none.
+
+  Returns:
+    [B, T, N, d], x's dtype.
+  """
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [d/2]
+  if factor != 1.0:
+    inv_freq = inv_freq / factor
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, d/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    query_slots: jax.Array,
+    scale: float,
+    window: int | None = None,
+) -> jax.Array:
+  """Grouped-query softmax attention over slots.
+
+  Args:
+    q: [B, T, H, hd] queries (after RoPE).
+    k: [B, S, KVH, hd] keys (after RoPE); ``H % KVH == 0``.
+    v: [B, S, KVH, hd] values.
+    key_mask: [B, S] bool, key slot holds a real token.
+    query_slots: [T] int32 slot of each query.
+    scale: logit scale (``head_dim ** -0.5`` or Gemma's ``query_pre_attn_scalar ** -0.5``).
+    window: sliding-window width ``W`` (key slot ``> query slot - W``) or None for global.
+
+  Returns:
+    [B, T, H, hd] attention output in q's dtype; scores and softmax in float32.
+  """
+  b, t, h, hd = q.shape
+  kvh = k.shape[2]
+  qg = q.reshape(b, t, kvh, h // kvh, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  slots = jnp.arange(k.shape[1], dtype=jnp.int32)[None, None, :]
+  qs = query_slots[None, :, None]
+  allowed = key_mask[:, None, :] & (slots <= qs)
+  if window is not None:
+    allowed = allowed & (slots > qs - window)
+  scores = jnp.where(allowed[:, None, None, :, :], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
