@@ -251,6 +251,35 @@ def test_gemma3_270m_answers_factual_questions():
     assert fact in answer, answers
 
 
+TEXTS = ["Hello world 12345, it's  fine!\n\tok", "  déjà vu — naïve café 😀 3.14159",
+         "def f(x):\n    return x**2  # comment\n\n\n", "   leading and trailing   ",
+         "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n",
+         "日本語のテキスト \u0001 \x7f ☃", "<b>bold</b> <unused5> <mask>", FEW_SHOT + FACTS[1][0]]
+
+
+@pytest.mark.slow
+def test_gemma3_tokenizer_from_the_gguf_equals_transformers_and_renders_gemma_chat():
+  from eagle_jax.models.tokenizer import Tokenizer
+
+  _, _, ref = gemma3_270m()
+  ours = Tokenizer.from_gguf(assets.gemma3_gguf(), chat_template="gemma")
+  assert ours.vocab_size == len(ref) == 262144
+  for text in TEXTS:
+    ids = ours.encode(text)
+    assert ids == ref(text, add_special_tokens=False).input_ids, text
+    assert ours.decode(ids, skip_special_tokens=False) == text
+    assert ours.encode_prompt(text) == ref(text).input_ids  # the file asks for <bos>
+  turn = ref.convert_tokens_to_ids("<end_of_turn>")
+  assert ours.stop_ids == (turn, ref.eos_token_id) and ours.pad_id == ref.pad_token_id
+  msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a movie."},
+          {"role": "assistant", "content": "Alien."}, {"role": "user", "content": "Another?"}]
+  text = ours.apply_chat_template(msgs)
+  assert text == ("<bos><start_of_turn>user\nBe brief.\n\nName a movie.<end_of_turn>\n"
+                  "<start_of_turn>model\nAlien.<end_of_turn>\n<start_of_turn>user\nAnother?"
+                  "<end_of_turn>\n<start_of_turn>model\n")
+  assert ours.apply_chat_template(msgs, tokenize=True) == ref(text, add_special_tokens=False).input_ids
+
+
 def transformers_from_gguf(path):
   """transformers' own GGUF reading of the same file (config, dequantisation, name mapping and the
   ``- 1`` on Gemma norms) into an eager float32 Gemma3ForCausalLM; ``from_pretrained(gguf_file=)``

@@ -97,12 +97,13 @@ class LocalSampler(SamplingBackend):
 
   @classmethod
   def from_gguf(
-      cls, path: str | pathlib.Path | None = None, **kwargs
+      cls, path: str | pathlib.Path | None = None, *, chat_template: str | None = None, **kwargs
   ) -> LocalSampler:
     """Loads a llama or gemma3 GGUF (default: the pinned SmolLM2-135M-Instruct asset).
 
     The architecture is dispatched by ``loading.load_llama_gguf``; the tokenizer is
-    ``Tokenizer.from_gguf`` of the same file.
+    ``Tokenizer.from_gguf`` of the same file, with ``chat_template`` overriding the file's chat
+    template (``models.chat_template.resolve``).
     """
     from eagle_jax import assets
     from eagle_jax.models import loading
@@ -110,18 +111,19 @@ class LocalSampler(SamplingBackend):
 
     path = pathlib.Path(path) if path is not None else assets.smollm2_gguf()
     _, model = loading.load_llama_gguf(path)
-    return cls(sampling_lib.Sampler(model, Tokenizer.from_gguf(path)), **kwargs)
+    return cls(sampling_lib.Sampler(model, Tokenizer.from_gguf(path, chat_template)), **kwargs)
 
   # ----------------------------------------------------------------------------------------------
   # Tokens.
   # ----------------------------------------------------------------------------------------------
 
   def encode(self, prompt: Prompt, params: SamplingParams) -> list[int]:
-    """Prompt token ids (chat template when ``client.is_chat``)."""
+    """Prompt token ids (chat template when ``client.is_chat``; else the raw text, with the
+    model's bos token when its tokenizer adds one)."""
     if client_lib.is_chat(prompt, params):
       messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
       return list(self.tokenizer.apply_chat_template(messages, tokenize=True))
-    return self.tokenizer.encode(prompt)
+    return self.tokenizer.encode_prompt(prompt)
 
   def _stop_ids(self, params: SamplingParams) -> tuple[int, ...]:
     ids = list(self.tokenizer.stop_ids)

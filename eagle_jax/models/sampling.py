@@ -488,7 +488,7 @@ class Sampler:
       ids = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True)
              for p in prompts]
     else:
-      ids = [self.tokenizer.encode(p) for p in prompts]
+      ids = [self.tokenizer.encode_prompt(p) for p in prompts]
     return self.generate_ids(ids, params, seed=seed)
 
   def score(
