@@ -56,6 +56,22 @@ def torch_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> n
 
 
 @functools.cache
+def cached_chunk_logits(model, config, tokens: np.ndarray, mask: np.ndarray,
+                        cuts=((0, 6), (6, 7), (7, 8), (8, 14)), length: int = 20):
+  """Logits of ``tokens`` [B, T] fed through the KV cache in the chunks ``cuts``, and the cache."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from eagle_jax.models import llama  # noqa: PLC0415
+
+  cache = llama.KVCache.init(config, batch=tokens.shape[0], length=length)
+  pieces = []
+  for start, stop in cuts:
+    logits, cache = model(jnp.asarray(tokens[:, start:stop]),
+                          attention_mask=jnp.asarray(mask[:, start:stop]), cache=cache)
+    pieces.append(np.asarray(logits))
+  return np.concatenate(pieces, axis=1), cache
+
+
 def smollm2():
   """(config, model, tokenizer) of the real SmolLM2-135M-Instruct, float32."""
   path = assets.smollm2_gguf()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from decoder_fixtures import save_torch, torch_logits
+from decoder_fixtures import cached_chunk_logits, save_torch, torch_logits
 from flax import nnx
 
 from eagle_jax import assets
@@ -105,13 +105,8 @@ def test_kv_cache_chunks_match_torch_full_pass(pair):
   mask = np.ones_like(tokens, bool)
   mask[1, :3] = False
   ref = torch_logits(tmodel, tokens, mask)
-  cache = llama.KVCache.init(config, batch=2, length=20)
-  pieces = []
-  for start, stop in [(0, 6), (6, 7), (7, 8), (8, 14)]:
-    logits, cache = model(jnp.asarray(tokens[:, start:stop]),
-                          attention_mask=jnp.asarray(mask[:, start:stop]), cache=cache)
-    pieces.append(np.asarray(logits))
-  assert np.abs(np.concatenate(pieces, axis=1) - ref)[mask].max() <= TOL
+  ours, _ = cached_chunk_logits(model, config, tokens, mask)
+  assert np.abs(ours - ref)[mask].max() <= TOL
 
 
 def test_params_to_hf_round_trips_torch_state(pair):

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from decoder_fixtures import make_torch_llama, save_torch, smollm2, torch_logits
+from decoder_fixtures import (
+  cached_chunk_logits,
+  make_torch_llama,
+  save_torch,
+  smollm2,
+  torch_logits,
+)
 from flax import nnx
 
 from eagle_jax import parallel
@@ -79,13 +85,7 @@ def test_kv_cache_chunks_match_torch_full_pass(pair):
   mask = np.ones_like(tokens, bool)
   mask[1, :3] = False
   ref = torch_logits(tmodel, tokens, mask)
-  cache = llama.KVCache.init(config, batch=2, length=20)
-  pieces = []
-  for start, stop in [(0, 6), (6, 7), (7, 8), (8, 14)]:
-    logits, cache = model(jnp.asarray(tokens[:, start:stop]),
-                          attention_mask=jnp.asarray(mask[:, start:stop]), cache=cache)
-    pieces.append(np.asarray(logits))
-  ours = np.concatenate(pieces, axis=1)
+  ours, cache = cached_chunk_logits(model, config, tokens, mask)
   assert int(cache.index) == 14
   np.testing.assert_array_equal(np.asarray(cache.positions_next), mask.sum(1))
   assert np.abs(ours - ref)[mask].max() <= TOL

@@ -32,27 +32,18 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Mapping, Sequence
 
-import gguf
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from eagle_jax.models import chat_template as chat_lib
+from eagle_jax.models.configs import gguf_field as _gguf_field
 from eagle_jax.models.files import open_gguf
 
 IM_END = "<|im_end|>"
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")  # chat end-of-turn tokens, by family
 _CONTROL, _USER_DEFINED = 3, 4
 _SPACE = "\u2581"
-
-
-def _gguf_field(reader: gguf.GGUFReader, key: str, default=None):
-  field = reader.fields.get(key)
-  if field is None:
-    if default is None:
-      raise ValueError(f"GGUF metadata: missing tokenizer field {key!r}")
-    return default
-  return field.contents()
 
 
 def _byte_level(tokens: list[str], merges: list[tuple[str, str]], pre: str) -> tokenizers.Tokenizer:
