@@ -1,14 +1,15 @@
 """End to end with the real SmolLM2 environment: quick-start main job, SIGTERM and SIGKILL resume.
 
-A tiny world (1 train and 1 held-out anchor, K = 2 template actions, H = 2) keeps the environment to a
-few dozen short generations; the agent's schedule is the smoke config's at full length (150
-reference and 200 RL steps of 32 episodes, a checkpoint every 25 steps). Run A is the quick-start
-job (train + evaluate). Run B starts from A's world (WALS, E_D and the environment's response cache),
-gets SIGTERM in the reference phase (it saves the step it reached and exits with status 75), is
-restarted, killed with SIGKILL mid-RL (so it resumes from the phase-boundary checkpoint, 10+ steps
-back) and restarted again; every metric and the final parameters must equal A's bit for bit. B's
-world differs from A's in one way that once broke this: A encoded its movie texts while training
-E_D, B reads E_D from disk, so B's memoised features were computed in other batches.
+A tiny world (``tiny_run.py``: 1 train and 1 held-out anchor, K = 2 template actions, H = 2) keeps
+the environment to a few dozen short generations; the agent's schedule is the smoke config's
+shortened to 60 reference and 60 RL steps of 32 episodes, a checkpoint every 25 steps. Run A is the
+quick-start job (train + evaluate). Run B starts from A's world (WALS, E_D and the environment's
+response cache), gets SIGTERM in the reference phase (it saves the step it reached and exits with
+status 75), is restarted, killed with SIGKILL mid-RL (so it resumes from the phase-boundary
+checkpoint, 10+ steps back) and restarted again; every metric and the final parameters must equal
+A's bit for bit. B's world differs from A's in one way that once broke this: A encoded its movie
+texts while training E_D, B reads E_D from disk, so B's memoised features were computed in other
+batches.
 """
 
 import json
@@ -16,38 +17,23 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+import tiny_run
 
 from eagle_jax import training
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = [
-    "--config.world.num_train_anchors=1", "--config.world.num_heldout_anchors=1",
-    "--config.world.num_train_users=8", "--config.world.num_heldout_users=4",
-    "--config.actions.k=2", "--config.actions.llm_calls=0",
-    "--config.env.sampling.max_tokens=24", "--config.descriptions.plot_tokens=32",
-    "--config.reference.kinds=('g_optimal',)", "--config.reference.main=g_optimal",
-    "--config.reference.design_dim=2", "--config.reference.exploratory_m=1",
-    "--config.reference.episodes=8", "--config.reference.rollout_batch=8",
-    "--config.eval.samples=2",
-    "--config.encoder.finetune.epochs=1",  # a real (fine-tuned) E_D, one epoch to keep CI short
-]
+# The smoke schedule shortened to 60 reference and 60 RL steps (checkpoint every 25): the SIGTERM
+# lands in the reference phase, the SIGKILL in RL after the step-60 boundary checkpoint.
+SCHEDULE = ("--config.reference.steps=60", "--config.rl.steps=60")
 VOLATILE = {"env_seconds", "learner_seconds", "cache_hits", "cache_misses", "env_transitions"}
-TOTAL = 350  # movielens_smoke: reference.steps + rl.steps
+TOTAL = 120  # reference.steps + rl.steps
 
 
 def _cmd(module, workdir):
-  return [sys.executable, "-m", module, f"--workdir={workdir}", *ARGS]
-
-
-def _env():
-  env = dict(os.environ)
-  env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  return env
+  return tiny_run.cmd(module, workdir, *SCHEDULE)
 
 
 def _steps(workdir):
@@ -60,7 +46,8 @@ def _steps(workdir):
 def test_quickstart_job_then_sigkill_resume(tmp_path):
   # One test (not a shared fixture): pytest-xdist would run a module fixture once per worker.
   quickstart = str(tmp_path / "a")
-  subprocess.run(_cmd("launch.main", quickstart), cwd=ROOT, env=_env(), check=True, timeout=900)
+  subprocess.run(_cmd("launch.main", quickstart), cwd=tiny_run.ROOT, env=tiny_run.env(),
+                 check=True, timeout=900)
   _check_report(quickstart)
   _check_sigkill_resume(quickstart, str(tmp_path / "b"))
 
@@ -104,7 +91,7 @@ def _metric_steps(workdir):
 
 def _run_until(workdir, n_steps, sig):
   """Starts ``launch.train``, sends ``sig`` once ``n_steps`` metrics lines exist; returns the code."""
-  proc = subprocess.Popen(_cmd("launch.train", workdir), cwd=ROOT, env=_env(),
+  proc = subprocess.Popen(_cmd("launch.train", workdir), cwd=tiny_run.ROOT, env=tiny_run.env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 900
   while time.time() < deadline and proc.poll() is None and _metric_steps(workdir) < n_steps:
@@ -118,18 +105,19 @@ def _check_sigkill_resume(quickstart, b):
   os.makedirs(b)
   for sub in ("wals", "encoder", "env"):
     shutil.copytree(os.path.join(quickstart, sub), os.path.join(b, sub))
-  code, err = _run_until(b, 60, signal.SIGTERM)  # reference phase
+  code, err = _run_until(b, 35, signal.SIGTERM)  # reference phase
   assert code == 75, err[-2000:]
   saved = max(_steps(b))
-  assert saved >= 60 and saved % 25 != 0, f"SIGTERM did not save the reached step: {_steps(b)}"
+  assert 35 <= saved < 60 and saved % 25 != 0, f"SIGTERM did not save the reached step: {_steps(b)}"
   assert f"saved checkpoint step {saved}" in err
   assert not [d for d in os.listdir(os.path.join(b, "agents", "g_optimal", "checkpoints"))
               if "tmp" in d]
-  code, _ = _run_until(b, 162, signal.SIGKILL)  # RL phase, after the step-150 boundary checkpoint
+  code, _ = _run_until(b, 72, signal.SIGKILL)  # RL phase, after the step-60 boundary checkpoint
   assert code == -signal.SIGKILL
   killed_at = _steps(b)
   assert max(killed_at) < TOTAL, f"not killed mid-training: {killed_at}"
-  subprocess.run(_cmd("launch.train", b), cwd=ROOT, env=_env(), check=True, timeout=900)
+  subprocess.run(_cmd("launch.train", b), cwd=tiny_run.ROOT, env=tiny_run.env(), check=True,
+                 timeout=900)
   assert max(_steps(b)) == TOTAL
 
   ma = training.read_metrics(os.path.join(quickstart, "agents", "g_optimal", "metrics.jsonl"))

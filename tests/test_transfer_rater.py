@@ -4,24 +4,12 @@ test environment (environment transfer) and SmolLM2 as an AI rater."""
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+import tiny_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = [
-    "--config.world.num_train_anchors=1", "--config.world.num_heldout_anchors=1",
-    "--config.world.num_train_users=8", "--config.world.num_heldout_users=4",
-    "--config.actions.k=2", "--config.actions.llm_calls=0",
-    "--config.env.sampling.max_tokens=24", "--config.descriptions.plot_tokens=32",
-    "--config.reference.kinds=('g_optimal',)", "--config.reference.main=g_optimal",
-    "--config.reference.design_dim=2", "--config.reference.exploratory_m=1",
-    "--config.reference.episodes=8", "--config.reference.rollout_batch=8",
-    "--config.reference.steps=10", "--config.rl.steps=10", "--config.checkpoint.every=5",
-    "--config.eval.samples=2", "--config.encoder.finetune.epochs=1",
-]
+TRAIN = ("--config.reference.steps=10", "--config.rl.steps=10", "--config.checkpoint.every=5")
 EVAL = [
     "--config.eval.transfer.enabled=True", "--config.eval.rater.enabled=True",
     "--config.eval.rater.pairs=3",
@@ -30,12 +18,7 @@ EVAL = [
 
 
 def _run(module, workdir, extra=()):
-  env = dict(os.environ)
-  env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-m", module, f"--workdir={workdir}", *TRAIN, *extra],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
+  return tiny_run.run(module, workdir, *TRAIN, *extra)
 
 
 @pytest.mark.slow
