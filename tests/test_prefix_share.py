@@ -113,6 +113,24 @@ def test_shared_equals_unshared_tiny(tiny, params):
     assert not np.array_equal(shared.tokens, sampler.generate_ids(rows, GREEDY).tokens)
 
 
+def test_padded_prefix_batch_and_one_token_suffixes(tiny):
+  """Five prefixes (bucketed to 6: one all-padding prefix row), three rows each, two of them the
+  same prompt with a one-token suffix; greedy against PyTorch."""
+  tmodel, sampler = tiny
+  rng = np.random.default_rng(6)
+  rows = []
+  for g in range(5):
+    head = [g + 1] + rng.integers(1, 97, 17 + 5 * g).tolist()
+    rows += [head + rng.integers(1, 97, n).tolist() for n in (1 + g, 3, 2)]
+  rows[1] = rows[0]
+  res = sampler.generate_ids(rows, GREEDY, share_prefix=True)
+  plan = sampler.last_plan
+  assert plan.prefix_lengths == (18, 23, 28, 33, 38) and len(rows[0]) == 19
+  assert plan.inputs.prefix_tokens.shape[0] == 6 and not plan.inputs.prefix_mask[5].any()
+  for i, row in enumerate(rows):
+    assert res.tokens[i].tolist() == torch_greedy(tmodel, row), i
+
+
 def test_same_buckets_do_not_recompile(tiny):
   _, sampler = tiny
   sampler.generate_ids(batch(2), GREEDY, share_prefix=True)
@@ -124,6 +142,24 @@ def test_same_buckets_do_not_recompile(tiny):
     sampler.generate_ids(rows, GREEDY, share_prefix=True)
     assert [x.shape for x in sampler.last_plan.inputs] == shapes
     assert sampler.compile_count() == compiled
+
+
+def test_sharded_sampler_shares_by_default(tmp_path):
+  """A sampler on a mesh built with ``share_prefix=True`` forks (2 prefixes over a 2x2 batch
+  sharding) and still decodes PyTorch's greedy tokens."""
+  from eagle_jax import parallel
+
+  tmodel = make_torch_llama(tie=False, seed=3)
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  _, model = loading.load_llama_safetensors(save_torch(tmodel, tmp_path), mesh=mesh)
+  sampler = sampling.Sampler(model, mesh=mesh, share_prefix=True)
+  rows = batch(5)
+  res = sampler.generate_ids(rows, GREEDY)
+  assert sampler.last_plan.groups == ((0, 1, 2, 3), (4, 5))
+  for i, row in enumerate(rows):
+    assert res.tokens[i].tolist() == torch_greedy(tmodel, row), i
+  sampler.generate_ids(rows, GREEDY, share_prefix=False)
+  assert sampler.last_plan is None
 
 
 STATE = ("The user is a 34-year-old film enthusiast who watched The Matrix, Inception, Interstellar,"
