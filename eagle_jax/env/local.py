@@ -15,6 +15,12 @@ each row from its own key ``jax.random.key(prompt_seed)``. Row ``i`` is then exa
 reassociation from the shared padding bucket), whatever else is in the batch: the guarantee
 ``client.py`` documents.
 
+Prefix sharing (``share_prefix=True``, default off): each decode call prefills token prefixes
+shared by its rows once (``models/prefix.py``: a state's transition prompts share the state text,
+chat prompts the system prompt), with the same tokens as unshared decoding up to float
+reassociation; rows of one parameter group are then ordered by their token ids, not their lengths,
+so rows with a common prefix land in the same chunk.
+
 Model calls run on one worker thread, so the asyncio loop (e.g. the HTTP server's) stays responsive
 and calls never overlap on the device.
 
@@ -68,6 +74,8 @@ class LocalSampler(SamplingBackend):
     batch_buckets: allowed decode batch sizes (ascending); the largest is the most rows per call.
     chat: ``default_chat`` for ``sample`` calls that do not pass ``chat``.
     max_len: longest prompt + max_tokens accepted (default: the model config's ``max_len``).
+    share_prefix: prefill prefixes shared by the rows of a decode call once (see above); None:
+      the sampler's ``share_prefix`` (off by default).
   """
 
   reports_logprobs = True  # answers are TokenCompletions (the server's ``logprobs``)
@@ -80,6 +88,7 @@ class LocalSampler(SamplingBackend):
       batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
       chat: bool = False,
       max_len: int | None = None,
+      share_prefix: bool | None = None,
   ):
     if sampler.tokenizer is None:
       raise ValueError("sampler: LocalSampler needs a Sampler built with a tokenizer")
@@ -92,6 +101,7 @@ class LocalSampler(SamplingBackend):
     self.default_chat = bool(chat)
     self.batch_buckets = buckets
     self.max_len = int(max_len or sampler.config.max_len)
+    self.share_prefix = sampler.share_prefix if share_prefix is None else bool(share_prefix)
     self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="local-sampler")
     self.decode_calls = 0  # number of jitted decode calls (tests check batching with it)
 
@@ -150,7 +160,7 @@ class LocalSampler(SamplingBackend):
     seeds = seeds + [seeds[0]] * (b - n)
     stop = self._stop_ids(params)
     out = self.sampler.generate_ids(
-        ids, params.replace(stop_ids=stop), seeds=seeds)
+        ids, params.replace(stop_ids=stop), seeds=seeds, share_prefix=self.share_prefix)
     self.decode_calls += 1
     out_tokens, out_mask = out.tokens[:n], out.mask[:n]
     results = []
@@ -194,8 +204,10 @@ class LocalSampler(SamplingBackend):
     out: list[Completion | None] = [None] * len(prompts)
     step = self.batch_buckets[-1]
     for group_params, rows in groups.items():
-      # Similar lengths together keeps the prompt bucket (and padding work) small.
-      rows = sorted(rows, key=lambda i: len(encoded[i]))
+      # Similar lengths together keep the prompt bucket (and padding work) small; with prefix
+      # sharing, sorted token ids keep rows with a common prefix together.
+      rows = sorted(rows, key=(lambda i: encoded[i]) if self.share_prefix
+                    else (lambda i: len(encoded[i])))
       for start in range(0, len(rows), step):
         chunk = rows[start : start + step]
         answers = self._run_chunk([encoded[i] for i in chunk], group_params,

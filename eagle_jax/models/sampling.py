@@ -21,6 +21,13 @@ Generation (``Sampler.generate_ids``):
    before penalty, temperature or truncation: what a policy-gradient agent needs as ``log pi``. A
    row stops after its first stop token, which is included (with its log-prob) in the output.
 
+Prefix sharing (``generate_ids(share_prefix=True)``, or the ``Sampler`` default; off by default):
+rows of one call that start with the same tokens (at least ``min_shared``) prefill that prefix once
+and fork its cache into their rows before prefilling their own suffixes (``prefix.py``: grouping
+rule, cache layout, exactness). The decode then runs as above on ``P = Pp + Ps`` prompt slots; it
+compiles once per (batch size, number of prefixes, prefix and suffix buckets, ``N``, mode), and
+``compile_count`` reports how many programs the decode has compiled.
+
 Generation from input embeddings (``Sampler.generate_embeddings``): the same decode with the
 prefill run on caller-given ``[B, P, D]`` prompt embeddings (ELM soft tokens at placeholder
 positions, ``eagle_jax/elm``); the prompt token ids only feed the penalty and n-gram history.
@@ -46,6 +53,7 @@ import numpy as np
 from flax import nnx
 
 from eagle_jax.models import llama as llama_lib
+from eagle_jax.models import prefix as prefix_lib
 from eagle_jax.models.sampling_params import SamplingParams
 from eagle_jax.models.tokenizer import Tokenizer
 
@@ -205,6 +213,7 @@ def _generate_impl(
     new_bucket: int,
     pad_id: int,
     embeddings: jax.Array | None = None,
+    shared: prefix_lib.SharedInputs | None = None,
 ):
   """Prefill + while-loop decode.
 
@@ -214,6 +223,8 @@ def _generate_impl(
       other rows of the batch.
     embeddings: optional [B, P, D] prompt input embeddings used for the prefill instead of
       ``embed(tokens)`` (soft tokens, ELM); ``tokens`` still feed the penalty and n-gram history.
+    shared: optional prefix-shared prefill (``prefix.shared_prefill``, ``P = Pp + Ps``) instead
+      of the prefill of ``tokens``, which then only feed the penalty and n-gram history.
 
   Returns:
     (tokens [B, N] int32, mask [B, N] bool, logprobs [B, N] float32).
@@ -222,11 +233,13 @@ def _generate_impl(
   config = model.config
   b, p = tokens.shape
   v = config.vocab_size
-  s = p + new_bucket
-  cache = llama_lib.KVCache.init(config, b, s)
-  hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache,
-                                      input_embeddings=embeddings)
-  logits = model.logits(hidden[:, -1:])[:, 0]  # [B, V]
+  if shared is not None:
+    logits, cache = prefix_lib.shared_prefill(model, shared, new_bucket)
+  else:
+    cache = llama_lib.KVCache.init(config, b, p + new_bucket)
+    hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache,
+                                        input_embeddings=embeddings)
+    logits = model.logits(hidden[:, -1:])[:, 0]  # [B, V]
   rows = jnp.arange(b)[:, None]
   presence = None
   if mode.penalty:
@@ -299,6 +312,9 @@ class Sampler:
     mesh: optional mesh; calls run under ``jax.set_mesh(mesh)`` (parameters already placed on it,
       e.g. by ``loading.load_llama_gguf(..., mesh=mesh)``).
     min_bucket: smallest prompt / new-token bucket.
+    share_prefix: default of ``generate_ids(share_prefix=)``: prefill token prefixes shared by
+      rows of a call once (``prefix.py``; never for sliding-window models).
+    min_shared: shortest shared prefix (tokens) worth sharing.
   """
 
   def __init__(
@@ -308,11 +324,16 @@ class Sampler:
       *,
       mesh: jax.sharding.Mesh | None = None,
       min_bucket: int = 16,
+      share_prefix: bool = False,
+      min_shared: int = 16,
   ):
     self.config = model.config
     self.tokenizer = tokenizer
     self.mesh = mesh
     self.min_bucket = min_bucket
+    self.share_prefix = bool(share_prefix)
+    self.min_shared = int(min_shared)
+    self.last_plan: prefix_lib.PrefixPlan | None = None  # of the last generate_ids call
     self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
     self.graphdef, self.state = nnx.split(model)
     self._generate = jax.jit(
@@ -320,6 +341,10 @@ class Sampler:
         static_argnames=("mode", "new_bucket", "pad_id"))
     self._score = jax.jit(functools.partial(_score_impl, self.graphdef),
                           static_argnames=("cont_bucket",))
+
+  def compile_count(self) -> int:
+    """Number of compiled decode programs so far (the jitted decode's cache size)."""
+    return self._generate._cache_size()
 
   def set_model(self, model: llama_lib.Llama) -> None:
     """Switches to ``model``'s current parameters (same structure, so nothing recompiles)."""
@@ -359,6 +384,7 @@ class Sampler:
       *,
       seed: int = 0,
       seeds: Sequence[int] | None = None,
+      share_prefix: bool | None = None,
   ) -> GenerationResult:
     """Generates continuations of token-id prompts (any lengths; left-padded internally).
 
@@ -368,13 +394,26 @@ class Sampler:
       seed: with ``seeds=None``, row ``i`` samples with the key ``fold_in(key(seed), i)``.
       seeds: one seed per prompt; row ``i`` samples with ``key(seeds[i])``, so its answer does
         not depend on which other prompts share the batch (the environment client relies on it).
+      share_prefix: prefill shared token prefixes once per call (``prefix.py``: same tokens as
+        unshared decoding up to float reassociation); None: the sampler's default.
     """
     self._check_ids("prompts", prompts, allow_empty=False)
     if seeds is not None and len(seeds) != len(prompts):
       raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
-    p_bucket = bucket(max(len(x) for x in prompts), self.min_bucket)
-    tokens, mask = self._pad(prompts, p_bucket)
-    return self._decode(tokens, mask, params, self._row_keys(len(prompts), seed, seeds))
+    keys = self._row_keys(len(prompts), seed, seeds)
+    share = self.share_prefix if share_prefix is None else share_prefix
+    self.last_plan = None
+    if share and prefix_lib.supports(self.config):
+      self.last_plan = prefix_lib.plan(prompts, min_shared=self.min_shared,
+                                       min_bucket=self.min_bucket, pad_id=self.pad_id,
+                                       bucket=bucket)
+    width = (self.last_plan.history_width if self.last_plan is not None
+             else bucket(max(len(x) for x in prompts), self.min_bucket))
+    tokens, mask = self._pad(prompts, width)
+    if self.last_plan is None:
+      return self._decode(tokens, mask, params, keys)
+    shared = prefix_lib.SharedInputs(*map(jnp.asarray, self.last_plan.inputs))
+    return self._decode(tokens, mask, params, keys, shared=shared)
 
   def generate_embeddings(
       self,
@@ -423,9 +462,11 @@ class Sampler:
                         embeddings=embeddings.astype(self.config.dtype))
 
   def _decode(self, tokens: np.ndarray, mask: np.ndarray, params: SamplingParams,
-              keys: jax.Array, embeddings: jax.Array | None = None) -> GenerationResult:
+              keys: jax.Array, embeddings: jax.Array | None = None,
+              shared: prefix_lib.SharedInputs | None = None) -> GenerationResult:
     """The decode shared by ``generate_ids`` and ``generate_embeddings``: [B, P] left-padded
-    tokens and mask (and optional [B, P, D] input embeddings) -> ``GenerationResult``."""
+    tokens and mask (and optional [B, P, D] input embeddings, or a prefix-shared prefill)
+    -> ``GenerationResult``."""
     stop = params.stop_ids
     if stop is None:
       stop = self.tokenizer.stop_ids if self.tokenizer is not None else ()
@@ -449,6 +490,8 @@ class Sampler:
         max_new=jnp.int32(params.max_tokens),
     )
     extra = {} if embeddings is None else {"embeddings": embeddings}
+    if shared is not None:
+      extra["shared"] = shared
     out_tokens, out_mask, out_logp = self._run(
         self._generate, self.state, jnp.asarray(tokens), jnp.asarray(mask), knobs, keys,
         mode=mode, new_bucket=n_bucket, pad_id=self.pad_id, **extra)

@@ -1,0 +1,213 @@
+"""Prefix-shared decoding (``models/prefix.py``) gives the tokens of unshared decoding.
+
+The reference is the sampler's unshared decode (itself checked against PyTorch ``generate`` in
+``test_sampling.py``) and, for greedy decoding on the tiny model, PyTorch ``generate`` directly.
+Float sums run over different shapes in the two layouts, so a near-tie could in principle flip a
+token; none did in these tests (every comparison below is exact on tokens), and log-probs agree
+to 1e-5 on the tiny model.
+"""
+
+import numpy as np
+import pytest
+import torch
+from decoder_fixtures import make_torch_llama, save_torch, smollm2_sampler
+
+from eagle_jax.env import local
+from eagle_jax.models import loading, prefix, sampling
+from eagle_jax.models.llama import LlamaConfig
+
+NEW = 12
+GREEDY = sampling.SamplingParams(max_tokens=NEW, stop_ids=())
+SAMPLED = sampling.SamplingParams(max_tokens=NEW, temperature=0.9, top_k=20, stop_ids=())
+HISTORY = sampling.SamplingParams(max_tokens=NEW, repetition_penalty=1.6, no_repeat_ngram=2,
+                                  stop_ids=())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  tmodel = make_torch_llama(tie=False, seed=3)
+  _, model = loading.load_llama_safetensors(save_torch(tmodel, tmp_path_factory.mktemp("p")))
+  return tmodel, sampling.Sampler(model)
+
+
+def batch(seed: int, long: int = 40, short: int = 24) -> list[list[int]]:
+  """Rows 0-3 share ``long`` tokens (rows 0 and 3 are the same prompt), rows 4-5 share ``short``
+  tokens, rows 6-7 share nothing; the first tokens keep the groups apart (vocabulary 97)."""
+  rng = np.random.default_rng(seed)
+  a = [10] + rng.integers(1, 97, long - 1).tolist()
+  b = [20] + rng.integers(1, 97, short - 1).tolist()
+  suffix = lambda first, n: [first] + rng.integers(1, 97, n - 1).tolist()
+  s0 = suffix(1, 3)
+  return [a + s0, a + suffix(2, 7), a + suffix(3, 12), a + s0, b + [7], b + suffix(8, 5),
+          suffix(30, 9), suffix(40, 14)]
+
+
+def torch_greedy(tmodel, prompt):
+  ids = torch.tensor([prompt])
+  with torch.no_grad():
+    out = tmodel.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                          min_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None)
+  return out[0, len(prompt):].tolist()
+
+
+def test_plan_groups_by_shared_prefix():
+  rows = batch(0)
+  plan = prefix.plan(rows, min_shared=16, min_bucket=16, pad_id=0, bucket=sampling.bucket)
+  assert plan.groups == ((0, 1, 2, 3), (4, 5)) and plan.prefix_lengths == (40, 24)
+  # G = 2 prefixes in [2, 48] (prefix bucket of 40), B = 8 suffixes in [8, 16]; unshared [8, 64].
+  assert (plan.cost, plan.unshared_cost) == (2 * 48 + 8 * 16, 8 * 64)
+  inputs = plan.inputs
+  assert inputs.prefix_tokens.shape == (2, 48) and inputs.suffix_tokens.shape == (8, 16)
+  assert inputs.row_prefix[:6].tolist() == [0, 0, 0, 0, 1, 1]
+  assert inputs.row_shared.tolist() == [True] * 6 + [False] * 2
+  for i, row in enumerate(rows):  # prefix + suffix give back every prompt
+    k = inputs.row_prefix[i]
+    head = inputs.prefix_tokens[k][inputs.prefix_mask[k]].tolist() if inputs.row_shared[i] else []
+    assert head + inputs.suffix_tokens[i][inputs.suffix_mask[i]].tolist() == row, i
+
+
+def test_plan_rules():
+  system = list(range(1, 21))  # 20 tokens behind every prompt
+  state = lambda s: system + [50 + s] * 60
+  rows = [state(s) + [90 + a, 3, 4] for s in range(2) for a in range(3)]
+  plan = prefix.plan(rows, min_shared=16, min_bucket=16, pad_id=0, bucket=sampling.bucket)
+  # Two states fork separately (80 shared tokens each), not once at the 20-token system prompt.
+  assert plan.groups == ((0, 1, 2), (3, 4, 5)) and plan.prefix_lengths == (80, 80)
+  # The same prompt twice keeps one suffix token; too short a common prefix is not shared.
+  same = prefix.plan([rows[0], rows[0]], min_shared=16, min_bucket=16, pad_id=0,
+                     bucket=sampling.bucket)
+  assert same.prefix_lengths == (len(rows[0]) - 1,)
+  assert prefix.plan([system + [1] * 40, system[:15] + [2] * 40], min_shared=16, min_bucket=16,
+                     pad_id=0, bucket=sampling.bucket) is None
+  # Sharing only when it saves prefill slots: beside an unrelated 60-token row (suffix bucket 64,
+  # as unshared), 17 shared tokens would add a prefix pass: 24 + 3 * 64 > 3 * 64.
+  pair = [system[:17] + [1] * 40, system[:17] + [2] * 40, [60] * 60]
+  assert prefix.plan(pair, min_shared=16, min_bucket=16, pad_id=0, bucket=sampling.bucket) is None
+  sliding = LlamaConfig(vocab_size=8, hidden=8, intermediate=8, layers=2, heads=2, kv_heads=1,
+                        head_dim=4, layer_types=("sliding_attention", "full_attention"),
+                        sliding_window=4)
+  assert prefix.supports(sliding.replace(layer_types=None)) and not prefix.supports(sliding)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED, HISTORY], ids=["greedy", "sampled",
+                                                                     "penalty_ngram"])
+def test_shared_equals_unshared_tiny(tiny, params):
+  tmodel, sampler = tiny
+  rows = batch(1)
+  seeds = [100 + i for i in range(len(rows))]
+  plain = sampler.generate_ids(rows, params, seeds=seeds)
+  assert sampler.last_plan is None
+  shared = sampler.generate_ids(rows, params, seeds=seeds, share_prefix=True)
+  assert sampler.last_plan.groups == ((0, 1, 2, 3), (4, 5))
+  np.testing.assert_array_equal(shared.tokens, plain.tokens)
+  np.testing.assert_array_equal(shared.mask, plain.mask)
+  np.testing.assert_allclose(shared.logprobs, plain.logprobs, atol=1e-5)
+  if params is GREEDY:
+    for i, row in enumerate(rows):
+      assert shared.tokens[i].tolist() == torch_greedy(tmodel, row), i
+  if params is SAMPLED:  # fold-in keys (``seed=``) too; the same compiled program
+    plain = sampler.generate_ids(rows, params, seed=7)
+    shared = sampler.generate_ids(rows, params, seed=7, share_prefix=True)
+    np.testing.assert_array_equal(shared.tokens, plain.tokens)
+    np.testing.assert_allclose(shared.logprobs, plain.logprobs, atol=1e-5)
+    assert not np.array_equal(shared.tokens, sampler.generate_ids(rows, GREEDY).tokens)
+
+
+def test_padded_prefix_batch_and_one_token_suffixes(tiny):
+  """Five prefixes (bucketed to 6: one all-padding prefix row), three rows each, two of them the
+  same prompt with a one-token suffix; greedy against PyTorch."""
+  tmodel, sampler = tiny
+  rng = np.random.default_rng(6)
+  rows = []
+  for g in range(5):
+    head = [g + 1] + rng.integers(1, 97, 17 + 5 * g).tolist()
+    rows += [head + rng.integers(1, 97, n).tolist() for n in (1 + g, 3, 2)]
+  rows[1] = rows[0]
+  res = sampler.generate_ids(rows, GREEDY, share_prefix=True)
+  plan = sampler.last_plan
+  assert plan.prefix_lengths == (18, 23, 28, 33, 38) and len(rows[0]) == 19
+  assert plan.inputs.prefix_tokens.shape[0] == 6 and not plan.inputs.prefix_mask[5].any()
+  for i, row in enumerate(rows):
+    assert res.tokens[i].tolist() == torch_greedy(tmodel, row), i
+
+
+def test_same_buckets_do_not_recompile(tiny):
+  _, sampler = tiny
+  sampler.generate_ids(batch(2), GREEDY, share_prefix=True)
+  compiled = sampler.compile_count()
+  assert compiled >= 1
+  shapes = [x.shape for x in sampler.last_plan.inputs]
+  # New contents, and shorter prefixes in the same buckets (48 prefix, 16 suffix slots).
+  for rows in (batch(3), batch(4, long=35, short=20)):
+    sampler.generate_ids(rows, GREEDY, share_prefix=True)
+    assert [x.shape for x in sampler.last_plan.inputs] == shapes
+    assert sampler.compile_count() == compiled
+
+
+def test_sharded_sampler_shares_by_default(tmp_path):
+  """A sampler on a mesh built with ``share_prefix=True`` forks (2 prefixes over a 2x2 batch
+  sharding) and still decodes PyTorch's greedy tokens."""
+  from eagle_jax import parallel
+
+  tmodel = make_torch_llama(tie=False, seed=3)
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  _, model = loading.load_llama_safetensors(save_torch(tmodel, tmp_path), mesh=mesh)
+  sampler = sampling.Sampler(model, mesh=mesh, share_prefix=True)
+  rows = batch(5)
+  res = sampler.generate_ids(rows, GREEDY)
+  assert sampler.last_plan.groups == ((0, 1, 2, 3), (4, 5))
+  for i, row in enumerate(rows):
+    assert res.tokens[i].tolist() == torch_greedy(tmodel, row), i
+  sampler.generate_ids(rows, GREEDY, share_prefix=False)
+  assert sampler.last_plan is None
+
+
+STATE = ("The user is a 34-year-old film enthusiast who watched The Matrix, Inception, Interstellar,"
+         " Blade Runner 2049 and Arrival last month, rated the first three highly and the last two"
+         " with three stars. They prefer fast-paced science fiction with strong visuals, dislike"
+         " slow dramas and musicals, and watch late in the evening on weekends. Lately they have"
+         " explored older classics such as 2001: A Space Odyssey and Solaris, but found the pacing"
+         " slow.")
+ACTIONS = ["Dune (2021)", "The Godfather", "La La Land", "Tenet", "Alien (1979)", "Moon (2009)",
+           "Mad Max: Fury Road", "Ex Machina"]
+
+
+@pytest.mark.slow
+def test_shared_equals_unshared_smollm2():
+  """Eight transition-like chat prompts (one state, eight actions) on the real SmolLM2.
+
+  Greedy decoding runs as top-k sampling with k = 1 (the argmax, whatever the key), so the greedy
+  and the seeded comparison share one compiled program per path: a SmolLM2 decode compile takes
+  ~30 s on 2 busy cores. The greedy program itself (argmax instead of a draw after the same
+  prefill) is compared on the tiny model above.
+  """
+  sampler = smollm2_sampler()
+  tok = sampler.tokenizer
+  messages = [[{"role": "system", "content": "You simulate a movie viewer. Answer briefly."},
+               {"role": "user", "content": f"{STATE}\nAction: recommend {a}. How does the user"
+                                           " react?"}] for a in ACTIONS]
+  rows = [list(tok.apply_chat_template(m, tokenize=True)) for m in messages]
+  greedy = sampling.SamplingParams(max_tokens=16, temperature=1.0, top_k=1, stop_ids=tok.stop_ids)
+  seeds = [7 * i + 1 for i in range(8)]
+  plain = sampler.generate_ids(rows, greedy, seeds=seeds)
+  shared = sampler.generate_ids(rows, greedy, seeds=seeds[::-1], share_prefix=True)
+  assert sampler.last_plan.groups == (tuple(range(8)),)
+  assert sampler.last_plan.prefix_lengths[0] > 100
+  np.testing.assert_array_equal(shared.tokens, plain.tokens)
+  np.testing.assert_allclose(shared.logprobs, plain.logprobs, atol=1e-4)
+  compiled = sampler.compile_count()
+
+  # Seeded sampling; the shared side through LocalSampler(share_prefix=True), which reorders the
+  # rows (per-row seeds make that irrelevant) and renders the same chat prompts.
+  sampled = greedy.replace(temperature=0.8, top_k=40)
+  plain = sampler.generate_ids(rows, sampled, seeds=seeds)
+  backend = local.LocalSampler(sampler, share_prefix=True)
+  answers = backend.generate_sync(
+      messages, [sampled.replace(seed=s, stop_ids=None) for s in seeds])
+  assert sampler.last_plan is not None and sampler.last_plan.groups == (tuple(range(8)),)
+  for i, answer in enumerate(answers):
+    ids = plain.tokens[i][plain.mask[i]].tolist()
+    assert answer.tokens == tuple(tok.decode([t], skip_special_tokens=False) for t in ids), i
+    np.testing.assert_allclose(answer.token_logprobs, plain.logprobs[i][plain.mask[i]], atol=1e-4)
+  assert len({a.text for a in answers}) > 1
+  assert sampler.compile_count() == compiled
