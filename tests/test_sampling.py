@@ -9,6 +9,7 @@ import transformers
 from decoder_fixtures import make_torch_llama, save_torch, smollm2, smollm2_sampler
 
 from eagle_jax.models import loading, sampling
+from eagle_jax.models import logits as logits_lib
 
 NEW = 10
 
@@ -122,18 +123,18 @@ def test_process_logits_matches_transformers_processors(opts):
   ids = rng.randint(0, 12, (b, length))  # a small alphabet so n-grams repeat
   presence = np.zeros((b, v), bool)
   presence[np.arange(b)[:, None], ids] = True
-  mode = sampling._Mode(greedy=False, top_k=opts.get("top_k", 0) > 0,
+  mode = logits_lib.Mode(greedy=False, top_k=opts.get("top_k", 0) > 0,
                         top_p=opts.get("top_p", 1.0) < 1, penalty=opts.get("penalty", 1.0) != 1,
                         ngram=opts.get("ngram", 0))
-  knobs = sampling._Knobs(
+  knobs = logits_lib.Knobs(
       temperature=jnp.float32(opts.get("temperature", 1.0)), top_k=jnp.int32(opts.get("top_k", 0)),
       top_p=jnp.float32(opts.get("top_p", 1.0)), penalty=jnp.float32(opts.get("penalty", 1.0)),
       stop_ids=jnp.zeros((1,), jnp.int32), max_new=jnp.int32(1))
   banned = None
   if mode.ngram:
-    banned = sampling._ngram_bans(jnp.asarray(ids, jnp.int32), jnp.ones((b, length), bool),
+    banned = logits_lib.ngram_bans(jnp.asarray(ids, jnp.int32), jnp.ones((b, length), bool),
                                   jnp.int32(length), mode.ngram, v)
-  ours = np.asarray(sampling.process_logits(jnp.asarray(logits), mode, knobs,
+  ours = np.asarray(logits_lib.process_logits(jnp.asarray(logits), mode, knobs,
                                             jnp.asarray(presence), banned))
   ref = _hf_process(logits, ids, **opts)
   kept = np.isfinite(ref)

@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,33 +52,12 @@ import numpy as np
 from flax import nnx
 
 from eagle_jax.models import llama as llama_lib
+from eagle_jax.models import logits as logits_lib
 from eagle_jax.models import prefix as prefix_lib
 from eagle_jax.models.sampling_params import SamplingParams
 from eagle_jax.models.tokenizer import Tokenizer
 
-_NEG_INF = -1e30
 _DEFAULT_PARAMS = SamplingParams()
-
-
-class _Mode(NamedTuple):
-  """Static (compile-time) part of the sampling configuration."""
-
-  greedy: bool
-  top_k: bool
-  top_p: bool
-  penalty: bool
-  ngram: int
-
-
-class _Knobs(NamedTuple):
-  """Traced part of the sampling configuration."""
-
-  temperature: jax.Array  # [] f32
-  top_k: jax.Array  # [] int32
-  top_p: jax.Array  # [] f32
-  penalty: jax.Array  # [] f32
-  stop_ids: jax.Array  # [n_stop] int32 (padded with -1)
-  max_new: jax.Array  # [] int32
 
 
 @dataclasses.dataclass
@@ -126,90 +104,15 @@ def bucket(n: int, minimum: int = 16) -> int:
   return three_quarters if p >= 4 and three_quarters >= n else p
 
 
-def process_logits(
-    logits: jax.Array,
-    mode: _Mode,
-    knobs: _Knobs,
-    presence: jax.Array | None,
-    banned: jax.Array | None,
-) -> jax.Array:
-  """Applies penalty, n-gram bans, temperature, top-k and top-p.
-
-  Args:
-    logits: [B, V] float32 raw logits.
-    mode: static switches.
-    knobs: traced values.
-    presence: [B, V] bool tokens already in the row (penalty), or None.
-    banned: [B, V] bool tokens forbidden by the n-gram rule, or None.
-
-  Returns:
-    [B, V] float32 logits whose softmax is the sampling distribution (argmax for greedy).
-  """
-  if mode.penalty:
-    r = knobs.penalty
-    penalised = jnp.where(logits > 0, logits / r, logits * r)
-    logits = jnp.where(presence, penalised, logits)
-  if banned is not None:
-    logits = jnp.where(banned, _NEG_INF, logits)
-  if mode.greedy:
-    return logits
-  logits = logits / knobs.temperature
-  if mode.top_k or mode.top_p:
-    sorted_desc = -jnp.sort(-logits, axis=-1)  # [B, V]
-    if mode.top_k:
-      k = jnp.clip(knobs.top_k, 1, logits.shape[-1])
-      kth = jnp.take(sorted_desc, k - 1, axis=-1)[:, None]
-      logits = jnp.where(logits < kth, _NEG_INF, logits)
-      sorted_desc = jnp.where(jnp.arange(logits.shape[-1]) < k, sorted_desc, _NEG_INF)
-    if mode.top_p:
-      probs = jax.nn.softmax(sorted_desc, axis=-1)
-      mass_before = jnp.cumsum(probs, axis=-1) - probs
-      keep = mass_before < knobs.top_p  # the first token always has mass_before == 0
-      threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-      logits = jnp.where(logits < threshold, _NEG_INF, logits)
-  return logits
-
-
-def _ngram_bans(seq: jax.Array, valid: jax.Array, cur: jax.Array, n: int, vocab: int) -> jax.Array:
-  """Tokens that would repeat an n-gram.
-
-  Args:
-    seq: [B, L] int32 token history (prompt slots then generated slots).
-    valid: [B, L] bool real tokens in ``seq`` (only slots < cur can be True).
-    cur: [] int32 slot the next token goes to.
-    n: n-gram size (>= 1).
-    vocab: V.
-
-  Returns:
-    [B, V] bool banned next tokens.
-  """
-  b, length = seq.shape
-  if n == 1:
-    return jnp.zeros((b, vocab), jnp.int8).at[jnp.arange(b)[:, None], seq].max(
-        valid.astype(jnp.int8)).astype(bool)
-  tail = jax.lax.dynamic_slice_in_dim(seq, cur - (n - 1), n - 1, axis=1)  # [B, n-1]
-  tail_ok = jnp.all(jax.lax.dynamic_slice_in_dim(valid, cur - (n - 1), n - 1, axis=1), axis=1)
-  w = length - n + 1
-  match = jnp.ones((b, w), bool)
-  for i in range(n):
-    match &= valid[:, i : i + w]
-  for i in range(n - 1):
-    match &= seq[:, i : i + w] == tail[:, i : i + 1]
-  match &= tail_ok[:, None]
-  nxt = seq[:, n - 1 :]
-  return jnp.zeros((b, vocab), jnp.int8).at[jnp.arange(b)[:, None], nxt].max(
-      match.astype(jnp.int8)).astype(bool)
-
-
 def _generate_impl(
     graphdef,
     state,
     tokens: jax.Array,
     mask: jax.Array,
-    knobs: _Knobs,
+    knobs: logits_lib.Knobs,
     keys: jax.Array,
     *,
-    mode: _Mode,
+    mode: logits_lib.Mode,
     new_bucket: int,
     pad_id: int,
     embeddings: jax.Array | None = None,
@@ -262,8 +165,8 @@ def _generate_impl(
     step, done, logits, cache, presence, seq, valid, out_tokens, out_mask, out_logp = carry
     banned = None
     if mode.ngram:
-      banned = _ngram_bans(seq, valid, p + step, mode.ngram, v)
-    scores = process_logits(logits, mode, knobs, presence, banned)
+      banned = logits_lib.ngram_bans(seq, valid, p + step, mode.ngram, v)
+    scores = logits_lib.process_logits(logits, mode, knobs, presence, banned)
     if mode.greedy:
       tok = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     else:
@@ -471,7 +374,7 @@ class Sampler:
     if stop is None:
       stop = self.tokenizer.stop_ids if self.tokenizer is not None else ()
     n_bucket = bucket(params.max_tokens, self.min_bucket)
-    mode = _Mode(
+    mode = logits_lib.Mode(
         greedy=params.temperature == 0.0,
         top_k=params.top_k > 0 and params.temperature > 0,
         top_p=params.top_p < 1.0 and params.temperature > 0,
@@ -481,7 +384,7 @@ class Sampler:
     # Padded with -1 (never a token) to a multiple of 4 so a few more stop ids do not recompile.
     stop_arr = np.full((max(4, -(-len(stop) // 4) * 4),), -1, np.int32)
     stop_arr[: len(stop)] = stop
-    knobs = _Knobs(
+    knobs = logits_lib.Knobs(
         temperature=jnp.float32(params.temperature or 1.0),
         top_k=jnp.int32(params.top_k),
         top_p=jnp.float32(params.top_p),

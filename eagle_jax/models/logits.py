@@ -1,0 +1,114 @@
+"""Logit processing of one decode step: repetition penalty, n-gram bans, temperature, top-k, top-p.
+
+The sampler's configuration splits into a static ``Mode`` (which switches are on: each combination
+compiles once) and traced ``Knobs`` (their values), so one compiled decode serves every value.
+``process_logits`` follows transformers' logits processors (``RepetitionPenaltyLogitsProcessor``,
+``NoRepeatNGramLogitsProcessor``, ``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
+``TopPLogitsWarper``) in that order; ``tests/test_sampling.py`` compares them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+class Mode(NamedTuple):
+  """Static (compile-time) part of the sampling configuration."""
+
+  greedy: bool
+  top_k: bool
+  top_p: bool
+  penalty: bool
+  ngram: int
+
+
+class Knobs(NamedTuple):
+  """Traced part of the sampling configuration."""
+
+  temperature: jax.Array  # [] f32
+  top_k: jax.Array  # [] int32
+  top_p: jax.Array  # [] f32
+  penalty: jax.Array  # [] f32
+  stop_ids: jax.Array  # [n_stop] int32 (padded with -1)
+  max_new: jax.Array  # [] int32
+
+
+
+def process_logits(
+    logits: jax.Array,
+    mode: Mode,
+    knobs: Knobs,
+    presence: jax.Array | None,
+    banned: jax.Array | None,
+) -> jax.Array:
+  """Applies penalty, n-gram bans, temperature, top-k and top-p.
+
+  Args:
+    logits: [B, V] float32 raw logits.
+    mode: static switches.
+    knobs: traced values.
+    presence: [B, V] bool tokens already in the row (penalty), or None.
+    banned: [B, V] bool tokens forbidden by the n-gram rule, or None.
+
+  Returns:
+    [B, V] float32 logits whose softmax is the sampling distribution (argmax for greedy).
+  """
+  if mode.penalty:
+    r = knobs.penalty
+    penalised = jnp.where(logits > 0, logits / r, logits * r)
+    logits = jnp.where(presence, penalised, logits)
+  if banned is not None:
+    logits = jnp.where(banned, NEG_INF, logits)
+  if mode.greedy:
+    return logits
+  logits = logits / knobs.temperature
+  if mode.top_k or mode.top_p:
+    sorted_desc = -jnp.sort(-logits, axis=-1)  # [B, V]
+    if mode.top_k:
+      k = jnp.clip(knobs.top_k, 1, logits.shape[-1])
+      kth = jnp.take(sorted_desc, k - 1, axis=-1)[:, None]
+      logits = jnp.where(logits < kth, NEG_INF, logits)
+      sorted_desc = jnp.where(jnp.arange(logits.shape[-1]) < k, sorted_desc, NEG_INF)
+    if mode.top_p:
+      probs = jax.nn.softmax(sorted_desc, axis=-1)
+      mass_before = jnp.cumsum(probs, axis=-1) - probs
+      keep = mass_before < knobs.top_p  # the first token always has mass_before == 0
+      threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+      logits = jnp.where(logits < threshold, NEG_INF, logits)
+  return logits
+
+
+def ngram_bans(seq: jax.Array, valid: jax.Array, cur: jax.Array, n: int, vocab: int) -> jax.Array:
+  """Tokens that would repeat an n-gram.
+
+  Args:
+    seq: [B, L] int32 token history (prompt slots then generated slots).
+    valid: [B, L] bool real tokens in ``seq`` (only slots < cur can be True).
+    cur: [] int32 slot the next token goes to.
+    n: n-gram size (>= 1).
+    vocab: V.
+
+  Returns:
+    [B, V] bool banned next tokens.
+  """
+  b, length = seq.shape
+  if n == 1:
+    return jnp.zeros((b, vocab), jnp.int8).at[jnp.arange(b)[:, None], seq].max(
+        valid.astype(jnp.int8)).astype(bool)
+  tail = jax.lax.dynamic_slice_in_dim(seq, cur - (n - 1), n - 1, axis=1)  # [B, n-1]
+  tail_ok = jnp.all(jax.lax.dynamic_slice_in_dim(valid, cur - (n - 1), n - 1, axis=1), axis=1)
+  w = length - n + 1
+  match = jnp.ones((b, w), bool)
+  for i in range(n):
+    match &= valid[:, i : i + w]
+  for i in range(n - 1):
+    match &= seq[:, i : i + w] == tail[:, i : i + 1]
+  match &= tail_ok[:, None]
+  nxt = seq[:, n - 1 :]
+  return jnp.zeros((b, vocab), jnp.int8).at[jnp.arange(b)[:, None], nxt].max(
+      match.astype(jnp.int8)).astype(bool)
