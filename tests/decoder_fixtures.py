@@ -72,6 +72,31 @@ def cached_chunk_logits(model, config, tokens: np.ndarray, mask: np.ndarray,
   return np.concatenate(pieces, axis=1), cache
 
 
+def gguf_writer(path, arch: str, c, rope_theta: float):
+  """A ``gguf.GGUFWriter`` with the metadata every decoder GGUF carries, from HF config ``c``."""
+  import gguf  # noqa: PLC0415
+
+  w = gguf.GGUFWriter(str(path), arch=arch)
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_rope_freq_base(float(rope_theta))
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  return w
+
+
+def close_gguf(w, path):
+  """Writes header, metadata and tensors of ``w``; returns ``path``."""
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
 def smollm2():
   """(config, model, tokenizer) of the real SmolLM2-135M-Instruct, float32."""
   path = assets.smollm2_gguf()

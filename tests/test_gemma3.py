@@ -8,14 +8,13 @@ weights are perturbed away from HF's zero init, so every Gemma 3 switch changes 
 
 import functools
 
-import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-from decoder_fixtures import cached_chunk_logits, save_torch, torch_logits
+from decoder_fixtures import cached_chunk_logits, close_gguf, gguf_writer, save_torch, torch_logits
 from flax import nnx
 
 from eagle_jax import assets
@@ -165,17 +164,9 @@ def write_gemma3_gguf(tmodel, path):
   """A torch Gemma 3 as a float32 gemma3 GGUF laid out like llama.cpp's converter: norms stored
   as ``1 + w``, q/k rows not permuted, hard-coded pattern/local base left to the reader."""
   c = tmodel.config
-  w = gguf.GGUFWriter(str(path), arch="gemma3")
-  w.add_block_count(c.num_hidden_layers)
-  w.add_context_length(c.max_position_embeddings)
-  w.add_embedding_length(c.hidden_size)
-  w.add_feed_forward_length(c.intermediate_size)
-  w.add_head_count(c.num_attention_heads)
-  w.add_head_count_kv(c.num_key_value_heads)
+  w = gguf_writer(path, "gemma3", c, c.rope_parameters["full_attention"]["rope_theta"])
   w.add_key_length(c.head_dim)
   w.add_value_length(c.head_dim)
-  w.add_rope_freq_base(float(c.rope_parameters["full_attention"]["rope_theta"]))
-  w.add_layer_norm_rms_eps(c.rms_norm_eps)
   w.add_sliding_window(c.sliding_window)
   sd = {k: v.detach().numpy().astype(np.float32) for k, v in tmodel.state_dict().items()}
   w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
@@ -190,11 +181,7 @@ def write_gemma3_gguf(tmodel, path):
     for hf, gg in names.items():
       arr = sd[f"model.layers.{i}.{hf}.weight"]
       w.add_tensor(f"blk.{i}.{gg}.weight", arr + 1 if "norm" in gg else arr)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
-  return path
+  return close_gguf(w, path)
 
 
 def test_tiny_gemma3_gguf_logits_match_torch(tmp_path):

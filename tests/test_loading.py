@@ -2,12 +2,18 @@
 
 import json
 
-import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
-from decoder_fixtures import make_torch_llama, save_torch, smollm2, torch_logits
+from decoder_fixtures import (
+  close_gguf,
+  gguf_writer,
+  make_torch_llama,
+  save_torch,
+  smollm2,
+  torch_logits,
+)
 from flax import nnx
 
 from eagle_jax import assets
@@ -36,15 +42,7 @@ def test_unpermute_inverts_llama_cpp_permutation():
 def write_gguf(tmodel, path):
   """Writes a torch Llama as a float32 llama GGUF the way llama.cpp's converter lays it out."""
   c = tmodel.config
-  w = gguf.GGUFWriter(str(path), arch="llama")
-  w.add_block_count(c.num_hidden_layers)
-  w.add_context_length(c.max_position_embeddings)
-  w.add_embedding_length(c.hidden_size)
-  w.add_feed_forward_length(c.intermediate_size)
-  w.add_head_count(c.num_attention_heads)
-  w.add_head_count_kv(c.num_key_value_heads)
-  w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
-  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  w = gguf_writer(path, "llama", c, c.rope_parameters["rope_theta"])
   w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
   w.add_vocab_size(c.vocab_size)
   sd = {k: v.detach().numpy().astype(np.float32) for k, v in tmodel.state_dict().items()}
@@ -64,11 +62,7 @@ def write_gguf(tmodel, path):
       elif gg == "attn_k":
         arr = llama_cpp_permute(arr, c.num_key_value_heads)
       w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(arr))
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
-  return path
+  return close_gguf(w, path)
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
