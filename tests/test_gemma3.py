@@ -212,6 +212,13 @@ def gemma3_270m():
   return config, model, tok
 
 
+@functools.cache
+def our_tokenizer():
+  from eagle_jax.models.tokenizer import Tokenizer
+
+  return Tokenizer.from_gguf(assets.gemma3_gguf(), chat_template="gemma")
+
+
 FEW_SHOT = "Q: What is the capital of France?\nA: Paris\n"
 FACTS = [("Q: What is the capital of Japan?\nA:", "Tokyo"),
          ("Q: What is the largest planet in the solar system?\nA:", "Jupiter"),
@@ -224,13 +231,13 @@ def test_gemma3_270m_answers_factual_questions():
   assert (config.layers, config.hidden, config.heads, config.kv_heads, config.head_dim) == (
       18, 640, 4, 1, 256)
   assert (config.vocab_size, config.sliding_window, config.intermediate) == (262144, 512, 2048)
-  sampler = sampling.Sampler(model)
-  prompts = [tok(FEW_SHOT + q).input_ids for q, _ in FACTS]
-  assert all(p[0] == 2 for p in prompts)  # <bos>
-  res = sampler.generate_ids(prompts, sampling.SamplingParams(max_tokens=6, stop_ids=(1, 107)))
-  answers = [tok.decode(t[m]) for t, m in zip(res.tokens, res.mask)]
-  for (_, fact), answer in zip(FACTS, answers):
-    assert fact in answer, answers
+  # Text in, text out through the project's own GGUF tokenizer (raw prompts get <bos>).
+  sampler = sampling.Sampler(model, our_tokenizer())
+  prompts = [FEW_SHOT + q for q, _ in FACTS]
+  assert [sampler.tokenizer.encode_prompt(p) for p in prompts] == [tok(p).input_ids for p in prompts]
+  res = sampler.generate(prompts, sampling.SamplingParams(max_tokens=6, stop_ids=(1, 107)))
+  for (_, fact), answer in zip(FACTS, res.texts):
+    assert fact in answer, res.texts
 
 
 TEXTS = ["Hello world 12345, it's  fine!\n\tok", "  déjà vu — naïve café 😀 3.14159",
@@ -241,10 +248,8 @@ TEXTS = ["Hello world 12345, it's  fine!\n\tok", "  déjà vu — naïve café �
 
 @pytest.mark.slow
 def test_gemma3_tokenizer_from_the_gguf_equals_transformers_and_renders_gemma_chat():
-  from eagle_jax.models.tokenizer import Tokenizer
-
   _, _, ref = gemma3_270m()
-  ours = Tokenizer.from_gguf(assets.gemma3_gguf(), chat_template="gemma")
+  ours = our_tokenizer()
   assert ours.vocab_size == len(ref) == 262144
   for text in TEXTS:
     ids = ours.encode(text)
