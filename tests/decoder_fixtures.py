@@ -55,7 +55,6 @@ def torch_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> n
     return model(ids, **kwargs).logits.float().numpy()
 
 
-@functools.cache
 def cached_chunk_logits(model, config, tokens: np.ndarray, mask: np.ndarray,
                         cuts=((0, 6), (6, 7), (7, 8), (8, 14)), length: int = 20):
   """Logits of ``tokens`` [B, T] fed through the KV cache in the chunks ``cuts``, and the cache."""
@@ -97,6 +96,7 @@ def close_gguf(w, path):
   return path
 
 
+@functools.cache
 def smollm2():
   """(config, model, tokenizer) of the real SmolLM2-135M-Instruct, float32."""
   path = assets.smollm2_gguf()
