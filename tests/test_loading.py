@@ -2,6 +2,7 @@
 
 import json
 
+import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -217,3 +218,13 @@ def test_smollm2_gguf_config_and_no_missing_tensors():
       max_len=8192)
   assert config.rms_eps == pytest.approx(1e-5)
   assert llama.param_count(model) == 134_515_008  # SmolLM2-135M: tied, 30 blocks of 3.54M
+
+
+def test_gguf_tokenizer_of_an_unsupported_kind_is_a_loading_error_naming_the_file(tmp_path):
+  path = tmp_path / "wordpiece.gguf"
+  w = gguf.GGUFWriter(str(path), arch="llama")
+  w.add_tokenizer_model("bert")
+  w.add_token_list(["[UNK]", "a", "b"])
+  close_gguf(w, path)
+  with pytest.raises(loading.LoadingError, match=r"wordpiece\.gguf: GGUF tokenizer\.ggml\.model is 'bert'"):
+    Tokenizer.from_gguf(path)

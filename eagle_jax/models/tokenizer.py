@@ -38,7 +38,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from eagle_jax.models import chat_template as chat_lib
 from eagle_jax.models.configs import gguf_field as _gguf_field
-from eagle_jax.models.files import open_gguf
+from eagle_jax.models.files import LoadingError, open_gguf
 
 IM_END = "<|im_end|>"
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")  # chat end-of-turn tokens, by family
@@ -56,7 +56,7 @@ def _byte_level(tokens: list[str], merges: list[tuple[str, str]], pre: str) -> t
   elif pre in ("gpt2", "default"):
     tk.pre_tokenizer = byte_level
   else:
-    raise ValueError(
+    raise LoadingError(
         f"GGUF tokenizer.ggml.pre is {pre!r}; supported: 'smollm', 'gpt2', 'default'")
   tk.decoder = decoders.ByteLevel()
   return tk
@@ -97,7 +97,7 @@ def backend_from_gguf(path: str | pathlib.Path) -> tuple[tokenizers.Tokenizer, d
   kind = _gguf_field(reader, "tokenizer.ggml.model")
   tokens = list(_gguf_field(reader, "tokenizer.ggml.tokens"))
   if len(set(tokens)) != len(tokens) and kind == "gpt2":
-    raise ValueError(f"{path}: GGUF tokenizer.ggml.tokens: duplicate tokens")
+    raise LoadingError(f"{path}: GGUF tokenizer.ggml.tokens: duplicate tokens")
   types = np.asarray(_gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
   arch = str(_gguf_field(reader, "general.architecture", ""))
   if kind == "gpt2":
@@ -107,7 +107,7 @@ def backend_from_gguf(path: str | pathlib.Path) -> tuple[tokenizers.Tokenizer, d
     scores = list(_gguf_field(reader, "tokenizer.ggml.scores", [0.0] * len(tokens)))
     tk = _sentencepiece(tokens, scores, gemma=arch.startswith("gemma"))
   else:
-    raise ValueError(f"{path}: GGUF tokenizer.ggml.model is {kind!r}; supported: 'gpt2' "
+    raise LoadingError(f"{path}: GGUF tokenizer.ggml.model is {kind!r}; supported: 'gpt2' "
                      "(byte-level BPE), 'llama' (SentencePiece BPE)")
   vocab = tk.get_vocab(with_added_tokens=False)
   tk.add_special_tokens([tokenizers.AddedToken(tokens[i], special=True, normalized=False)
@@ -181,7 +181,7 @@ class Tokenizer:
     turn = [backend.token_to_id(t) for t in END_OF_TURN if backend.token_to_id(t) is not None]
     eos = turn[0] if turn else meta["eos_id"]
     if eos < 0:
-      raise ValueError(f"{path}: GGUF has no eos token and no chat end-of-turn token")
+      raise LoadingError(f"{path}: GGUF has no eos token and no chat end-of-turn token")
     return cls(backend, eos_id=eos, pad_id=meta["pad_id"],
                extra_stop_ids=[meta["eos_id"]] if meta["eos_id"] >= 0 else [],
                bos_id=meta["bos_id"], add_bos=meta["add_bos"],
