@@ -40,10 +40,14 @@ from eagle_jax.models import chat_template as chat_lib
 from eagle_jax.models.configs import gguf_field as _gguf_field
 from eagle_jax.models.files import LoadingError, open_gguf
 
-IM_END = "<|im_end|>"
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")  # chat end-of-turn tokens, by family
 _CONTROL, _USER_DEFINED = 3, 4
 _SPACE = "\u2581"
+
+
+def end_of_turn_id(backend: tokenizers.Tokenizer) -> int | None:
+  """Id of the vocabulary's chat end-of-turn token (first of ``END_OF_TURN`` present), or None."""
+  return next((i for i in map(backend.token_to_id, END_OF_TURN) if i is not None), None)
 
 
 def _byte_level(tokens: list[str], merges: list[tuple[str, str]], pre: str) -> tokenizers.Tokenizer:
@@ -159,11 +163,10 @@ class Tokenizer:
   ):
     self.backend = backend
     if eos_id is None:
-      found = [backend.token_to_id(t) for t in END_OF_TURN if backend.token_to_id(t) is not None]
-      if not found:
+      eos_id = end_of_turn_id(backend)
+      if eos_id is None:
         raise ValueError(f"Tokenizer: eos_id not given and the vocabulary has none of "
                          f"{list(END_OF_TURN)}")
-      eos_id = found[0]
     self.eos_id = int(eos_id)
     self.pad_id = int(self.eos_id if pad_id is None or pad_id < 0 else pad_id)
     self.stop_ids = tuple(dict.fromkeys([self.eos_id, *(int(i) for i in extra_stop_ids)]))
@@ -178,8 +181,8 @@ class Tokenizer:
     """The file's tokenizer; ``chat_template``: an override for ``chat_template.resolve``."""
     backend, meta = backend_from_gguf(path)
     source, origin = chat_lib.resolve(chat_template, meta["chat_template"])
-    turn = [backend.token_to_id(t) for t in END_OF_TURN if backend.token_to_id(t) is not None]
-    eos = turn[0] if turn else meta["eos_id"]
+    turn = end_of_turn_id(backend)
+    eos = meta["eos_id"] if turn is None else turn
     if eos < 0:
       raise LoadingError(f"{path}: GGUF has no eos token and no chat end-of-turn token")
     return cls(backend, eos_id=eos, pad_id=meta["pad_id"],
