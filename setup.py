@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
     "jinja2>=3.1",  # chat templates from model files (eagle_jax.models.chat_template).
     "scipy>=1.11",  # binomial intervals of the AI rater (eagle_jax.evaluation.rater).
+    "qwix>=0.1.8",  # LoRA adapters of the language-model agent (eagle_jax.agent.lm_policy).
 ]
 
 # The "tfds:movielens/..." data source (eagle_jax.data.tfds_source), imported only when configured.
@@ -41,6 +42,7 @@ EXTRAS_REQUIRE = {
         "clarabel>=0.9",
         "torch>=2.4",  # PyTorch transformers models as test references; never at runtime.
         "transformers>=5.0.0",  # reference models and tokenizers; never imported by eagle_jax.
+        "peft>=0.17",  # PyTorch LoRA reference of the language-model agent's tests.
         *TFDS_REQUIRES,  # tests of the tfds data source.
     ],
     "bench": [
@@ -49,6 +51,7 @@ EXTRAS_REQUIRE = {
         "implicit>=0.7.2",
         "torch>=2.4",  # CPU build; never a runtime dependency.
         "transformers>=5.0.0",  # PyTorch references of models_bench and minilm_bench.
+        "peft>=0.17",  # PyTorch + peft LoRA step of agent_bench.
         "psutil>=5.9",
         "threadpoolctl>=3.1",  # pins BLAS threads of the numpy/implicit references.
         "scikit-surprise>=1.1.4",  # independent rating models for wals_quality_bench.

@@ -11,6 +11,14 @@ Dry run (mesh, sharded shapes, AOT-compiled train step; no data, no models)::
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
       python -m launch.train --config=configs/movielens_25m.py --dry_run
 
+The agent is a language model (``policy.kind="lm_choice"``): a Llama-family decoder with LoRA
+adapters scores the K candidates. The dry run reads no weights: ``policy.lm.shapes`` names the
+published shapes it compiles for (Llama 3.2 1B by default, or
+``--config.policy.lm.shapes=llama-3.2-3b``), and reports the per-device memory, the parameter
+counts, the FLOPs and what fits on a v5e-8. Real runs add
+``--config.policy.lm.decoder=/mnt/models/Llama-3.2-1B`` (a safetensors folder).
+``configs/movielens_25m.py:head`` is the same run with the pooled head agent.
+
 Differences from the smoke config, following the paper (PAPER_SPEC.md section 5): K = 100 candidate
 actions with 10 LLM-written per anchor (raise ``actions.llm_calls`` with a larger environment LLM
 behind ``llm.server_url``), horizon H = 5, m = 10 exploratory actions of the G-optimal design in raw
@@ -23,7 +31,10 @@ import ml_collections
 from configs import movielens_smoke
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  """The paper-scale run; ``variant="head"`` (``movielens_25m.py:head``): the pooled head agent."""
+  if variant not in ("", "head"):
+    raise ValueError(f"configs/movielens_25m.py:{variant}: unknown variant; expected '' or 'head'")
   config = movielens_smoke.get_config()
   # Mesh: fsdp x tensor = 4 model shards; the rest of the slice is data parallel.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=2))
@@ -51,8 +62,43 @@ def get_config() -> ml_collections.ConfigDict:
   config.world.num_train_users = 20000
   config.world.num_heldout_users = 1000
   config.world.min_user_ratings = 50
-  # Policy width.
+  # The agent is a language model: a LoRA-adapted Llama-family decoder scoring the K candidates.
+  config.policy.kind = "lm_choice"
+  # Width of the pooled head (policy.kind="head", the ":head" variant).
   config.policy.hidden = 1024
+  # The language-model policy (eagle_jax/agent/lm_policy.py), read when kind is "lm_choice".
+  config.policy.lm = ml_collections.ConfigDict()
+  # Agent decoder: a GGUF asset name or path, or a safetensors folder ("": config.llm.gguf). Real
+  # runs: the decoder's safetensors folder (--config.policy.lm.decoder=/mnt/models/Llama-3.2-1B).
+  config.policy.lm.decoder = ""
+  # The decoder's shapes for the dry run (no file is read): a preset of published shapes
+  # (eagle_jax/models/configs.py PRESETS: "llama-3.2-1b", "llama-3.2-3b"; parameters stored in
+  # the checkpoint's bfloat16), or "" to read config.json of the safetensors folder in decoder.
+  config.policy.lm.shapes = "llama-3.2-1b"
+  # Chat template override of the agent's prompts ("": the decoder file's own).
+  config.policy.lm.chat_template = ""
+  # Candidate score: "sum" or per-token "mean" of the action tokens' log-probabilities.
+  config.policy.lm.score = "mean"
+  # Agent prompt length P in tokens (longer prompts keep their last P tokens): an LLM-written
+  # profile under five headings, a two-sentence plot and the instruction.
+  config.policy.lm.prompt_tokens = 512
+  # Action length L in tokens, end-of-turn included (longer actions are cut).
+  config.policy.lm.action_tokens = 48
+  # Train every decoder weight instead of LoRA adapters.
+  config.policy.lm.full_finetune = False
+  # LoRA rank r.
+  config.policy.lm.lora_rank = 16
+  # LoRA scale alpha (update B A alpha / r).
+  config.policy.lm.lora_alpha = 32.0
+  # Decoder modules with adapters (regex over module paths): attention and MLP of every block.
+  config.policy.lm.lora_modules = r"backbone/layers/\d+/(attn|mlp)"
+  # Sampling temperature of the agent writing actions (lm_generate).
+  config.policy.lm.temperature = 1.0
+  # Activation dtype: "float32" or "bfloat16" (accelerators).
+  config.policy.lm.compute_dtype = "bfloat16"
+  # Candidates attend the prompt's cached keys once per state (K = 100 copies of the prompt's KV
+  # cache would not fit; see the dry run).
+  config.policy.lm.prefix_attention = True
   # G-optimal design in raw Z (K = 100 > d = 35).
   config.reference.design_dim = 0
   # Exploratory actions of the design (paper: m = 10).
@@ -66,8 +112,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Horizon (paper: 5).
   config.rl.horizon = 5
   config.rl.steps = 20000
+  # Episodes per RL step: B x H prompts and B x H x K candidates of L tokens, read twice (agent and
+  # reference). With the LM agent this batch does not fit a v5e-8: the dry run measures ~7 TiB of
+  # temporaries per device at 256 (~27.5 GiB per episode) against 16 GiB per chip.
   config.rl.batch_size = 256
   config.checkpoint.every = 500
   config.checkpoint.max_to_keep = 3
   config.eval.samples = 8
+  if variant == "head":
+    config.policy.kind = "head"
   return config

@@ -95,6 +95,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.utility.reward = "gain"
 
   config.policy = ml_collections.ConfigDict()
+  # The agent network: "head" (a pooled head over frozen text features, the fast CPU path) or
+  # "lm_choice" (a LoRA-adapted decoder scoring the K candidates; the ":lm" variant).
+  config.policy.kind = "head"
   # Width of the pooled head's projections and MLPs.
   config.policy.hidden = 128
   # Frozen text features the policy reads: "minilm" (shared with E_D) or "decoder" (SmolLM2's
@@ -102,6 +105,38 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.policy.backbone = "minilm"
   # Width of those features (MiniLM 384, SmolLM2 576; checked when the world is built).
   config.policy.text_dim = 384
+  # The language-model policy (eagle_jax/agent/lm_policy.py), read when kind is "lm_choice".
+  config.policy.lm = ml_collections.ConfigDict()
+  # Agent decoder: a GGUF asset name or path, or a safetensors folder ("": config.llm.gguf).
+  config.policy.lm.decoder = ""
+  # Published decoder shapes for a dry run without weights (eagle_jax/models/configs.py PRESETS;
+  # "": the decoder file's own shapes).
+  config.policy.lm.shapes = ""
+  # Chat template override of the agent's prompts ("": the decoder file's own).
+  config.policy.lm.chat_template = ""
+  # Candidate score: "sum" or per-token "mean" of the action tokens' log-probabilities.
+  config.policy.lm.score = "mean"
+  # Agent prompt length P in tokens (longer prompts keep their last P tokens).
+  config.policy.lm.prompt_tokens = 160
+  # Action length L in tokens, end-of-turn included (longer actions are cut).
+  config.policy.lm.action_tokens = 24
+  # Train every decoder weight instead of LoRA adapters.
+  config.policy.lm.full_finetune = False
+  # LoRA rank r.
+  config.policy.lm.lora_rank = 8
+  # LoRA scale alpha (update B A alpha / r).
+  config.policy.lm.lora_alpha = 16.0
+  # Decoder modules with adapters (regex over module paths): attention and MLP of every block.
+  config.policy.lm.lora_modules = r"backbone/layers/\d+/(attn|mlp)"
+  # Sampling temperature of the agent writing actions (lm_generate).
+  config.policy.lm.temperature = 1.0
+  # Candidates attend the prompt's cached keys once per state instead of K cache copies (same
+  # numbers up to float reassociation; for large K).
+  config.policy.lm.prefix_attention = False
+  # States per policy call when acting (fixed: one compiled program, bounded memory).
+  config.policy.lm.act_batch = 8
+  # Activation dtype: "float32" or "bfloat16" (accelerators).
+  config.policy.lm.compute_dtype = "float32"
 
   config.reference = ml_collections.ConfigDict()
   # Reference policies to train an agent against (one agent each): uniform, optimistic, g_optimal.
@@ -164,6 +199,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.eval.samples = 4
   # Seed of evaluation draws.
   config.eval.seed = 123
+  # Held-out pairs evaluated per split: a seeded sample of this many (0: all of them).
+  config.eval.max_pairs = 0
   # Sample trajectories written as text into the report.
   config.eval.trajectories = 6
   # Confidence level of the reported intervals.
@@ -201,10 +238,32 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.eval.rater.seed = 0
   if variant == "gemma3":
     _gemma3_environment(config)
+  elif variant == "lm":
+    _lm_agent(config)
   elif variant:
-    raise ValueError(f"configs/movielens_smoke.py:{variant}: unknown variant; expected '' or "
-                     "'gemma3'")
+    raise ValueError(f"configs/movielens_smoke.py:{variant}: unknown variant; expected '', "
+                     "'gemma3' or 'lm'")
   return config
+
+
+def _lm_agent(config: ml_collections.ConfigDict) -> None:
+  """The ``:lm`` variant: the agent is SmolLM2 itself with LoRA adapters (``lm_choice``), trained
+  against the G-optimal reference on the smoke world; one agent, shorter schedules and smaller
+  batches (every step runs the decoder forward and backward over B x H prompts and their K
+  candidates)."""
+  config.policy.kind = "lm_choice"
+  config.reference.kinds = ("g_optimal",)
+  config.reference.main = "g_optimal"
+  config.policy.lm.prompt_tokens = 192
+  config.reference.steps = 20
+  config.reference.batch_size = 8
+  config.reference.optim.learning_rate = 5e-4
+  config.rl.steps = 20
+  config.rl.batch_size = 8
+  config.rl.optim.learning_rate = 2e-4
+  config.checkpoint.every = 5
+  config.eval.samples = 2
+  config.eval.max_pairs = 32
 
 
 def _gemma3_environment(config: ml_collections.ConfigDict) -> None:

@@ -101,6 +101,14 @@ def transition_prompt(description: str, action: str) -> list[Message]:
                "change applied. Answer with the new plot in three sentences.")
 
 
+def agent_prompt(description: str, profile: str, step: int, horizon: int) -> list[Message]:
+  """The language-model agent's prompt at step ``step`` (0-based) of ``horizon``: the viewer, the
+  current description, and the request for one change (the agent's answer is the action)."""
+  return _chat(f"Viewer: {profile}\n\n{description}\n\nThis is change {step + 1} of {horizon}. "
+               "Suggest one concrete change to this movie that this viewer would enjoy. Answer with "
+               "one imperative sentence.")
+
+
 RATER_QUESTIONS = {
     "user": "Which of the two movies would this viewer prefer to watch?",
     "overall": "Which of the two movies is better overall?",

@@ -110,3 +110,17 @@ def smollm2_sampler():
 
   _, model, tok = smollm2()
   return sampling.Sampler(model, tok)
+
+
+def tiny_agent_decoder(directory: pathlib.Path) -> pathlib.Path:
+  """A safetensors folder of a tiny random Llama over SmolLM2's vocabulary, with SmolLM2's
+  ``tokenizer.json``: a language-model agent that reads the real prompts in milliseconds."""
+  from eagle_jax.models.tokenizer import backend_from_gguf  # noqa: PLC0415
+
+  backend, _ = backend_from_gguf(assets.smollm2_gguf())
+  model = make_torch_llama(seed=7, vocab_size=backend.get_vocab_size(with_added_tokens=True),
+                           hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=512)
+  save_torch(model, directory)
+  backend.save(str(directory / "tokenizer.json"))
+  return directory

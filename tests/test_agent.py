@@ -258,7 +258,7 @@ def test_workdir_errors_name_the_flag(tmp_path, monkeypatch):
 
 
 def test_paper_scale_config_dry_run_on_fake_devices():
-  config = movielens_25m.get_config()
+  config = movielens_25m.get_config("head")
   report = dry_run.dry_run(config)
   assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
   # Z is the augmented WALS space: rank + 3 wide, in the state (z_u, E_D(x)) and action (E_D(a)).

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import time
 
+import jax
 import numpy as np
 import pytest
 import tiny_run
@@ -32,8 +33,8 @@ VOLATILE = {"env_seconds", "learner_seconds", "cache_hits", "cache_misses", "env
 TOTAL = 120  # reference.steps + rl.steps
 
 
-def _cmd(module, workdir):
-  return tiny_run.cmd(module, workdir, *SCHEDULE)
+def _cmd(module, workdir, *extra):
+  return tiny_run.cmd(module, workdir, *SCHEDULE, *extra)
 
 
 def _steps(workdir):
@@ -50,6 +51,7 @@ def test_quickstart_job_then_sigkill_resume(tmp_path):
                  check=True, timeout=900)
   _check_report(quickstart)
   _check_sigkill_resume(quickstart, str(tmp_path / "b"))
+  _check_lm_sigkill_resume(quickstart, tmp_path)
 
 
 def _check_report(quickstart):
@@ -89,9 +91,10 @@ def _metric_steps(workdir):
     return sum(1 for line in f if line.strip())
 
 
-def _run_until(workdir, n_steps, sig):
+def _run_until(workdir, n_steps, sig, *extra):
   """Starts ``launch.train``, sends ``sig`` once ``n_steps`` metrics lines exist; returns the code."""
-  proc = subprocess.Popen(_cmd("launch.train", workdir), cwd=tiny_run.ROOT, env=tiny_run.env(),
+  proc = subprocess.Popen(_cmd("launch.train", workdir, *extra), cwd=tiny_run.ROOT,
+                          env=tiny_run.env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 900
   while time.time() < deadline and proc.poll() is None and _metric_steps(workdir) < n_steps:
@@ -101,10 +104,61 @@ def _run_until(workdir, n_steps, sig):
   return proc.returncode, err
 
 
-def _check_sigkill_resume(quickstart, b):
+def _copy_world(quickstart, b):
   os.makedirs(b)
   for sub in ("wals", "encoder", "env"):
     shutil.copytree(os.path.join(quickstart, sub), os.path.join(b, sub))
+
+
+def _final(workdir):
+  from eagle_jax import checkpoint  # noqa: PLC0415
+
+  with checkpoint.Checkpointer(os.path.join(workdir, "agents", "g_optimal",
+                                            "checkpoints")) as ckpt:
+    return ckpt.restore()[1]
+
+
+def _same_run(a, b):
+  """Metrics bit for bit (but timings and cache counters) and final parameters equal."""
+  ma = training.read_metrics(os.path.join(a, "agents", "g_optimal", "metrics.jsonl"))
+  mb = training.read_metrics(os.path.join(b, "agents", "g_optimal", "metrics.jsonl"))
+  assert [m["step"] for m in mb] == [m["step"] for m in ma]
+  for ra, rb in zip(ma, mb):
+    for k in set(ra) - VOLATILE:
+      assert rb[k] == ra[k], (ra["step"], k, ra[k], rb[k])  # bit for bit
+  for x, y in zip(jax.tree.leaves(_final(a)), jax.tree.leaves(_final(b))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _check_lm_sigkill_resume(quickstart, tmp_path):
+  """The language-model agent (lm_choice, LoRA on a tiny random decoder over SmolLM2's vocabulary
+  and real prompts): SIGKILL mid-RL, resume, and the run equals an uninterrupted one."""
+  from decoder_fixtures import tiny_agent_decoder  # noqa: PLC0415
+
+  decoder = tiny_agent_decoder(tmp_path / "decoder")
+  lm = ("--config.policy.kind=lm_choice", f"--config.policy.lm.decoder={decoder}",
+        "--config.policy.lm.prompt_tokens=128", "--config.reference.steps=20",
+        "--config.rl.steps=20", "--config.checkpoint.every=5", "--config.rl.batch_size=8",
+        "--config.reference.batch_size=8")
+  c, d = str(tmp_path / "lm_c"), str(tmp_path / "lm_d")
+  for w in (c, d):
+    _copy_world(quickstart, w)
+  subprocess.run(_cmd("launch.train", c, *lm), cwd=tiny_run.ROOT, env=tiny_run.env(), check=True,
+                 timeout=900)
+  code, err = _run_until(d, 28, signal.SIGKILL, *lm)
+  assert code == -signal.SIGKILL, err[-2000:]
+  assert max(_steps(d)) < 40, f"not killed mid-training: {_steps(d)}"
+  subprocess.run(_cmd("launch.train", d, *lm), cwd=tiny_run.ROOT, env=tiny_run.env(), check=True,
+                 timeout=900)
+  assert max(_steps(d)) == 40
+  _same_run(c, d)
+  # Only the adapters and the value head are checkpointed (the base is reloaded from its file).
+  names = {str(p[-1]) for p, _ in jax.tree_util.tree_flatten_with_path(_final(c)["params"])[0]}
+  assert any("lora" in n for n in names) and "embedding" not in str(names)
+
+
+def _check_sigkill_resume(quickstart, b):
+  _copy_world(quickstart, b)
   code, err = _run_until(b, 35, signal.SIGTERM)  # reference phase
   assert code == 75, err[-2000:]
   saved = max(_steps(b))
@@ -119,21 +173,4 @@ def _check_sigkill_resume(quickstart, b):
   subprocess.run(_cmd("launch.train", b), cwd=tiny_run.ROOT, env=tiny_run.env(), check=True,
                  timeout=900)
   assert max(_steps(b)) == TOTAL
-
-  ma = training.read_metrics(os.path.join(quickstart, "agents", "g_optimal", "metrics.jsonl"))
-  mb = training.read_metrics(os.path.join(b, "agents", "g_optimal", "metrics.jsonl"))
-  assert [m["step"] for m in mb] == [m["step"] for m in ma]
-  for ra, rb in zip(ma, mb):
-    for k in set(ra) - VOLATILE:
-      assert rb[k] == ra[k], (ra["step"], k, ra[k], rb[k])  # bit for bit
-
-  from eagle_jax import checkpoint  # noqa: PLC0415
-
-  def final(workdir):
-    with checkpoint.Checkpointer(os.path.join(workdir, "agents", "g_optimal",
-                                              "checkpoints")) as ckpt:
-      return ckpt.restore()[1]
-
-  sa, sb = final(quickstart), final(b)
-  for x, y in zip(__import__("jax").tree.leaves(sa), __import__("jax").tree.leaves(sb)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  _same_run(quickstart, b)

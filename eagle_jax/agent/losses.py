@@ -151,13 +151,47 @@ def eagle_loss(
   Returns:
     ``LossTerms``; ``total`` is what the optimiser minimises.
   """
-  b, h, _ = logits.shape
-  mask = jnp.ones((b, h), bool) if step_mask is None else step_mask
-  denom = jnp.maximum(jnp.sum(mask), 1)
-  mean = lambda x: jnp.sum(jnp.where(mask, x, 0.0)) / denom
   logp = masked_log_softmax(logits, candidate_mask)
   logp_ref = jax.lax.stop_gradient(masked_log_softmax(ref_logits, candidate_mask))
   logp_taken = jnp.take_along_axis(logp, actions[..., None], axis=-1)[..., 0]
+  return policy_loss(
+      logp_taken=logp_taken, kl=categorical_kl(logp, logp_ref, candidate_mask),
+      entropy=categorical_entropy(logp, candidate_mask), values=values, reward=reward,
+      step_mask=step_mask, gamma=gamma, gae_lambda=gae_lambda, kl_coef=kl_coef,
+      value_coef=value_coef, entropy_coef=entropy_coef, behaviour_logp=behaviour_logp,
+      importance_clip=importance_clip)
+
+
+def policy_loss(
+    *,
+    logp_taken: jax.Array,
+    kl: jax.Array,
+    entropy: jax.Array,
+    values: jax.Array,
+    reward: jax.Array,
+    step_mask: jax.Array | None = None,
+    gamma: float,
+    gae_lambda: float,
+    kl_coef: float,
+    value_coef: float,
+    entropy_coef: float = 0.0,
+    behaviour_logp: jax.Array | None = None,
+    importance_clip: float = 1.0,
+) -> LossTerms:
+  """The EAGLE loss from per-step quantities, whatever the action space (``eagle_loss`` over K
+  candidates; ``lm_policy.generate_terms`` for written actions).
+
+  Args:
+    logp_taken: [B, H] log pi(a_t | s_t) of the actions taken.
+    kl: [B, H] KL(pi || pi_ref) at each step (exact over candidates, or summed per action token).
+    entropy: [B, H] entropy of pi at each step (or its estimate).
+    values, reward, step_mask, gamma, gae_lambda, kl_coef, value_coef, entropy_coef,
+    behaviour_logp, importance_clip: as in ``eagle_loss``.
+  """
+  b, h = logp_taken.shape
+  mask = jnp.ones((b, h), bool) if step_mask is None else step_mask
+  denom = jnp.maximum(jnp.sum(mask), 1)
+  mean = lambda x: jnp.sum(jnp.where(mask, x, 0.0)) / denom
   returns = terminal_returns(reward, h, gamma)
   rewards = jnp.zeros((b, h), reward.dtype).at[:, -1].set(reward)
   adv = jax.lax.stop_gradient(
@@ -166,9 +200,9 @@ def eagle_loss(
     rho = jax.lax.stop_gradient(jnp.minimum(jnp.exp(logp_taken - behaviour_logp), importance_clip))
     adv = rho * adv
   pg = -mean(adv * logp_taken)
-  kl = mean(categorical_kl(logp, logp_ref, candidate_mask))
+  kl = mean(kl)
   value = 0.5 * mean((values - returns) ** 2)
-  entropy = mean(categorical_entropy(logp, candidate_mask))
+  entropy = mean(entropy)
   total = pg + kl_coef * kl + value_coef * value - entropy_coef * entropy
   return LossTerms(total, pg, kl, value, entropy, mean(adv))
 

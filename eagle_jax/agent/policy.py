@@ -11,13 +11,13 @@ mean-pooled final hidden states as a switch); the trainable network is
     h_a = MLP_a(LN([phi(action), E_D(action)]))                                           [N]
     f(s, a) = w^T gelu(W [h_s, h_a, h_s * h_a] + b)          V(s) = v^T gelu(U h_s + c)
 
-Why not the summed log-probability of the action tokens under a LoRA-adapted decoder: with K
-candidates per state that is K decoder passes with backprop per step, about 3 TFLOP per train step
-at the smoke sizes, minutes per step on a 2-core CPU; the pooled head reads each distinct text once
-(cached across steps and episodes) and trains in milliseconds. The product term h_s * h_a lets the
+This pooled head is the fast CPU path (``policy.kind="head"``). The paper's agent, a decoder that
+scores candidates by the log-probability of their tokens (``lm_choice``) or writes the action
+(``lm_generate``), is ``lm_policy.py``: with K candidates per state it runs the decoder forward and
+backward over every candidate at every step, where the head reads each distinct text once (features
+memoised across steps and episodes) and trains in milliseconds. The product term h_s * h_a lets the
 score model user x action interactions (e.g. a horror-leaning user and "turn it into a horror film")
-that a sum of state and action scores cannot. On accelerators, ``features.py``'s decoder backbone is
-the place to make the backbone trainable.
+that a sum of state and action scores cannot.
 
 Parameters carry logical axes (``embed`` for inputs, ``mlp`` for hidden units) so the same module is
 data-parallel on a CPU mesh and tensor-parallel on a TPU slice.

@@ -28,6 +28,9 @@ from eagle_jax.agent import losses
 from eagle_jax.agent.world import World
 
 PolicyFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # ([N,S], [N,K,A]) -> logits [N,K]
+# A policy that writes its action (lm_generate): (state ids [N, P], key, greedy) ->
+# (action ids [N, L] int32 -1 padded, log pi of each written action [N], action texts).
+WriterFn = Callable[[np.ndarray, jax.Array, bool], tuple[np.ndarray, np.ndarray, list[str]]]
 # Terminal reward kinds of ``collect`` (``config.utility.reward``).
 REWARDS = ("gain", "utility")
 
@@ -93,6 +96,8 @@ class Episodes:
     mask: [B, H, K] valid candidates.
     utility, preference, distance: [B, H + 1] of each x_t for its user.
     reward: [B] terminal reward.
+    written: with a writing policy, the B lists of H action texts it wrote (its token ids are
+      ``action_feats[:, t, 0]``, K = 1); None when actions are chosen among candidates.
   """
 
   pairs: np.ndarray
@@ -106,6 +111,7 @@ class Episodes:
   preference: np.ndarray
   distance: np.ndarray
   reward: np.ndarray
+  written: list[list[str]] | None = None
 
   def batch(self) -> dict[str, np.ndarray]:
     """The arrays the RL train step consumes."""
@@ -114,6 +120,8 @@ class Episodes:
             "reward": self.reward}
 
   def action_texts(self, world: World) -> list[list[str]]:
+    if self.written is not None:
+      return self.written
     return [[world.anchors[int(i)].actions[int(a)] for a in row]
             for (_, i), row in zip(self.pairs, self.actions)]
 
@@ -130,9 +138,9 @@ def choose(logits: np.ndarray, mask: np.ndarray, key: jax.Array | None, greedy: 
   return a, logp[np.arange(len(a)), a]
 
 
-async def collect(world: World, featurizer: Featurizer, policy: PolicyFn | None,
+async def collect(world: World, featurizer: Featurizer, policy: PolicyFn | WriterFn | None,
                   pairs: np.ndarray, key: jax.Array, *, reward: str = "gain",
-                  greedy: bool = False) -> Episodes:
+                  greedy: bool = False, writes: bool = False) -> Episodes:
   """Runs B episodes to the horizon H = ``featurizer.horizon``.
 
   Args:
@@ -143,6 +151,8 @@ async def collect(world: World, featurizer: Featurizer, policy: PolicyFn | None,
     key: PRNG key of the action draws (step t uses ``fold_in(key, t)``).
     reward: one of ``REWARDS``: "gain" (U(x_H) - U(x_0)) or "utility" (U(x_H)).
     greedy: take the most probable action instead of sampling.
+    writes: ``policy`` is a ``WriterFn`` (it writes each action; the episode's ``action_feats``
+      hold the written ids as the one candidate, K = 1).
   """
   if reward not in REWARDS:
     raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
@@ -151,13 +161,19 @@ async def collect(world: World, featurizer: Featurizer, policy: PolicyFn | None,
   users, items = pairs[:, 0], pairs[:, 1]
   texts = [[world.anchors[int(i)].plot] for i in items]
   feats, mask = featurizer.actions(items)
-  states, acts, logps = [], [], []
+  states, acts, logps, written = [], [], [], []
   for t in range(horizon):
     cur = [x[-1] for x in texts]
     s = featurizer.state(users, cur, t)
-    logits = np.zeros(mask.shape, np.float32) if policy is None else np.asarray(policy(s, feats))
-    a, lp = choose(logits, mask, jax.random.fold_in(key, t), greedy)
-    nxt = await world.env.step(cur, [world.anchors[int(i)].actions[j] for i, j in zip(items, a)])
+    if writes:
+      ids, lp, chosen = policy(s, jax.random.fold_in(key, t), greedy)
+      a = np.zeros(len(pairs), np.int32)
+      written.append((ids[:, None], chosen))
+    else:
+      logits = np.zeros(mask.shape, np.float32) if policy is None else np.asarray(policy(s, feats))
+      a, lp = choose(logits, mask, jax.random.fold_in(key, t), greedy)
+      chosen = [world.anchors[int(i)].actions[j] for i, j in zip(items, a)]
+    nxt = await world.env.step(cur, chosen)
     for x, y in zip(texts, nxt):
       x.append(y)
     states.append(s)
@@ -168,12 +184,19 @@ async def collect(world: World, featurizer: Featurizer, policy: PolicyFn | None,
   shape = (len(pairs), horizon + 1)
   util = u["utility"].reshape(shape)
   r = util[:, -1] - util[:, 0] if reward == "gain" else util[:, -1]
+  if writes:
+    action_feats = np.stack([ids for ids, _ in written], 1)  # [B, H, 1, L]
+    mask_bhk = np.ones(action_feats.shape[:3], bool)
+    texts_w = [list(row) for row in zip(*(chosen for _, chosen in written))]
+  else:
+    action_feats = np.repeat(feats[:, None], horizon, axis=1)
+    mask_bhk, texts_w = np.repeat(mask[:, None], horizon, axis=1), None
   return Episodes(
-      pairs=pairs, texts=texts, actions=np.stack(acts, 1), behaviour_logp=np.stack(logps, 1),
-      state=np.stack(states, 1), action_feats=np.repeat(feats[:, None], horizon, axis=1),
-      mask=np.repeat(mask[:, None], horizon, axis=1), utility=util,
+      pairs=pairs, texts=texts, actions=np.stack(acts, 1),
+      behaviour_logp=np.stack(logps, 1).astype(np.float32), state=np.stack(states, 1),
+      action_feats=action_feats, mask=mask_bhk, utility=util,
       preference=u["preference"].reshape(shape), distance=u["distance"].reshape(shape),
-      reward=r.astype(np.float32))
+      reward=r.astype(np.float32), written=texts_w)
 
 
 def sample_pairs(pairs: np.ndarray, batch: int, seed: int, step: int) -> np.ndarray:

@@ -51,8 +51,7 @@ import optax
 from absl import logging
 
 from eagle_jax import checkpoint, checks, parallel, preemption, run_config, training
-from eagle_jax.agent import losses, reference, rollout
-from eagle_jax.agent.policy import PolicyConfig, PolicyValueNet
+from eagle_jax.agent import agent_model, reference, rollout
 from eagle_jax.agent.world import World, cache_stats
 from eagle_jax.agent.world import check_config as check_world_config
 from eagle_jax.embed import encoder_train, wals_train
@@ -106,7 +105,7 @@ class Job:
     num_actions: K as configured (``config.actions.k``); code holding a ``World`` uses
       ``world.num_actions``.
     text_dim: F, width of the policy's text features (``config.policy.text_dim``).
-    hidden: width of the policy network (``config.policy.hidden``).
+    policy: the agent network (``config.policy``: pooled head or language model).
     reward: terminal reward kind, one of ``rollout.REWARDS`` (``config.utility.reward``).
     reference: the reference phase (``config.reference.steps``, ``batch_size``, ``optim``).
     labels: how the reference states are visited and labelled (``config.reference``).
@@ -121,7 +120,7 @@ class Job:
   horizon: int
   num_actions: int
   text_dim: int
-  hidden: int
+  policy: agent_model.AgentSpec
   reward: str
   reference: PhaseConfig
   labels: reference.LabelConfig
@@ -176,13 +175,14 @@ def validate(config, mesh: jax.sharding.Mesh, inputs: bool = True) -> Job:
   training.check_divisible(int(config.rl.batch_size), mesh, "config.rl.batch_size")
   training.check_divisible(int(config.reference.batch_size), mesh, "config.reference.batch_size")
   check_world_config(config)
+  policy = agent_model.check_policy(config)
   wals_train.check_config(config.wals, "config.wals", inputs)
   encoder_train.check_config(config.encoder, "config.encoder", inputs)
   rl, ref = config.rl, config.reference
   return Job(
       kinds=kinds, main=main, seed=int(config.seed), horizon=int(rl.horizon),
       num_actions=int(config.actions.k), text_dim=int(config.policy.text_dim),
-      hidden=int(config.policy.hidden), reward=str(config.utility.reward),
+      policy=policy, reward=str(config.utility.reward),
       reference=PhaseConfig(int(ref.steps), int(ref.batch_size), ref.optim),
       labels=reference.LabelConfig.from_config(ref),
       rl=RLConfig(int(rl.steps), int(rl.batch_size), rl.optim, gamma=float(rl.gamma),
@@ -197,24 +197,12 @@ def validate(config, mesh: jax.sharding.Mesh, inputs: bool = True) -> Job:
 # Train steps (pure functions of pytrees; jitted with shardings by the trainer).
 
 
-def reference_loss(model: training.FunctionalModel, params, batch) -> tuple[jax.Array, dict]:
-  logits, _ = model.module(params)(batch["state"], batch["action_feats"])
-  loss = losses.reference_cross_entropy(logits, batch["targets"], batch["mask"])
-  logp = losses.masked_log_softmax(logits, batch["mask"])
-  agree = jnp.mean(jnp.take_along_axis(batch["targets"], jnp.argmax(logp, -1)[:, None], -1) > 0)
-  return loss, {"loss": loss, "target_agreement": agree}
+def reference_loss(model, params, frozen, batch) -> tuple[jax.Array, dict]:
+  return model.reference_loss(params, frozen, batch)
 
 
-def rl_loss(model: training.FunctionalModel, rl: RLConfig, params, ref_params, batch
-            ) -> tuple[jax.Array, dict]:
-  net = model.module(params)
-  logits, values = net(batch["state"], batch["action_feats"])
-  ref_logits, _ = model.module(ref_params)(batch["state"], batch["action_feats"])
-  terms = losses.eagle_loss(
-      logits=logits, ref_logits=ref_logits, candidate_mask=batch["mask"],
-      actions=batch["actions"], values=values, reward=batch["reward"],
-      gamma=rl.gamma, gae_lambda=rl.gae_lambda, kl_coef=rl.kl_coef, value_coef=rl.value_coef,
-      entropy_coef=rl.entropy_coef, behaviour_logp=batch["behaviour_logp"] if rl.overlap else None)
+def rl_loss(model, rl: RLConfig, params, frozen, ref_params, batch) -> tuple[jax.Array, dict]:
+  terms = model.rl_terms(params, frozen, ref_params, batch, rl)
   return terms.total, terms._asdict()
 
 
@@ -230,21 +218,21 @@ class Learner:
   """The agent's parameters, optimizers and jitted, sharded train steps (no environment).
 
   Args:
-    job: the validated job (``hidden``, ``seed``, the ``reference`` and ``rl`` phases).
-    state_dim, action_dim: S and A of the features (``rollout.feature_dims``).
+    job: the validated job (``policy``, ``seed``, the ``reference`` and ``rl`` phases).
+    state_dim, action_dim: S and A of the head's features (``rollout.feature_dims``).
     mesh: the device mesh.
+    decoder: the language-model agent's ``lm_features.AgentDecoder`` (``params=None``: abstract).
 
   Attributes:
-    state_dim, action_dim: S and A, the feature widths the network reads.
+    model: the network (``agent_model``); ``model.frozen`` is an argument of every step.
   """
 
-  def __init__(self, job: Job, state_dim: int, action_dim: int, mesh: jax.sharding.Mesh):
+  def __init__(self, job: Job, state_dim: int, action_dim: int, mesh: jax.sharding.Mesh,
+               decoder=None):
     self.job = job
     self.mesh = mesh
-    self.state_dim, self.action_dim = int(state_dim), int(action_dim)
-    pcfg = PolicyConfig(self.state_dim, self.action_dim, job.hidden)
-    self.model = training.FunctionalModel(lambda rngs: PolicyValueNet(pcfg, rngs=rngs),
-                                          seed=job.seed, mesh=mesh)
+    self.model = agent_model.build(job.policy, state_dim=state_dim, action_dim=action_dim,
+                                   mesh=mesh, seed=job.seed, decoder=decoder)
     self.ref_steps = job.reference.steps
     self.rl_steps = job.rl.steps
     self.tx_ref = training.make_optimizer(job.reference.optim, max(self.ref_steps, 1))
@@ -253,11 +241,13 @@ class Learner:
     self._rl_loss = functools.partial(rl_loss, self.model, job.rl)
     p_sh = self.model.shardings
     self.opt_shardings = self._opt_shardings()
+    # The optimizer state is donated (updated in place); parameters are not: with rl.overlap the
+    # pre-step parameters still drive the next step's collection.
     self._ref_update = jax.jit(functools.partial(_update, self._ref_loss, self.tx_ref),
-                               out_shardings=(p_sh, self.opt_shardings, None))
+                               out_shardings=(p_sh, self.opt_shardings, None), donate_argnums=1)
     self._rl_update = jax.jit(functools.partial(_update, self._rl_loss, self.tx_rl),
-                              out_shardings=(p_sh, self.opt_shardings, None))
-    self._policy = jax.jit(lambda p, s, a: self.model.module(p)(s, a)[0])
+                              out_shardings=(p_sh, self.opt_shardings, None), donate_argnums=1)
+    self._policy = jax.jit(lambda p, f, s, a: self.model.scores(p, f, s, a)[0])
     self._copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=p_sh)
 
   def _opt_shardings(self):
@@ -289,10 +279,31 @@ class Learner:
     return dict(state, ref_params=self._copy(state["params"]),
                 behaviour_params=self._copy(state["params"]), opt_state=opt)
 
-  def policy_fn(self, params) -> rollout.PolicyFn:
-    """Host-callable logits of a parameter set: ([N, S], [N, K, A]) -> [N, K]."""
+  @property
+  def writes(self) -> bool:
+    """The policy writes its actions (``lm_generate``): ``policy_fn`` is a ``rollout.WriterFn``."""
+    return self.model.writes
+
+  def policy_fn(self, params) -> rollout.PolicyFn | rollout.WriterFn:
+    """Host-callable logits of a parameter set, ([N, S], [N, K, A]) -> [N, K], or the writer."""
+    if self.model.writes:
+      return self.model.writer(params)
+
+    chunk = getattr(self.model, "act_batch", 0)
+
     def fn(state, actions):
-      return np.asarray(self._policy(params, jnp.asarray(state), jnp.asarray(actions)))
+      if not chunk:
+        return np.asarray(self._policy(params, self.model.frozen, jnp.asarray(state),
+                                       jnp.asarray(actions)))
+      # Fixed-size chunks of states: one compiled shape and bounded memory whatever N is.
+      n = len(state)
+      pad = -n % chunk
+      state = np.concatenate([state, np.repeat(state[-1:], pad, 0)])
+      actions = np.concatenate([actions, np.repeat(actions[-1:], pad, 0)])
+      out = [np.asarray(self._policy(params, self.model.frozen, jnp.asarray(state[i:i + chunk]),
+                                     jnp.asarray(actions[i:i + chunk])))
+             for i in range(0, n + pad, chunk)]
+      return np.concatenate(out)[:n]
     return fn
 
   def put(self, batch: dict) -> dict:
@@ -302,23 +313,23 @@ class Learner:
 
   def reference_step(self, params, opt_state, batch):
     """One cross-entropy step: -> (params, opt_state, metrics)."""
-    return self._ref_update(params, opt_state, self.put(batch))
+    return self._ref_update(params, opt_state, self.model.frozen, self.put(batch))
 
   def rl_step(self, params, opt_state, ref_params, batch):
     """One EAGLE-loss step on a batch of episodes: -> (params, opt_state, metrics)."""
-    return self._rl_update(params, opt_state, ref_params, self.put(batch))
+    return self._rl_update(params, opt_state, self.model.frozen, ref_params, self.put(batch))
 
   def lower_rl_step(self, batch_size: int, horizon: int, num_actions: int):
     """AOT-lowers the RL step for abstract inputs (the dry run of paper-scale configs)."""
-    s_dim, a_dim = self.state_dim, self.action_dim
     b, h, k = batch_size, horizon, num_actions
-    shapes = {"state": ((b, h, s_dim), jnp.float32), "action_feats": ((b, h, k, a_dim), jnp.float32),
+    shapes = {**self.model.input_shapes((b, h), k),
               "mask": ((b, h, k), jnp.bool_), "actions": ((b, h), jnp.int32),
               "behaviour_logp": ((b, h), jnp.float32), "reward": ((b,), jnp.float32)}
     batch = {n: jax.ShapeDtypeStruct(shp, dt, sharding=parallel.named_sharding(
         self.mesh, ("batch",) + (None,) * (len(shp) - 1))) for n, (shp, dt) in shapes.items()}
     st = self.abstract_state()
-    return self._rl_update.lower(st["params"], st["opt_state"], st["ref_params"], batch)
+    return self._rl_update.lower(st["params"], st["opt_state"], self.model.frozen,
+                                 st["ref_params"], batch)
 
 
 class AgentTrainer:
@@ -339,8 +350,14 @@ class AgentTrainer:
     self.kind = kind
     self.workdir = agent_dir(workdir, kind.name)
     self.mesh = mesh
-    self.featurizer = rollout.Featurizer(world, job.horizon)
-    self.learner = Learner(job, self.featurizer.state_dim, self.featurizer.action_dim, mesh)
+    self.featurizer = agent_model.featurizer(job.policy, world, job.horizon)
+    decoder = None
+    if job.policy.kind != "head":
+      from eagle_jax.agent import lm_features  # noqa: PLC0415
+
+      decoder = lm_features.load_decoder(job.policy.decoder, job.policy.chat_template)
+    self.learner = Learner(job, self.featurizer.state_dim, self.featurizer.action_dim, mesh,
+                           decoder)
     self.ref_steps = self.learner.ref_steps
     self.rl_steps = self.learner.rl_steps
     self.total_steps = self.ref_steps + self.rl_steps
@@ -350,7 +367,7 @@ class AgentTrainer:
     with checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints")) as ckpt:
       return ckpt.restore(step, target=self.learner.abstract_state())
 
-  def policy_fn(self, params) -> rollout.PolicyFn:
+  def policy_fn(self, params) -> rollout.PolicyFn | rollout.WriterFn:
     return self.learner.policy_fn(params)
 
   # -- loop ----------------------------------------------------------------------------------------
@@ -434,7 +451,7 @@ class AgentTrainer:
     pairs = rollout.sample_pairs(self.world.train_pairs, self.job.rl.batch_size, self.job.seed, i)
     return await rollout.collect(self.world, self.featurizer, self.policy_fn(params), pairs,
                                  jax.random.fold_in(jax.random.fold_in(key, 2), i),
-                                 reward=self.job.reward)
+                                 reward=self.job.reward, writes=self.learner.writes)
 
   def _learn(self, state: dict, episodes: rollout.Episodes):
     out = self.learner.rl_step(state["params"], state["opt_state"], state["ref_params"],

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from eagle_jax import checks, run_config, training
-from eagle_jax.agent import rollout
+from eagle_jax.agent import agent_model, rollout
 from eagle_jax.agent.trainer import AgentTrainer, Job, validate
 from eagle_jax.agent.world import World, build_world
 from eagle_jax.evaluation import rater as rater_lib
@@ -58,6 +58,7 @@ class EvalConfig:
     confidence: level of the normal-approximation intervals, in (0, 1).
     trajectories: example trajectories of the main agent in the report.
     elm_workdir: an ELM run folder for the ELM baseline ("": no baseline).
+    max_pairs: held-out pairs evaluated per split, a sample seeded by ``seed`` (0: all).
   """
 
   samples: int
@@ -65,6 +66,7 @@ class EvalConfig:
   confidence: float
   trajectories: int
   elm_workdir: str
+  max_pairs: int = 0
 
   @classmethod
   def from_config(cls, eval_config) -> EvalConfig:
@@ -74,18 +76,33 @@ class EvalConfig:
         ("samples", dict(integer=True, lo=1)), ("seed", dict(integer=True, lo=0)),
         ("confidence", dict(lo=0.0, hi=1.0, lo_open=True, hi_open=True)),
         ("trajectories", dict(integer=True, lo=0)), ("elm_steps", dict(integer=True, lo=1)),
-        ("elm_lr", dict(lo=0.0, lo_open=True))], prefix="config.eval")
+        ("elm_lr", dict(lo=0.0, lo_open=True)), ("max_pairs", dict(integer=True, lo=0))],
+        prefix="config.eval")
     if e.elm_workdir:
       checks.check_input_path(e.elm_workdir, "config.eval.elm_workdir", kind="dir")
     out = cls(samples=int(e.samples), seed=int(e.seed), confidence=float(e.confidence),
-              trajectories=int(e.trajectories), elm_workdir=str(e.elm_workdir or ""))
+              trajectories=int(e.trajectories), elm_workdir=str(e.elm_workdir or ""),
+              max_pairs=int(e.get("max_pairs", 0)))
     return out
 
 
-async def _episodes(world, featurizer, policy, pairs, key, samples: int, greedy: bool
-                    ) -> rollout.Episodes:
+def sample_heldout(world: World, ev: EvalConfig) -> World:
+  """``world`` with at most ``ev.max_pairs`` held-out pairs per split (a sample seeded by
+  ``ev.seed``, in the split's order); every policy is then evaluated on the same pairs."""
+  if not ev.max_pairs:
+    return world
+  pairs = {}
+  for i, (split, p) in enumerate(sorted(world.heldout_pairs.items())):
+    keep = np.random.default_rng([ev.seed, i]).permutation(len(p))[:ev.max_pairs]
+    pairs[split] = p[np.sort(keep)]
+  return dataclasses.replace(world, heldout_pairs=pairs)
+
+
+async def _episodes(world, featurizer, policy, pairs, key, samples: int, greedy: bool,
+                    writes: bool = False) -> rollout.Episodes:
   rep = np.repeat(pairs, 1 if greedy else samples, axis=0)
-  return await rollout.collect(world, featurizer, policy, rep, key, reward="gain", greedy=greedy)
+  return await rollout.collect(world, featurizer, policy, rep, key, reward="gain", greedy=greedy,
+                               writes=writes)
 
 
 def _summary(ep: rollout.Episodes, n_pairs: int, confidence: float) -> dict[str, Any]:
@@ -187,7 +204,7 @@ def _split_report(job: Job, episodes: dict[str, rollout.Episodes], n_pairs: int,
 async def _policy_episodes(world: World, job: Job, states: dict[str, Any], ev: EvalConfig,
                            key: jax.Array, progress) -> dict[str, dict[str, rollout.Episodes]]:
   """Episodes of every policy on both held-out splits in ``world`` (its environment LLM)."""
-  featurizer = rollout.Featurizer(world, job.horizon)
+  featurizer = agent_model.featurizer(job.policy, world, job.horizon)
   episodes: dict[str, dict[str, rollout.Episodes]] = {s: {} for s in SPLITS}
   for j, ref in enumerate(job.kinds):
     kind, (trainer, state) = ref.name, states[ref.name]
@@ -197,7 +214,7 @@ async def _policy_episodes(world: World, job: Job, states: dict[str, Any], ev: E
       for split in SPLITS:
         episodes[split][name] = await _episodes(
             world, featurizer, trainer.policy_fn(params), world.heldout_pairs[split],
-            jax.random.fold_in(key, 1 + j), ev.samples, greedy)
+            jax.random.fold_in(key, 1 + j), ev.samples, greedy, trainer.learner.writes)
         progress.update(1)
   for split in SPLITS:
     episodes[split]["random"] = await _episodes(world, featurizer, None,
@@ -228,6 +245,7 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
   from eagle_jax.evaluation import transfer  # noqa: PLC0415
 
   key = jax.random.key(ev.seed)
+  world = sample_heldout(world, ev)
   out_dir = run_config.eval_dir(config, workdir)
   os.makedirs(out_dir, exist_ok=True)
   tcfg = transfer.TransferConfig.from_config(config.eval.transfer)

@@ -102,3 +102,52 @@ def attend(
   scores = jnp.where(allowed[:, None, None, :, :], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+
+
+def attend_with_prefix(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    prefix_k: jax.Array,
+    prefix_v: jax.Array,
+    prefix_mask: jax.Array,
+    scale: float,
+) -> jax.Array:
+  """Attention of G continuations per row to one shared, cached prefix and to their own tokens.
+
+  Row ``n``'s prefix (``prefix_k[n]``, e.g. a state's prompt) precedes each of its G continuations
+  (rows ``n * G .. n * G + G - 1`` of ``q``, e.g. its candidate actions). The prefix keys are read
+  once per row, not copied G times: the softmax over (prefix slots + own causal slots) is assembled
+  from the two score blocks with a shared maximum.
+
+  Args:
+    q, k, v: [N * G, T, H | KVH, hd] the continuations' queries, keys and values (after RoPE).
+    key_mask: [N * G, T] bool, continuation token is real.
+    prefix_k, prefix_v: [N, S, KVH, hd] the prefixes' cached keys and values.
+    prefix_mask: [N, S] bool, prefix slot holds a real token.
+    scale: logit scale.
+
+  Returns:
+    [N * G, T, H, hd] attention output in q's dtype; scores and softmax in float32.
+  """
+  ng, t, h, hd = q.shape
+  n, s, kvh, _ = prefix_k.shape
+  g = ng // n
+  qg = q.reshape(ng, t, kvh, h // kvh, hd)
+  own = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  slots = jnp.arange(t, dtype=jnp.int32)
+  allowed = key_mask[:, None, :] & (slots[None, None, :] <= slots[None, :, None])
+  own = jnp.where(allowed[:, None, None], own, MASK_VALUE)  # [NG, KVH, g, T, T]
+  qp = qg.reshape(n, g * t, kvh, h // kvh, hd)
+  pre = jnp.einsum("bqkgd,bskd->bkgqs", qp, prefix_k, preferred_element_type=jnp.float32) * scale
+  pre = jnp.where(prefix_mask[:, None, None, None, :], pre, MASK_VALUE)  # [N, KVH, g, G*T, S]
+  pre = pre.reshape(n, kvh, h // kvh, g, t, s).transpose(0, 3, 1, 2, 4, 5).reshape(
+      ng, kvh, h // kvh, t, s)
+  m = jnp.maximum(own.max(-1, keepdims=True), pre.max(-1, keepdims=True))
+  e_own, e_pre = jnp.exp(own - m), jnp.exp(pre - m)
+  denom = e_own.sum(-1, keepdims=True) + e_pre.sum(-1, keepdims=True)
+  out = jnp.einsum("bkgts,bskd->btkgd", (e_own / denom).astype(q.dtype), v)
+  e_pre = (e_pre / denom).astype(q.dtype).reshape(n, g, kvh, h // kvh, t, s)
+  out_pre = jnp.einsum("bjkgts,bskd->bjtkgd", e_pre, prefix_v).reshape(ng, t, kvh, h // kvh, hd)
+  return (out + out_pre).reshape(ng, t, h, hd)

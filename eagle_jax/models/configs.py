@@ -17,6 +17,9 @@ GGUF (llama.cpp): ``general.architecture`` ``llama`` reads ``llama.*``; ``gemma3
 layer ``i`` global iff ``(i + 1) % 6 == 0``, no RoPE scaling on local layers, and attention scale
 ``1 / sqrt(head_dim)`` except for the 62-layer 27B (``1 / sqrt(hidden / heads)``). The vocabulary
 size is the row count of ``token_embd``; a missing ``output.weight`` means tied embeddings.
+
+``PRESETS``: the ``config.json`` fields of published decoders by name, so an AOT dry run of a
+paper-scale config has the real shapes without the files (``preset``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import gguf
+import jax.numpy as jnp
 
 from eagle_jax.models import attention
 from eagle_jax.models import llama as llama_lib
@@ -123,6 +127,35 @@ def config_from_hf(cfg: Mapping, **overrides) -> llama_lib.LlamaConfig:
     return llama_lib.LlamaConfig(**kwargs)
   except ValueError as e:
     raise LoadingError(f"config.json: {e}") from None
+
+
+# Shapes of published decoders: the fields of their Hugging Face ``config.json``. Llama 3.2 uses
+# "llama3" RoPE scaling (factor 32 over 8192 original positions), which ``LlamaConfig`` does not
+# implement; it changes RoPE frequencies only, not a shape or a FLOP count, so it is left out: these
+# presets are for dry runs (shapes, shardings, memory), not for loading the weights.
+PRESETS: dict[str, dict] = {
+    "llama-3.2-1b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=131072, torch_dtype="bfloat16"),
+    "llama-3.2-3b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192,
+        num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=131072, torch_dtype="bfloat16"),
+}
+
+
+def preset(name: str, **overrides) -> llama_lib.LlamaConfig:
+  """``LlamaConfig`` of the published decoder ``name`` (``PRESETS``), parameters stored in the
+  checkpoint's ``torch_dtype``; ``overrides`` set ``LlamaConfig`` fields."""
+  if name not in PRESETS:
+    raise LoadingError(
+        f"decoder shapes {name!r}: unknown preset; expected one of {sorted(PRESETS)}")
+  fields = PRESETS[name]
+  dtype = jnp.dtype(fields.get("torch_dtype", "float32"))
+  return config_from_hf(fields, **{"param_dtype": dtype, **overrides})
 
 
 def gguf_field(reader: gguf.GGUFReader, key: str, default=None):

@@ -51,7 +51,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eagle_jax.models.attention import LAYER_KINDS, SLIDING, apply_rope, attend, rms_norm
+from eagle_jax.models.attention import (
+  LAYER_KINDS,
+  SLIDING,
+  apply_rope,
+  attend,
+  attend_with_prefix,
+  rms_norm,
+)
 from eagle_jax.parallel import constrain
 
 _ACTIVATIONS = {
@@ -239,6 +246,7 @@ class Attention(nnx.Module):
       key_mask: jax.Array,
       query_slots: jax.Array,
       layer_cache: tuple[jax.Array, jax.Array, jax.Array, int] | None,
+      prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None,
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Self-attention.
 
@@ -249,6 +257,8 @@ class Attention(nnx.Module):
       query_slots: [T] int32 slot of each query (causality: key slot <= query slot).
       layer_cache: (k [L, B, S, KVH, hd], v [L, B, S, KVH, hd], index [], layer) or None: the
         whole stacked cache, updated in place at ``[layer, :, index:index + T]``.
+      prefix: (k [N, S, KVH, hd], v, mask [N, S]) of a shared cached prefix that each group of
+        ``B / N`` consecutive rows continues (``attention.attend_with_prefix``; no cache).
 
     Returns:
       ([B, T, D] output, (k, v) updated stacked cache or None).
@@ -272,7 +282,11 @@ class Attention(nnx.Module):
       new_cache = (ck, cv)
       k, v = ck[layer].astype(dt), cv[layer].astype(dt)
     scale = c.query_scale if c.query_scale is not None else c.head_dim**-0.5
-    out = attend(q, k, v, key_mask, query_slots, scale, self.window)
+    if prefix is not None:
+      out = attend_with_prefix(q, k, v, key_mask, prefix[0].astype(dt), prefix[1].astype(dt),
+                               prefix[2], scale)
+    else:
+      out = attend(q, k, v, key_mask, query_slots, scale, self.window)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     y = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
     return y, new_cache
@@ -293,9 +307,11 @@ class MLP(nnx.Module):
     """x: [B, T, D] -> [B, T, D]."""
     dt = self.config.dtype
     act = _ACTIVATIONS[self.config.activation]
-    gate = act(x @ self.w_gate[...].astype(dt))
-    h = constrain(gate * (x @ self.w_up[...].astype(dt)), ("batch", "length", "mlp"))
-    return h @ self.w_down[...].astype(dt)
+    # einsum (not ``@``) so qwix's LoRA interception sees these contractions.
+    gate = act(jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dt)))
+    h = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dt))
+    h = constrain(gate * h, ("batch", "length", "mlp"))
+    return jnp.einsum("btf,fd->btd", h, self.w_down[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -311,8 +327,9 @@ class Block(nnx.Module):
       self.post_attn_norm = RMSNorm(config.hidden, config, rngs=rngs)
       self.post_mlp_norm = RMSNorm(config.hidden, config, rngs=rngs)
 
-  def __call__(self, x, positions, key_mask, query_slots, layer_cache):
-    y, new_cache = self.attn(self.attn_norm(x), positions, key_mask, query_slots, layer_cache)
+  def __call__(self, x, positions, key_mask, query_slots, layer_cache, prefix=None):
+    y, new_cache = self.attn(self.attn_norm(x), positions, key_mask, query_slots, layer_cache,
+                             prefix)
     if self.post_norms:
       y = self.post_attn_norm(y)
     x = constrain(x + y, ("batch", "length", "embed"))
@@ -368,6 +385,7 @@ class Llama(nnx.Module):
       positions: jax.Array | None = None,
       attention_mask: jax.Array | None = None,
       cache: KVCache | None = None,
+      prefix: KVCache | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder blocks and the final norm on input embeddings.
 
@@ -377,6 +395,9 @@ class Llama(nnx.Module):
         (including those already in ``cache``).
       attention_mask: [B, T] bool, token is real (not padding); default all True.
       cache: KVCache to append to, or None for a cache-free causal pass.
+      prefix: the cache of N shared prefixes (slots beyond them are masked); each group of
+        ``B / N`` consecutive rows continues one of them (``positions`` must then be given). Not
+        with ``cache`` or sliding-window layers.
 
     Returns:
       (hidden [B, T, D] after the final norm (compute dtype), updated cache or None).
@@ -406,9 +427,12 @@ class Llama(nnx.Module):
       key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
       query_slots = cache.index + jnp.arange(t, dtype=jnp.int32)
     kv = None if cache is None else (cache.k, cache.v)
+    if prefix is not None and (cache is not None or self.config.sliding_window):
+      raise ValueError("forward_embeddings: prefix works without cache and sliding windows only")
     for i, block in enumerate(self.layers):
       layer_cache = None if kv is None else (kv[0], kv[1], cache.index, i)
-      x, kv = block(x, positions, key_mask, query_slots, layer_cache)
+      shared = None if prefix is None else (prefix.k[i], prefix.v[i], prefix.mask)
+      x, kv = block(x, positions, key_mask, query_slots, layer_cache, shared)
     hidden = self.final_norm(x)
     if cache is None:
       return hidden, None
@@ -441,15 +465,17 @@ class Llama(nnx.Module):
       attention_mask: jax.Array | None = None,
       cache: KVCache | None = None,
       input_embeddings: jax.Array | None = None,
+      prefix: KVCache | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
-    """Final-norm hidden states [B, T, D] (and the updated cache); see ``__call__``."""
+    """Final-norm hidden states [B, T, D] (and the updated cache); see ``__call__`` and
+    ``forward_embeddings`` (``prefix``)."""
     if input_embeddings is None:
       if tokens is None:
         raise ValueError("hidden_states: give tokens or input_embeddings")
       x = self.embed(tokens)
     else:
       x = input_embeddings
-    return self.forward_embeddings(x, positions, attention_mask, cache)
+    return self.forward_embeddings(x, positions, attention_mask, cache, prefix)
 
   def __call__(
       self,

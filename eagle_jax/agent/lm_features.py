@@ -1,0 +1,114 @@
+"""Inputs of the language-model agent: its decoder, tokenizer and token arrays of states and actions.
+
+``AgentDecoder`` is the agent's backbone as loaded from a GGUF (an asset name or a path: SmolLM2 on
+CPU) or a Hugging Face safetensors folder (larger models), with its tokenizer; it is loaded once per
+process per source (``load_decoder``).
+
+``LMFeaturizer`` has the interface of ``rollout.Featurizer`` so rollouts, reference labelling,
+episodes and evaluation run unchanged, but its arrays are token ids instead of float features:
+
+  state   [N, P] int32   the agent prompt (``prompts.agent_prompt``: profile, description, step)
+                          rendered by the decoder's chat template, left-padded with ``PAD``;
+                          longer prompts keep their last P tokens (the instruction survives)
+  actions [N, K, L] int32 each candidate action string followed by the end-of-turn token,
+                          right-padded with ``PAD``; longer actions are cut to L tokens
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import numpy as np
+
+from eagle_jax import assets, prompts
+from eagle_jax.agent.lm_policy import PAD, LMPolicyConfig, host_tokens
+from eagle_jax.agent.world import World
+from eagle_jax.models import llama as llama_lib
+from eagle_jax.models import loading
+from eagle_jax.models.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentDecoder:
+  """The agent's decoder: shapes, frozen weights (pure dict of the ``Llama``'s parameters) and
+  tokenizer; ``source`` names the file or folder it came from."""
+
+  config: llama_lib.LlamaConfig
+  params: dict
+  tokenizer: Tokenizer
+  source: str
+
+
+@functools.cache
+def load_decoder(source: str, chat_template: str = "") -> AgentDecoder:
+  """Loads ``source``: a GGUF asset name / path (``""``: SmolLM2) or a safetensors folder holding
+  ``config.json`` and ``tokenizer.json`` (ChatML prompts). ``chat_template``: an override of the
+  GGUF's template (``chat_template.resolve``; ``""``: the file's own)."""
+  import tokenizers  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  if source and os.path.isdir(source):
+    config, model = loading.load_llama_safetensors(source)
+    tokenizer = Tokenizer(tokenizers.Tokenizer.from_file(os.path.join(source, "tokenizer.json")))
+    path = source
+  else:
+    path = str(assets.resolve_gguf(source))
+    config, model = loading.load_llama_gguf(path)
+    tokenizer = Tokenizer.from_gguf(path, chat_template or None)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return AgentDecoder(config, params, tokenizer, path)
+
+
+class LMFeaturizer:
+  """Token arrays of states and candidate actions (see module docstring).
+
+  Args:
+    world: the run's world (anchors with their actions, profiles).
+    horizon: H.
+    tokenizer: the agent decoder's tokenizer.
+    config: the LM policy config (P = ``prompt_tokens``, L = ``action_tokens``).
+
+  Attributes:
+    horizon, state_dim (P), action_dim (L).
+  """
+
+  def __init__(self, world: World, horizon: int, tokenizer: Tokenizer, config: LMPolicyConfig):
+    self.world = world
+    self.horizon = int(horizon)
+    self.tokenizer = tokenizer
+    self.state_dim, self.action_dim = int(config.prompt_tokens), int(config.action_tokens)
+    self.end_id = int(tokenizer.eos_id)  # the chat end-of-turn token ends an action
+    self._action_memo: dict[int, np.ndarray] = {}
+    self.truncated_prompts = 0
+    self.truncated_actions = 0
+
+  def prompt_ids(self, profile: str, text: str, t: int) -> list[int]:
+    return self.tokenizer.apply_chat_template(
+        prompts.agent_prompt(text, profile, int(t), self.horizon), tokenize=True)
+
+  def action_ids(self, action: str) -> list[int]:
+    return self.tokenizer.encode(action.strip()) + [self.end_id]
+
+  def state(self, users: np.ndarray, texts: list[str], t: np.ndarray | int) -> np.ndarray:
+    """[N] users, [N] descriptions, step t ([N] or scalar) -> [N, P] int32."""
+    users = np.asarray(users)
+    steps = np.broadcast_to(np.asarray(t), (len(texts),))
+    rows = [self.prompt_ids(self.world.profiles[int(u)], x, int(s))
+            for u, x, s in zip(users, texts, steps)]
+    self.truncated_prompts += sum(len(r) > self.state_dim for r in rows)
+    return host_tokens(rows, self.state_dim, left=True)
+
+  def actions(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N] anchor items -> ([N, K, L] int32 ids, [N, K] bool mask)."""
+    out = []
+    for i in np.asarray(items):
+      i = int(i)
+      if i not in self._action_memo:
+        rows = [self.action_ids(a) for a in self.world.anchors[i].actions]
+        self.truncated_actions += sum(len(r) > self.action_dim for r in rows)
+        self._action_memo[i] = host_tokens(rows, self.action_dim, left=False)
+      out.append(self._action_memo[i])
+    ids = np.stack(out)
+    return ids, ids[..., 0] != PAD
