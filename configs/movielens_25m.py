@@ -96,9 +96,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.policy.lm.temperature = 1.0
   # Activation dtype: "float32" or "bfloat16" (accelerators).
   config.policy.lm.compute_dtype = "bfloat16"
-  # Candidates attend the prompt's cached keys once per state (K = 100 copies of the prompt's KV
-  # cache would not fit; see the dry run).
-  config.policy.lm.prefix_attention = True
+  # Candidates attend K copies of the prompt's KV cache (the dry run measured the shared-prefix
+  # path at more temporary memory: the step's memory is the candidates' full-vocabulary logits).
+  config.policy.lm.prefix_attention = False
   # G-optimal design in raw Z (K = 100 > d = 35).
   config.reference.design_dim = 0
   # Exploratory actions of the design (paper: m = 10).
