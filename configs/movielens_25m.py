@@ -66,39 +66,24 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.policy.kind = "lm_choice"
   # Width of the pooled head (policy.kind="head", the ":head" variant).
   config.policy.hidden = 1024
-  # The language-model policy (eagle_jax/agent/lm_policy.py), read when kind is "lm_choice".
-  config.policy.lm = ml_collections.ConfigDict()
-  # Agent decoder: a GGUF asset name or path, or a safetensors folder ("": config.llm.gguf). Real
-  # runs: the decoder's safetensors folder (--config.policy.lm.decoder=/mnt/models/Llama-3.2-1B).
-  config.policy.lm.decoder = ""
-  # The decoder's shapes for the dry run (no file is read): a preset of published shapes
-  # (eagle_jax/models/configs.py PRESETS: "llama-3.2-1b", "llama-3.2-3b"; parameters stored in
-  # the checkpoint's bfloat16), or "" to read config.json of the safetensors folder in decoder.
+  # The language-model policy: the smoke config's block (eagle_jax/agent/lm_policy.py) with these
+  # changes. Real runs give the decoder's safetensors folder
+  # (--config.policy.lm.decoder=/mnt/models/Llama-3.2-1B); the dry run reads no file and compiles
+  # for the published shapes named here (eagle_jax/models/configs.py PRESETS: "llama-3.2-1b",
+  # "llama-3.2-3b"; bfloat16 parameters).
   config.policy.lm.shapes = "llama-3.2-1b"
-  # Chat template override of the agent's prompts ("": the decoder file's own).
-  config.policy.lm.chat_template = ""
-  # Candidate score: "sum" or per-token "mean" of the action tokens' log-probabilities.
-  config.policy.lm.score = "mean"
-  # Agent prompt length P in tokens (longer prompts keep their last P tokens): an LLM-written
-  # profile under five headings, a two-sentence plot and the instruction.
+  # P: an LLM-written profile under five headings, a two-sentence plot and the instruction.
   config.policy.lm.prompt_tokens = 512
-  # Action length L in tokens, end-of-turn included (longer actions are cut).
+  # L: the longer actions a larger environment LLM writes.
   config.policy.lm.action_tokens = 48
-  # Train every decoder weight instead of LoRA adapters.
-  config.policy.lm.full_finetune = False
-  # LoRA rank r.
+  # LoRA rank r (a 1B decoder).
   config.policy.lm.lora_rank = 16
-  # LoRA scale alpha (update B A alpha / r).
+  # LoRA scale alpha (alpha / r = 2, as in the smoke config).
   config.policy.lm.lora_alpha = 32.0
-  # Decoder modules with adapters (regex over module paths): attention and MLP of every block.
-  config.policy.lm.lora_modules = r"backbone/layers/\d+/(attn|mlp)"
-  # Sampling temperature of the agent writing actions (lm_generate).
-  config.policy.lm.temperature = 1.0
-  # Activation dtype: "float32" or "bfloat16" (accelerators).
+  # bfloat16 activations on accelerators.
   config.policy.lm.compute_dtype = "bfloat16"
-  # Candidates attend K copies of the prompt's KV cache (the dry run measured the shared-prefix
-  # path at more temporary memory: the step's memory is the candidates' full-vocabulary logits).
-  config.policy.lm.prefix_attention = False
+  # prefix_attention stays off: the dry run measured the shared-prefix path at more temporary
+  # memory (the step's memory is the candidates' full-vocabulary logits).
   # G-optimal design in raw Z (K = 100 > d = 35).
   config.reference.design_dim = 0
   # Exploratory actions of the design (paper: m = 10).
