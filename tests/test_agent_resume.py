@@ -51,7 +51,10 @@ def test_quickstart_job_then_sigkill_resume(tmp_path):
                  check=True, timeout=900)
   _check_report(quickstart)
   _check_sigkill_resume(quickstart, str(tmp_path / "b"))
-  _check_lm_sigkill_resume(quickstart, tmp_path)
+  # The language-model agent's SIGKILL resume adds three launches (about 4 minutes), which the
+  # 30-minute CI budget does not hold: it runs with EAGLE_JAX_LM_RESUME=1.
+  if os.environ.get("EAGLE_JAX_LM_RESUME") == "1":
+    _check_lm_sigkill_resume(quickstart, tmp_path)
 
 
 def _check_report(quickstart):
