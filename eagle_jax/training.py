@@ -118,13 +118,7 @@ class FunctionalModel:
     with nnx.use_eager_sharding(False):
       abstract_module = nnx.eval_shape(lambda: ctor(nnx.Rngs(seed)))
     self.graphdef, self.abstract = nnx.split(abstract_module, nnx.Param)
-    if mesh is None:
-      self.shardings = None
-    else:
-      flat = nnx.to_flat_state(self.abstract)
-      specs = [(path, parallel.variable_sharding(var, var.get_value().shape, mesh, rules))
-               for path, var in flat]
-      self.shardings = _nested(specs)
+    self.shardings = None if mesh is None else state_shardings(self.abstract, mesh, rules)
 
   def init(self) -> PyTree:
     """Fresh parameters (pure dict), created directly with their shardings."""
@@ -151,6 +145,14 @@ class FunctionalModel:
 
   def num_params(self) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.to_pure_dict(self.abstract))))
+
+
+def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules=parallel.DEFAULT_RULES
+                    ) -> dict:
+  """Pure-dict pytree of the ``NamedSharding`` of every variable of ``state`` (by its logical
+  axes; a mesh axis that does not divide a dimension is dropped)."""
+  return _nested([(path, parallel.variable_sharding(var, var.get_value().shape, mesh, rules))
+                  for path, var in nnx.to_flat_state(state)])
 
 
 def _nested(flat: Sequence[tuple[tuple, Any]]) -> dict:

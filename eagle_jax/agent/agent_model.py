@@ -127,8 +127,8 @@ class LMAgent:
     self.spec = spec
     self.lm = spec.lm
     self.decoder = decoder
-    base = None if decoder.params is None else decoder.params
-    self._model = lm_policy.LMPolicyModel(decoder.config, spec.lm, mesh, seed=seed, base=base)
+    self._model = lm_policy.LMPolicyModel(decoder.config, spec.lm, mesh, seed=seed,
+                                          base=decoder.params)
     self.shardings, self.frozen = self._model.shardings, self._model.frozen
     self.init, self.abstract_params = self._model.init, self._model.abstract_params
     self.num_params = self._model.num_params
@@ -137,6 +137,7 @@ class LMAgent:
     self.act_batch = spec.lm.act_batch
     self.mesh = mesh
     self._sampler = None
+    self._llama_split = None
 
   def token_logp(self, params, frozen, state, actions):
     """state [..., P], actions [..., K, L] -> (token log-probs [..., K, L], value [...])."""
@@ -171,7 +172,7 @@ class LMAgent:
         entropy_coef=rl.entropy_coef,
         behaviour_logp=batch["behaviour_logp"] if rl.overlap else None)
 
-  def writer(self, params, sampling_seed: int = 0):
+  def writer(self, params):
     """A ``rollout.WriterFn`` of ``params``: the decoder with the adapters folded in
     (``lm_policy.merged_backbone``) writes the action (``lm.temperature``; greedy on request),
     at most L tokens; log pi of a written action is the sum of its tokens' model log-probs."""
@@ -204,8 +205,12 @@ class LMAgent:
 
     from eagle_jax.models import llama as llama_lib  # noqa: PLC0415
 
-    cfg = self._model.llm_config
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: llama_lib.Llama(cfg, rngs=nnx.Rngs(0))))
+    if self._llama_split is None:  # the decoder's structure, built once per agent
+      cfg = self._model.llm_config
+      self._llama_split = nnx.split(nnx.eval_shape(lambda: llama_lib.Llama(cfg,
+                                                                           rngs=nnx.Rngs(0))))
+    graphdef, abstract = self._llama_split
+    state = jax.tree.map(lambda x: x, abstract)
     nnx.replace_by_pure_dict(state, backbone)
     return nnx.merge(graphdef, state)
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eagle_jax import parallel
+from eagle_jax import parallel, training
 from eagle_jax.checks import ConfigError
 from eagle_jax.models import llama as llama_lib
 
@@ -256,17 +256,6 @@ def _trainable_filter(config: LMPolicyConfig):
                                                         nnx.PathContains("value_head"))
 
 
-def _shardings(state, mesh, rules):
-  flat = nnx.to_flat_state(state)
-  out: dict = {}
-  for path, var in flat:
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = parallel.variable_sharding(var, var.get_value().shape, mesh, rules)
-  return out
-
-
 class LMPolicyModel:
   """``AgentLM`` with LoRA as ``module(params, frozen)`` over pure pytrees.
 
@@ -294,8 +283,8 @@ class LMPolicyModel:
     trainable = _trainable_filter(config)
     self.graphdef, t_state, f_state = nnx.split(abstract, trainable, ...)
     self._t_abstract, self._f_abstract = t_state, f_state
-    self.shardings = _shardings(t_state, mesh, rules)
-    self.frozen_shardings = _shardings(f_state, mesh, rules)
+    self.shardings = training.state_shardings(t_state, mesh, rules)
+    self.frozen_shardings = training.state_shardings(f_state, mesh, rules)
     f_pure = nnx.to_pure_dict(f_state)
     if base is None:
       self.frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
