@@ -4,6 +4,10 @@ Run: ``python -m launch.train_encoder --config=configs/encoder_ml100k.py --workd
 (e.g. ``--config.embeddings=/tmp/wals_ml100k/embeddings.npz
 --config.descriptions=/tmp/envdata/descriptions.jsonl``).
 
+The decoder E_D (the paper's recipe with a decoder backbone; the accelerator configs' E_D) on CPU,
+SmolLM2 with LoRA r = 8: ``python -m launch.train_encoder --config=configs/encoder_ml100k.py:decoder
+--workdir=/tmp/encoder_decoder``
+
 ``eagle_jax/embed/encoder_train.py`` documents the rows (metadata text for every movie plus LLM
 descriptions where available), the target (augmented WALS item vectors) and the split (a
 deterministic 20% of movies held out).
@@ -26,8 +30,9 @@ from configs import wals_ml100k
 
 # Variants (``--config=configs/encoder_ml100k.py:rating``): "implicit" (default) fine-tunes MiniLM onto
 # the paper's implicit-feedback WALS vectors (EAGLE's Z); "rating" is the frozen-MiniLM MLP head onto
-# the RMSE-tuned rating WALS, which the ELM results were measured with.
-VARIANTS = ("implicit", "rating")
+# the RMSE-tuned rating WALS, which the ELM results were measured with; "decoder" is "implicit" with
+# the decoder backbone (SmolLM2 + LoRA, config.decoder).
+VARIANTS = ("implicit", "rating", "decoder")
 
 
 def get_config(variant: str = "implicit") -> ml_collections.ConfigDict:
@@ -39,7 +44,7 @@ def get_config(variant: str = "implicit") -> ml_collections.ConfigDict:
   # WALS embeddings.npz to regress onto ("" = train WALS with config.wals into <workdir>/wals).
   config.embeddings = ""
   # WALS job used when embeddings == "" (also names the ratings data: config.wals.data).
-  config.wals = wals_ml100k.get_config(variant)
+  config.wals = wals_ml100k.get_config("rating" if variant == "rating" else "implicit")
   # descriptions.jsonl of launch.build_env_data ("" = metadata text only).
   config.descriptions = ""
   # MiniLM folder ("" = the pinned all-MiniLM-L6-v2 asset).
@@ -88,4 +93,45 @@ def get_config(variant: str = "implicit") -> ml_collections.ConfigDict:
   config.finetune.ridge_reg = 10.0
   # Seed of the minibatch order.
   config.finetune.seed = 0
+
+  # E_D's text backbone: "minilm" (the blocks above; the CPU default) or "decoder" (config.decoder).
+  config.backbone = "decoder" if variant == "decoder" else "minilm"
+  # The decoder E_D (eagle_jax/embed/decoder_encoder.py): a Llama-family decoder, mean-pooled over
+  # the text's tokens, and a linear head warm-started at the ridge solution; its epoch is chosen on
+  # the validation movies of finetune.validation_fraction (the same movies as MiniLM's).
+  config.decoder = ml_collections.ConfigDict()
+  # Decoder weights: a GGUF asset name or path ("" = SmolLM2), or a safetensors folder.
+  config.decoder.source = ""
+  # Published shapes for the dry run, which reads no weights (eagle_jax/models/configs.py PRESETS;
+  # "" = the shapes of source).
+  config.decoder.shapes = ""
+  # Tokens kept of a text (its first ones; metadata lines are ~20 SmolLM2 tokens).
+  config.decoder.max_tokens = 64
+  # Train every decoder weight instead of LoRA adapters.
+  config.decoder.full_finetune = False
+  # LoRA rank r.
+  config.decoder.lora_rank = 8
+  # LoRA scale alpha (the update is B A * alpha / r).
+  config.decoder.lora_alpha = 16.0
+  # Regex over the decoder's module paths that get adapters (attention and MLP projections).
+  config.decoder.lora_modules = r"backbone/layers/\d+/(attn|mlp)"
+  # Activations: "float32" or "bfloat16" (parameters keep their dtype).
+  config.decoder.compute_dtype = "float32"
+  # AdamW learning rate of the adapters (or all weights) and the head.
+  config.decoder.learning_rate = 2e-4
+  # AdamW weight decay.
+  config.decoder.weight_decay = 0.01
+  # Rows per step (a multiple of the mesh's data parallelism).
+  config.decoder.batch_size = 16
+  # Most epochs; the best one on the validation movies is kept (0: the ridge head on the frozen
+  # decoder).
+  config.decoder.epochs = 2
+  # Ridge weight of the head's warm start on the frozen decoder's pooled features: unnormalised
+  # states, far longer than MiniLM's unit vectors, hence a larger weight (chosen on validation
+  # movies).
+  config.decoder.ridge_reg = 100.0
+  # Seed of the head, the adapters and the minibatch order.
+  config.decoder.seed = 0
+  # Mesh over ("data", "fsdp", "tensor") for the decoder's step; -1 takes the remaining devices.
+  config.decoder.mesh = ml_collections.ConfigDict(dict(data=-1))
   return config

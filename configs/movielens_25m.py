@@ -17,7 +17,9 @@ published shapes it compiles for (Llama 3.2 1B by default, or
 ``--config.policy.lm.shapes=llama-3.2-3b``), and reports the per-device memory, the parameter
 counts, the FLOPs and what fits on a v5e-8. Real runs add
 ``--config.policy.lm.decoder=/mnt/models/Llama-3.2-1B`` (a safetensors folder).
-``configs/movielens_25m.py:head`` is the same run with the pooled head agent.
+``configs/movielens_25m.py:head`` is the same run with the pooled head agent. E_D is a decoder too
+(``encoder.backbone="decoder"``: LoRA, mean pooling, linear head; shapes ``encoder.decoder.shapes``,
+weights ``--config.encoder.decoder.source``).
 
 Differences from the smoke config, following the paper (PAPER_SPEC.md section 5): K = 100 candidate
 actions with 10 LLM-written per anchor (raise ``actions.llm_calls`` with a larger environment LLM
@@ -46,6 +48,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.wals.wals.rank = 32
   # More sweeps for 25M ratings.
   config.wals.wals.sweeps = 20
+  # E_D with a decoder backbone (the paper fine-tunes a decoder onto the WALS vectors;
+  # eagle_jax/embed/decoder_encoder.py): LoRA on a Llama-family decoder, mean-pooled, linear head.
+  config.encoder.backbone = "decoder"
+  # Shapes the dry run compiles E_D's step for; real runs give the weights
+  # (--config.encoder.decoder.source=/mnt/models/Llama-3.2-1B, a safetensors folder).
+  config.encoder.decoder.shapes = "llama-3.2-1b"
+  # bfloat16 activations on accelerators.
+  config.encoder.decoder.compute_dtype = "bfloat16"
+  # E_D's step sharded like the agent's: fsdp x tensor = 4 model shards, the rest data parallel.
+  config.encoder.decoder.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=2))
   # K candidate actions per anchor (paper: 100).
   config.actions.k = 100
   # LLM-written candidates per anchor (the rest from templates).
@@ -82,8 +94,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.policy.lm.lora_alpha = 32.0
   # bfloat16 activations on accelerators.
   config.policy.lm.compute_dtype = "bfloat16"
-  # prefix_attention stays off: the dry run measured the shared-prefix path at more temporary
-  # memory (the step's memory is the candidates' full-vocabulary logits).
+  # prefix_attention stays off: with chunks the K cache copies are only C, and the dry run measured
+  # the shared-prefix path at more temporary memory (12.1 against 11.3 GiB per device).
+  # Candidates scored 4 at a time against the prompt's cache: the step's memory is the chunk's
+  # full-vocabulary logits (temporaries grow ~1.1 GiB per candidate in the chunk).
+  config.policy.lm.candidate_chunk = 4
+  # Recompute the prompt's and each chunk's forward pass in the backward pass.
+  config.policy.lm.remat = True
   # G-optimal design in raw Z (K = 100 > d = 35).
   config.reference.design_dim = 0
   # Exploratory actions of the design (paper: m = 10).
@@ -98,9 +115,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.rl.horizon = 5
   config.rl.steps = 20000
   # Episodes per RL step: B x H prompts and B x H x K candidates of L tokens, read twice (agent and
-  # reference). With the LM agent this batch does not fit a v5e-8: the dry run measures ~7 TiB of
-  # temporaries per device at 256 (~27.5 GiB per episode) against 16 GiB per chip.
+  # reference).
   config.rl.batch_size = 256
+  # The step's episodes in 64 slices of 4 (one per data shard of a v5e-8 at fsdp 2 x tensor 2):
+  # the dry run fits it in ~12 GiB per chip; one slice of all 256 episodes needs ~7 TiB.
+  config.rl.microbatches = 64
   config.checkpoint.every = 500
   config.checkpoint.max_to_keep = 3
   config.eval.samples = 8

@@ -135,6 +135,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.policy.lm.prefix_attention = False
   # States per policy call when acting (fixed: one compiled program, bounded memory).
   config.policy.lm.act_batch = 8
+  # Candidates scored per pass against the prompt's cache (0: all K at once; bounds the logits).
+  config.policy.lm.candidate_chunk = 0
+  # Recompute the prompt's and each candidate chunk's forward in the backward pass (memory).
+  config.policy.lm.remat = False
   # Activation dtype: "float32" or "bfloat16" (accelerators).
   config.policy.lm.compute_dtype = "float32"
 
@@ -184,6 +188,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.rl.entropy_coef = 0.0
   # Collect step i+1's episodes while step i trains (importance-weighted; see agent/trainer.py).
   config.rl.overlap = True
+  # Slices each RL step's episodes are processed in (gradient accumulation; bounds memory).
+  config.rl.microbatches = 1
   config.rl.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=5, final_lr_fraction=0.1, weight_decay=1e-4,
       grad_clip=1.0, b1=0.9, b2=0.999))  # AdamW of the RL phase.

@@ -105,6 +105,30 @@ def check_optimizer(block, name: str, prefix: str = "config") -> None:
                 prefix)
 
 
+def typed_fields(cls, block, field: str, special: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The fields of the dataclass ``cls`` read from ``block`` (a ConfigDict, dict or object; absent
+  fields take their default), each checked against its default's type (an int is accepted for a
+  float; a bool never for a number). ``special`` maps a field name to ``(value, name) -> value``
+  for fields needing their own reading. Raises ``ConfigError`` naming ``<field>.<name>``."""
+  import dataclasses  # noqa: PLC0415
+
+  def get(name, default):
+    return block.get(name, default) if hasattr(block, "get") else getattr(block, name, default)
+
+  values = {}
+  for f in dataclasses.fields(cls):
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    value, kind = get(f.name, default), type(default)
+    if special and f.name in special:
+      values[f.name] = special[f.name](value, f"{field}.{f.name}")
+      continue
+    ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+    if not ok or (kind is not bool and isinstance(value, bool)):
+      raise ConfigError(f"{field}.{f.name}={value!r}: expected {kind.__name__}")
+    values[f.name] = kind(value)
+  return values
+
+
 def check_input_path(path, field: str, *, kind: str = "file") -> str:
   """An existing, readable input ``path`` given by ``field`` (a flag or config field).
 

@@ -11,6 +11,8 @@ One job per piece:
   ``nnx.eval_shape`` gives shapes and logical axes, then one jitted init with ``out_shardings``
   materialises every array directly on its devices (no host copy of the full model).
 * ``make_optimizer``: optax AdamW with warm-up + cosine decay and global-norm clipping from a config.
+* ``microbatched_value_and_grad``: a batch's mean loss and gradient computed one slice at a time
+  (gradient accumulation), for steps whose activations do not fit at the full batch.
 * ``MetricsWriter``: metrics to ``metrics.jsonl`` and TensorBoard event files (tensorboardX; no
   TensorFlow). On resume, records after the restored step are dropped first, so a killed-and-resumed
   run's log equals an uninterrupted one.
@@ -80,13 +82,15 @@ def data_parallelism(mesh: jax.sharding.Mesh, rules=parallel.DEFAULT_RULES) -> i
   return parallel.axis_size(mesh, "batch", rules)
 
 
-def check_divisible(value: int, mesh: jax.sharding.Mesh, field: str,
+def check_divisible(value: int, mesh: jax.sharding.Mesh, field: str, microbatches: int = 1,
                     rules=parallel.DEFAULT_RULES) -> None:
-  """Raises ``ConfigError`` naming ``field`` unless ``value`` splits over the batch axes."""
+  """Raises ``ConfigError`` naming ``field`` unless ``value`` splits into ``microbatches`` slices
+  that each split over the batch axes."""
   n = data_parallelism(mesh, rules)
-  if value <= 0 or value % n:
+  if value <= 0 or value % (n * microbatches):
+    slices = f" x microbatches {microbatches}" if microbatches > 1 else ""
     raise ConfigError(
-        f"{field}={value} must be a positive multiple of the mesh's data parallelism {n} "
+        f"{field}={value} must be a positive multiple of the mesh's data parallelism {n}{slices} "
         f"(mesh {dict(mesh.shape)}; batch is sharded over data x fsdp)")
 
 
@@ -201,6 +205,57 @@ def make_optimizer(config: Mapping[str, Any], total_steps: int) -> optax.Gradien
 
 def global_norm(tree: PyTree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def microbatched_value_and_grad(loss_fn: Callable, microbatches: int, mesh: jax.sharding.Mesh,
+                                grad_shardings: PyTree = None, rules=parallel.DEFAULT_RULES
+                                ) -> Callable:
+  """``jax.value_and_grad(loss_fn, has_aux=True)`` over ``microbatches`` slices of the batch.
+
+  ``loss_fn(params, *args, batch) -> (loss, aux)``, where ``batch`` is a dict of arrays with the
+  rows on axis 0 (``[B, ...]``, sharded over the mesh's data axes). The returned function gives the
+  mean over the M slices of their ``(loss, aux)`` and gradients, computed one slice after another
+  (``lax.scan``), so the step holds the activations of B / M rows. Slice m holds the rows
+  ``i = m (mod M)``: with the batch split into contiguous blocks over the data devices, every slice
+  stays spread over all of them. When the loss is a mean over rows with the same count per slice
+  (the EAGLE loss over B episodes x H steps), this equals the whole-batch value and gradient up to
+  float reassociation.
+
+  Args:
+    loss_fn: the loss; differentiated with respect to its first argument.
+    microbatches: M (1: plain ``value_and_grad``); B must be divisible by M x data parallelism.
+    mesh: the device mesh (the slices' sharding).
+    grad_shardings: shardings of the gradient (the parameters'), for the accumulator.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if microbatches == 1:
+    return grad_fn
+
+  def fn(params, *args):
+    *rest, batch = args
+
+    def split(x):  # [B, ...] -> [M, B / M, ...]; slice m = rows m, m + M, ...
+      rows = x.shape[0] // microbatches
+      x = jax.lax.with_sharding_constraint(
+          x.reshape((rows, microbatches) + x.shape[1:]),
+          parallel.named_sharding(mesh, ("batch",) + (None,) * x.ndim, rules))
+      return jnp.moveaxis(x, 1, 0)
+
+    slices = jax.tree.map(split, batch)
+    first = jax.tree.map(lambda x: x[0], slices)
+    shapes = jax.eval_shape(grad_fn, params, *rest, first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+    if grad_shardings is not None:
+      zeros = (zeros[0], jax.lax.with_sharding_constraint(zeros[1], grad_shardings))
+
+    def body(total, piece):
+      out = grad_fn(params, *rest, piece)
+      return jax.tree.map(lambda t, x: t + x.astype(jnp.float32), total, out), None
+
+    total, _ = jax.lax.scan(body, zeros, slices)
+    return jax.tree.map(lambda t, s: (t / microbatches).astype(s.dtype), total, shapes)
+
+  return fn
 
 
 # ---------------------------------------------------------------------------------------------------

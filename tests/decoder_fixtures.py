@@ -124,3 +124,29 @@ def tiny_agent_decoder(directory: pathlib.Path) -> pathlib.Path:
   save_torch(model, directory)
   backend.save(str(directory / "tokenizer.json"))
   return directory
+
+
+PEFT_TARGETS = {"q_proj": ("attn", "wq"), "k_proj": ("attn", "wk"), "v_proj": ("attn", "wv"),
+                "o_proj": ("attn", "wo"), "gate_proj": ("mlp", "w_gate"),
+                "up_proj": ("mlp", "w_up"), "down_proj": ("mlp", "w_down")}
+
+
+def peft_lora(tmodel, backbone: dict, rank: int, alpha: float):
+  """A peft LoRA of the torch Llama ``tmodel`` whose A/B equal the qwix adapters in ``backbone``
+  (the ``Llama``'s trainable pure dict): ``W + B A * alpha / r`` on every projection."""
+  import peft  # noqa: PLC0415
+
+  pm = peft.get_peft_model(tmodel, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                   target_modules=list(PEFT_TARGETS)))
+  with torch.no_grad():
+    for name, mod in pm.named_modules():
+      if not hasattr(mod, "lora_A") or "default" not in mod.lora_A:
+        continue
+      parts = name.split(".")
+      block, w = PEFT_TARGETS[parts[-1]]
+      layer = backbone["layers"][int(parts[parts.index("layers") + 1])][block]
+      a = np.asarray(layer[f"{w}_lora_a"]).reshape(-1, rank)  # [in, r] (o_proj: [H*hd, r])
+      b = np.asarray(layer[f"{w}_lora_b"]).reshape(rank, -1)  # [r, out]
+      mod.lora_A["default"].weight.copy_(torch.tensor(a.T))
+      mod.lora_B["default"].weight.copy_(torch.tensor(b.T))
+  return pm.eval()

@@ -259,7 +259,9 @@ def test_workdir_errors_name_the_flag(tmp_path, monkeypatch):
 
 def test_paper_scale_config_dry_run_on_fake_devices():
   config = movielens_25m.get_config("head")
+  config.encoder.backbone = "minilm"  # E_D's decoder step: tests/test_lm_dry_run.py
   report = dry_run.dry_run(config)
+  assert "encoder" not in report
   assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
   # Z is the augmented WALS space: rank + 3 wide, in the state (z_u, E_D(x)) and action (E_D(a)).
   latent = config.wals.wals.rank + 3

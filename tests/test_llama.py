@@ -48,6 +48,28 @@ def test_logits_match_torch(pair):
   assert np.abs(ref).max() > 1.0  # the comparison is not between near-zero logits
 
 
+def test_llama3_rope_scaling_matches_torch(tmp_path):
+  """Llama 3's frequency-dependent RoPE scaling (``rope_type="llama3"``, as in Llama 3.2's
+  config.json), with an original context of 64 so the kept, interpolated and divided frequency
+  bands are all present, against transformers over 60 positions; and the scaling matters."""
+  rope = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=64)
+  tmodel = make_torch_llama(rope_scaling=rope)
+  config, model = loading.load_llama_safetensors(save_torch(tmodel, tmp_path))
+  assert config.rope_llama3 == (8.0, 1.0, 4.0, 64)
+  tokens = np.random.RandomState(5).randint(0, config.vocab_size, (2, 60))
+  ref = torch_logits(tmodel, tokens)
+  ours, _ = model(jnp.asarray(tokens))
+  assert np.abs(np.asarray(ours) - ref).max() <= TOL
+  # The three bands: with head_dim 8 and theta 5000 the wavelengths straddle 64/4 and 64/1.
+  inv = 1.0 / (5000.0 ** (np.arange(0, 8, 2) / 8))
+  wavelen = 2 * np.pi / inv
+  assert (wavelen < 16).any() and (wavelen > 64).any() and ((wavelen >= 16) & (wavelen <= 64)).any()
+  plain = llama.Llama(config.replace(rope_llama3=None), rngs=nnx.Rngs(0))
+  nnx.update(plain, nnx.state(model))
+  assert np.abs(np.asarray(plain(jnp.asarray(tokens))[0]) - ref).max() > 1e-2
+
+
 def test_left_padded_batch_matches_torch(pair):
   tmodel, config, model = pair
   rng = np.random.RandomState(1)

@@ -22,12 +22,14 @@ TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_siz
 def _config():
   config = movielens_25m.get_config()
   config.policy.lm.shapes = "tiny"
+  config.encoder.decoder.shapes = "tiny"  # E_D's decoder backbone (the report's encoder section)
   config.policy.lm.prompt_tokens = 16
   config.policy.lm.action_tokens = 8
   config.policy.lm.lora_rank = 4
   config.actions.k = 12
   config.rl.horizon = 2
   config.rl.batch_size = 8
+  config.rl.microbatches = 2  # the paper config's chunked, rematerialised, sliced step
   config.reference.batch_size = 8
   return config
 
@@ -50,7 +52,8 @@ def test_lm_dry_run_reports_per_device_memory_and_flops(report):
   assert mem["total"] == mem["argument"] + mem["output"] - mem["alias"] + mem["generated_code"] \
       + mem["temp"]
   fit = report["memory"]["v5e_fit"]
-  assert fit["fits"] and fit["largest_batch"] >= 8 and fit["largest_batch"] % 4 == 0
+  assert fit["fits"] and fit["largest_slice"] >= 4 and fit["largest_slice"] % 4 == 0
+  assert fit["microbatches"] == 2 and "2 slice(s) of 4 episodes" in fit["verdict"]
   assert report["flops_per_step"] == 8 * report["flops_per_step_per_device"] > 0
   assert report["decoder"]["candidate_tokens_per_step"] == 8 * 2 * 12 * 8
   assert report["decoder"]["param_dtype"] == "bfloat16"
@@ -77,6 +80,32 @@ def test_lm_dry_run_param_counts_equal_the_hand_count(report):
   assert counts == {"trainable": lora + d + 1, "lora": lora, "value_head": d + 1,
                     "frozen_base": base, "total": base + lora + d + 1}
   assert report["param_count"] == lora + d + 1
+  # The decoder-backed E_D's step is compiled too, over the same tiny decoder.
+  enc = report["encoder"]
+  assert enc["param_counts"]["frozen_base"] == base and enc["per_device_bytes"]["total"] > 0
+  assert enc["out_dim"] == 32 + 3  # Z: the augmented WALS space, rank + 3
+
+
+def test_lm_step_flops_match_xla_on_a_step_without_loops():
+  """``lm_step_flops`` (counted from shapes) against XLA's ``cost_analysis`` of the same step
+  compiled without slices, chunks or remat (where XLA counts every op once): within 10% at
+  shapes where the matmuls dominate. With remat the count grows by exactly one forward pass."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices")
+  big = dict(TINY, vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+             head_dim=64)
+  config = _config()
+  config.rl.microbatches, config.policy.lm.candidate_chunk = 1, 0
+  config.policy.lm.remat = False
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setitem(model_configs.PRESETS, "tiny", big)
+    out = dry_run.dry_run(config)
+  xla = out["xla_cost_analysis_flops_per_device"] * 8
+  assert abs(out["flops_per_step"] / xla - 1) < 0.10, (out["flops_per_step"], xla)
+  c = model_configs.config_from_hf(big)
+  three = dry_run.lm_step_flops(c, 8, 2, 12, 16, 8, remat=False, full_finetune=False)
+  four = dry_run.lm_step_flops(c, 8, 2, 12, 16, 8, remat=True, full_finetune=False)
+  assert four == pytest.approx(three * 4 / 3)
 
 
 @pytest.mark.parametrize("shapes, match", [("", "needs the agent decoder's shapes"),

@@ -8,10 +8,9 @@ candidate at a time, with no KV cache and no padding.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import peft
 import pytest
 import torch
-from decoder_fixtures import make_torch_llama, save_torch
+from decoder_fixtures import PEFT_TARGETS, make_torch_llama, peft_lora, save_torch
 from flax import nnx
 
 from eagle_jax import parallel
@@ -19,10 +18,7 @@ from eagle_jax.agent import lm_policy, losses
 from eagle_jax.models import loading
 
 TOL = 1e-5
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-OURS = {"q_proj": ("attn", "wq"), "k_proj": ("attn", "wk"), "v_proj": ("attn", "wv"),
-        "o_proj": ("attn", "wo"), "gate_proj": ("mlp", "w_gate"), "up_proj": ("mlp", "w_up"),
-        "down_proj": ("mlp", "w_down")}
+OURS = PEFT_TARGETS  # peft module name -> (block, our weight)
 
 
 @pytest.fixture(scope="module")
@@ -50,23 +46,7 @@ def _random_adapters(params, seed=1, scale=0.2):
 
 def _peft_model(tmodel, params, rank=4, alpha=8.0):
   """A peft LoRA of ``tmodel`` whose A/B equal our adapters (W + B A * alpha / r)."""
-  pm = peft.get_peft_model(tmodel, peft.LoraConfig(r=rank, lora_alpha=alpha,
-                                                   target_modules=TARGETS, lora_dropout=0.0))
-  layers = params["backbone"]["layers"]
-  with torch.no_grad():
-    for name, mod in pm.named_modules():
-      if not hasattr(mod, "lora_A") or "default" not in mod.lora_A:
-        continue
-      parts = name.split(".")
-      layer, proj = int(parts[parts.index("layers") + 1]), parts[-1]
-      block, w = OURS[proj]
-      a = np.asarray(layers[layer][block][f"{w}_lora_a"])
-      b = np.asarray(layers[layer][block][f"{w}_lora_b"])
-      a2 = a.reshape(-1, rank)  # [in, r] (o_proj's [H, hd, r] flattened to H*hd)
-      b2 = b.reshape(rank, -1)  # [r, out]
-      mod.lora_A["default"].weight.copy_(torch.tensor(a2.T))
-      mod.lora_B["default"].weight.copy_(torch.tensor(b2.T))
-  return pm.eval()
+  return peft_lora(tmodel, params["backbone"], rank, alpha)
 
 
 def _inputs(vocab, n=2, k=3, p=7, length=5, seed=0):
@@ -135,6 +115,40 @@ def test_candidate_logprobs_and_reference_ce_match_peft(tiny, prefix_attention):
   assert value.shape == (2,) and np.isfinite(np.asarray(value)).all()
 
 
+@pytest.mark.parametrize("prefix_attention,chunk,remat", [
+    (False, 2, False), (True, 2, True), (False, 0, True)],
+    ids=["chunk2", "shared_prefix_chunk2_remat", "remat"])
+def test_chunked_and_rematerialised_scoring_match_peft_and_its_gradient(tiny, prefix_attention,
+                                                                       chunk, remat):
+  """``LMPolicyModel.apply`` with candidates scored in chunks (K = 3 padded to 4 with C = 2) and/or
+  ``jax.checkpoint``: token log-probs equal peft's, and the gradient of a loss over them equals the
+  one-pass, no-remat gradient."""
+  _, config, base = tiny
+  plain = _model(config, base, prefix_attention=prefix_attention)
+  model = _model(config, base, prefix_attention=prefix_attention, candidate_chunk=chunk,
+                 remat=remat)
+  params = _random_adapters(model.init())
+  prompts, actions, pt, at = _inputs(config.vocab_size)
+  ours, value = model.apply(params, model.frozen, jnp.asarray(pt), jnp.asarray(at))
+  ref = _torch_token_logp(_peft_model(make_torch_llama(seed=3), params), prompts, actions)
+  assert ours.shape == ref.shape and np.abs(np.asarray(ours) - ref).max() <= TOL
+
+  def loss(m):
+    def fn(p):
+      logp, v = m.apply(p, m.frozen, jnp.asarray(pt), jnp.asarray(at))
+      scores = lm_policy.action_scores(logp, jnp.asarray(at), "mean")
+      return jnp.sum(jax.nn.log_softmax(scores)[:, 1] * jnp.array([0.7, -1.3])) + jnp.sum(v ** 2)
+    return jax.jit(jax.value_and_grad(fn))(params)
+
+  (l1, g1), (l2, g2) = loss(plain), loss(model)
+  assert abs(float(l1) - float(l2)) <= TOL
+  big = max(float(np.abs(x).max()) for x in jax.tree.leaves(g1))
+  assert big > 1e-3
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=TOL * max(big, 1.0)), g1, g2)
+  np.testing.assert_allclose(np.asarray(value), np.asarray(plain.apply(
+      params, plain.frozen, jnp.asarray(pt), jnp.asarray(at))[1]), atol=TOL)
+
+
 def test_choice_loss_matches_a_torch_computation(tiny):
   """The lm_choice RL loss (exact KL over candidates, REINFORCE with a value baseline) from scores
   computed by peft, against ``losses.eagle_loss`` on our scores."""
@@ -186,13 +200,14 @@ def test_merged_backbone_equals_the_adapted_model(tiny):
 # The trainer's Learner with the language-model agent (tiny decoder, smoke ":lm" schedule).
 
 
-def _learner(mesh, config_, base, kind="lm_choice", overlap=True):
+def _learner(mesh, config_, base, kind="lm_choice", overlap=True, microbatches=1):
   from configs import movielens_smoke  # noqa: PLC0415
   from eagle_jax.agent import lm_features, trainer  # noqa: PLC0415
 
   config = movielens_smoke.get_config("lm")
   config.policy.kind = kind
   config.rl.overlap = overlap  # off: on-policy batches (importance ratio 1)
+  config.rl.microbatches = microbatches
   config.policy.lm.prompt_tokens, config.policy.lm.action_tokens = 7, 5
   config.policy.lm.lora_rank, config.policy.lm.lora_alpha = 4, 8.0
   decoder = lm_features.AgentDecoder(config_, base, None, "tiny")
@@ -241,6 +256,30 @@ def test_sharded_lm_steps_equal_one_device_and_leave_the_base_untouched(tiny):
   np.testing.assert_allclose(ma, mb, atol=1e-5)
   assert mb[2] == 0.0  # the agent starts as its reference
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), pa, pb)
+
+
+def test_microbatched_rl_step_equals_the_whole_batch(tiny):
+  """``rl.microbatches = 4`` (gradient accumulation over slices of 2 episodes, sharded over a
+  2-device data axis) gives the whole-batch step's metrics and parameters."""
+  from eagle_jax import training  # noqa: PLC0415
+
+  _, config, base = tiny
+  mesh = training.build_mesh({"data": 2}, devices=jax.devices()[:2])
+  out = []
+  for m in (1, 4):
+    learner = _learner(mesh, config, base, overlap=False, microbatches=m)
+    state = learner.init_state()
+    params = _random_adapters(state["params"], seed=4, scale=0.1)
+    params, _, metrics = learner.rl_step(params, state["opt_state"], state["ref_params"],
+                                         _lm_batch(config.vocab_size, 2))
+    out.append((metrics, jax.tree.map(np.asarray, params)))
+  (m1, p1), (m4, p4) = out
+  assert float(m1["kl"]) > 1e-4
+  for k in ("total", "policy_gradient", "kl", "value", "grad_norm"):
+    assert abs(float(m1[k]) - float(m4[k])) <= TOL * max(1.0, abs(float(m1[k]))), k
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=TOL), p1, p4)
+  with pytest.raises(training.ConfigError, match="config.rl.batch_size=8 .* microbatches 8"):
+    _learner(mesh, config, base, microbatches=8)
 
 
 def _torch_dists(tmodel, prompts, actions):

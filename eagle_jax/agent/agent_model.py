@@ -144,7 +144,7 @@ class LMAgent:
     lead = state.shape[:-1]
     flat_s = state.reshape((-1, state.shape[-1]))
     flat_a = actions.reshape((-1,) + actions.shape[-2:])
-    logp, value = self._model.module(params, frozen)(flat_s, flat_a)
+    logp, value = self._model.apply(params, frozen, flat_s, flat_a)
     return logp.reshape(lead + logp.shape[-2:]), value.reshape(lead)
 
   def scores(self, params, frozen, state, actions):
@@ -157,8 +157,8 @@ class LMAgent:
     state, acts = batch["state"], batch["action_feats"]  # [B, H, P], [B, H, 1, L]
     b, h = state.shape[:2]
     flat_s, flat_a = state.reshape(b * h, -1), acts.reshape(b * h, 1, -1)
-    logits, values = self._model.module(params, frozen)(flat_s, flat_a, full=True)
-    ref_logits, _ = self._model.module(ref_params, frozen)(flat_s, flat_a, full=True)
+    logits, values = self._model.apply(params, frozen, flat_s, flat_a, full=True)
+    ref_logits, _ = self._model.apply(ref_params, frozen, flat_s, flat_a, full=True)
     ref_logits = jax.lax.stop_gradient(ref_logits)
     tokens = flat_a[:, 0]
     logp = jax.nn.log_softmax(logits[:, 0], -1)

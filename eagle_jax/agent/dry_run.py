@@ -3,6 +3,9 @@
 ``launch.train --dry_run`` runs it; on CPU use fake devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``).
 
+With a decoder-backed E_D (``config.encoder.backbone="decoder"``) the report's ``encoder`` section
+is the AOT-compiled E_D training step (``embed.decoder_encoder.dry_run_report``).
+
 For a language-model agent (``policy.kind="lm_choice"``) the decoder is abstract: its shapes come
 from ``config.policy.lm.shapes`` (a ``models.configs.PRESETS`` name) or the ``config.json`` of the
 safetensors folder ``config.policy.lm.decoder``; no weight is read or allocated. The report then
@@ -18,7 +21,6 @@ differently.
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from typing import Any
@@ -27,9 +29,11 @@ import jax
 
 from eagle_jax import parallel, training
 from eagle_jax.agent import rollout
-from eagle_jax.agent.trainer import Learner, validate
+from eagle_jax.agent.learner import Learner
+from eagle_jax.agent.trainer import validate
 from eagle_jax.embed import wals
 from eagle_jax.models import configs as model_configs
+from eagle_jax.models import decoder as decoder_lib
 from eagle_jax.models import files
 
 GIB = 1024**3
@@ -46,18 +50,15 @@ def abstract_decoder(spec):
   from eagle_jax.agent.lm_features import AgentDecoder  # noqa: PLC0415
 
   try:
-    if spec.shapes:
-      return AgentDecoder(model_configs.preset(spec.shapes), None, None, f"preset:{spec.shapes}")
-    path = os.path.join(spec.decoder, "config.json")
-    if os.path.isfile(path):
-      return AgentDecoder(model_configs.config_from_hf(files.read_json(path)), None, None,
-                          spec.decoder)
+    config = decoder_lib.abstract_config(spec.shapes, spec.decoder)
   except files.LoadingError as e:
     raise training.ConfigError(f"config.policy.lm: decoder shapes: {e}") from e
-  raise training.ConfigError(
-      "config.policy.lm.shapes: the dry run needs the agent decoder's shapes: a preset "
-      f"{sorted(model_configs.PRESETS)} or a safetensors folder with config.json in "
-      f"config.policy.lm.decoder (got {spec.decoder!r})")
+  if config is None:
+    raise training.ConfigError(
+        "config.policy.lm.shapes: the dry run needs the agent decoder's shapes: a preset "
+        f"{sorted(model_configs.PRESETS)} or a safetensors folder with config.json in "
+        f"config.policy.lm.decoder (got {spec.decoder!r})")
+  return AgentDecoder(config, None, None, f"preset:{spec.shapes}" if spec.shapes else spec.decoder)
 
 
 def _specs(tree, collapse: bool) -> dict[str, str]:
@@ -75,35 +76,66 @@ def _count(tree, pred=lambda name: True) -> int:
                  if pred(jax.tree_util.keystr(path))))
 
 
-def memory_report(compiled, batch_size: int, batch_shards: int, states: str) -> dict[str, Any]:
-  """Per-device memory of ``compiled`` and the fit on a v5e chip (16 GiB): the batch-independent
-  part (arguments, outputs not aliased to them, code) plus temporaries taken as linear in the
-  batch through 0 (temp / batch per episode: an upper bound on the slope, so the largest batch
-  is a lower bound); batches are multiples of ``batch_shards`` (``states``: what the smallest
-  batch puts on one device)."""
+def memory_report(compiled, batch_size: int, batch_shards: int, states: str,
+                  microbatches: int = 1) -> dict[str, Any]:
+  """Per-device memory of ``compiled`` and the fit on a v5e chip (16 GiB).
+
+  The step processes its ``batch_size`` episodes in ``microbatches`` slices one after another
+  (``rl.microbatches``), so its temporaries scale with the slice, B / M episodes. The estimate:
+  the batch-independent part (arguments, outputs not aliased to them, code) plus temporaries taken
+  as linear in the slice through 0 (temp / slice per episode: an upper bound on the slope, so the
+  largest slice is a lower bound); slices are multiples of ``batch_shards`` (``states``: what one
+  episode holds).
+  """
   m = compiled.memory_analysis()
   mem = {name: int(getattr(m, f"{name}_size_in_bytes")) for name in
          ("argument", "output", "alias", "temp", "generated_code")}
   fixed = mem["argument"] + mem["output"] - mem["alias"] + mem["generated_code"]
   total = fixed + mem["temp"]
-  per_episode = mem["temp"] / batch_size
-  largest = int((HBM_BYTES - fixed) // per_episode) if per_episode > 0 else batch_size
+  slice_size = batch_size // microbatches
+  per_episode = mem["temp"] / slice_size
+  largest = int((HBM_BYTES - fixed) // per_episode) if per_episode > 0 else slice_size
   largest = max(largest // batch_shards * batch_shards, 0)
   gib = lambda x: round(x / GIB, 3)  # noqa: E731
   fits = total <= HBM_BYTES
-  verdict = (f"batch {batch_size} needs {gib(total)} GiB per device: "
-             f"{'fits' if fits else 'does NOT fit'} in 16 GiB (v5e chip); largest batch that fits "
-             f"(a multiple of {batch_shards}, temp linear in batch): {largest}")
-  if not largest:
-    verdict += (f"; the smallest batch, {batch_shards} ({states} per device), needs "
-                f"~{gib(fixed + per_episode * batch_shards)} GiB")
+  verdict = (f"batch {batch_size} in {microbatches} slice(s) of {slice_size} episodes needs "
+             f"{gib(total)} GiB per device: {'fits' if fits else 'does NOT fit'} in 16 GiB (v5e "
+             f"chip); largest slice that fits (a multiple of {batch_shards}, temp linear in the "
+             f"slice): {largest} episodes")
+  if largest:
+    verdict += f", i.e. rl.microbatches >= {-(-batch_size // largest)} at batch {batch_size}"
+  else:
+    verdict += (f"; the smallest slice, {batch_shards} episodes (one per data shard: {states}), "
+                f"needs ~{gib(fixed + per_episode * batch_shards)} GiB")
   return {
       "per_device_bytes": {**mem, "total": total},
       "per_device_gib": {**{k: gib(v) for k, v in mem.items()}, "total": gib(total)},
-      "v5e_fit": {"hbm_gib_per_chip": gib(HBM_BYTES), "batch": batch_size, "fits": fits,
-                  "fixed_gib": gib(fixed), "temp_gib_per_episode": gib(per_episode),
-                  "largest_batch": largest, "verdict": verdict},
+      "v5e_fit": {"hbm_gib_per_chip": gib(HBM_BYTES), "batch": batch_size,
+                  "microbatches": microbatches, "fits": fits, "fixed_gib": gib(fixed),
+                  "temp_gib_per_episode": gib(per_episode), "largest_slice": largest,
+                  "verdict": verdict},
   }
+
+
+def lm_step_flops(c, episodes: int, horizon: int, k: int, p: int, length: int, *,
+                  remat: bool, full_finetune: bool) -> float:
+  """Matmul FLOPs of one language-model RL step, counted from the shapes (XLA's
+  ``cost_analysis`` counts a loop body once, and the step loops over slices and candidate chunks).
+
+  Every state's P prompt tokens and K x L candidate tokens go through the agent's forward pass,
+  the reference's forward pass, the agent's backward pass (activation gradients only when the
+  base is frozen, about one forward; two with full fine-tuning) and, with ``remat``, one more
+  forward. Per token and forward pass: 2 x (the projection weights of every layer + the V x D
+  logits) + 4 x context x heads x head_dim per layer (context: P / 2 for prompt tokens, P + L / 2
+  for candidate tokens).
+  """
+  d, hd = c.hidden, c.head_dim
+  proj = c.layers * (d * c.heads * hd * 2 + d * c.kv_heads * hd * 2 + 3 * d * c.intermediate)
+  dense = 2.0 * (proj + c.vocab_size * d)
+  attn = lambda ctx: 4.0 * ctx * c.heads * hd * c.layers  # noqa: E731
+  per_state = p * (dense + attn(p / 2)) + k * length * (dense + attn(p + length / 2))
+  passes = 3 + (1 if full_finetune else 0) + (1 if remat else 0)
+  return float(episodes * horizon * per_state * passes)
 
 
 def dry_run(config, devices=None) -> dict[str, Any]:
@@ -120,12 +152,9 @@ def dry_run(config, devices=None) -> dict[str, Any]:
     learner = Learner(job, 0, 0, mesh, decoder)
     s_dim, a_dim = learner.model.state_dim, learner.model.action_dim
   else:
-    try:
-      wals_config = wals.WALSConfig.from_config(config.wals.wals)
-    except ValueError as e:
-      raise training.ConfigError(f"config.wals.wals: {e}") from e
     # Z is the space of the augmented WALS vectors (``World``'s item and user tables).
-    s_dim, a_dim = rollout.feature_dims(job.text_dim, wals.augmented_dim(wals_config), job.horizon)
+    s_dim, a_dim = rollout.feature_dims(job.text_dim, wals.augmented_dim(_wals_config(config)),
+                                        job.horizon)
     learner = Learner(job, s_dim, a_dim, mesh)
   b = job.rl.batch_size
   t0 = time.perf_counter()
@@ -137,19 +166,27 @@ def dry_run(config, devices=None) -> dict[str, Any]:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
   flops = float(cost.get("flops", float("nan"))) if isinstance(cost, dict) else float("nan")
+  xla_flops = flops
+  if lm:  # cost_analysis counts the slice and chunk loops' bodies once
+    lm_cfg = job.policy.lm
+    flops = lm_step_flops(decoder.config, b, job.horizon, job.num_actions, s_dim, a_dim,
+                          remat=lm_cfg.remat, full_finetune=lm_cfg.full_finetune) / mesh.size
   report = {
       "mesh": dict(mesh.shape), "devices": int(mesh.size), "compiled": compiled is not None,
       "lower_seconds": round(t1 - t0, 1), "compile_seconds": round(t2 - t1, 1),
       "param_count": learner.model.num_params(), "state_dim": s_dim, "action_dim": a_dim,
       "param_shardings": _specs(abstract["params"], lm),
       "batch_sharding": {"state": str(parallel.named_sharding(mesh, ("batch", None, None)).spec)},
-      # cost_analysis() is per device (the partitioned program); the step's total is x devices.
+      # Per device (the partitioned program); the step's total is x devices. The head's from
+      # XLA's cost_analysis, the language model's counted from its shapes (``lm_step_flops``).
       "flops_per_step": flops * mesh.size, "flops_per_step_per_device": flops,
+      "xla_cost_analysis_flops_per_device": xla_flops,  # loop bodies (slices, chunks) once
       "rl_batch": {"episodes": b, "horizon": job.horizon, "candidates": job.num_actions},
   }
   batch_shards = training.data_parallelism(mesh)
   report["memory"] = memory_report(compiled, b, batch_shards,
-                                   f"{job.horizon} states x {job.num_actions} candidates")
+                                   f"{job.horizon} states x {job.num_actions} candidates",
+                                   job.rl.microbatches)
   report["v5e_seconds_per_step_at_peak"] = round(flops / V5E_PEAK_FLOPS, 3)
   if lm:
     params, frozen = abstract["params"], learner.model.frozen
@@ -167,4 +204,18 @@ def dry_run(config, devices=None) -> dict[str, Any]:
         "value_head": _count(params, lambda p: "value_head" in p),
         "frozen_base": _count(frozen), "total": _count(params) + _count(frozen)}
     report["frozen_shardings"] = _specs(frozen, True)
+  if str(config.encoder.get("backbone", "minilm")) == "decoder":
+    from eagle_jax.embed import decoder_encoder  # noqa: PLC0415
+
+    enc = config.encoder.decoder
+    report["encoder"] = decoder_encoder.dry_run_report(
+        enc, training.build_mesh(enc.mesh, "config.encoder.decoder.mesh", devices=devices),
+        int(enc.batch_size), out_dim=wals.augmented_dim(_wals_config(config)))
   return report
+
+
+def _wals_config(config) -> wals.WALSConfig:
+  try:
+    return wals.WALSConfig.from_config(config.wals.wals)
+  except ValueError as e:
+    raise training.ConfigError(f"config.wals.wals: {e}") from e

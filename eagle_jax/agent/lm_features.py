@@ -2,7 +2,7 @@
 
 ``AgentDecoder`` is the agent's backbone as loaded from a GGUF (an asset name or a path: SmolLM2 on
 CPU) or a Hugging Face safetensors folder (larger models), with its tokenizer; it is loaded once per
-process per source (``load_decoder``).
+process per source (``load_decoder``; both live in ``models/decoder.py``, shared with E_D).
 
 ``LMFeaturizer`` has the interface of ``rollout.Featurizer`` so rollouts, reference labelling,
 episodes and evaluation run unchanged, but its arrays are token ids instead of float features:
@@ -16,49 +16,16 @@ episodes and evaluation run unchanged, but its arrays are token ids instead of f
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import os
-
 import numpy as np
 
-from eagle_jax import assets, prompts
+from eagle_jax import prompts
 from eagle_jax.agent.lm_policy import PAD, LMPolicyConfig, host_tokens
 from eagle_jax.agent.world import World
-from eagle_jax.models import llama as llama_lib
-from eagle_jax.models import loading
+from eagle_jax.models.decoder import Decoder as AgentDecoder
+from eagle_jax.models.decoder import load_decoder
 from eagle_jax.models.tokenizer import Tokenizer
 
-
-@dataclasses.dataclass(frozen=True)
-class AgentDecoder:
-  """The agent's decoder: shapes, frozen weights (pure dict of the ``Llama``'s parameters) and
-  tokenizer; ``source`` names the file or folder it came from."""
-
-  config: llama_lib.LlamaConfig
-  params: dict
-  tokenizer: Tokenizer
-  source: str
-
-
-@functools.cache
-def load_decoder(source: str, chat_template: str = "") -> AgentDecoder:
-  """Loads ``source``: a GGUF asset name / path (``""``: SmolLM2) or a safetensors folder holding
-  ``config.json`` and ``tokenizer.json`` (ChatML prompts). ``chat_template``: an override of the
-  GGUF's template (``chat_template.resolve``; ``""``: the file's own)."""
-  import tokenizers  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
-
-  if source and os.path.isdir(source):
-    config, model = loading.load_llama_safetensors(source)
-    tokenizer = Tokenizer(tokenizers.Tokenizer.from_file(os.path.join(source, "tokenizer.json")))
-    path = source
-  else:
-    path = str(assets.resolve_gguf(source))
-    config, model = loading.load_llama_gguf(path)
-    tokenizer = Tokenizer.from_gguf(path, chat_template or None)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  return AgentDecoder(config, params, tokenizer, path)
+__all__ = ["AgentDecoder", "LMFeaturizer", "load_decoder"]
 
 
 class LMFeaturizer:

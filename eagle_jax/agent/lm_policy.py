@@ -30,16 +30,16 @@ to every jitted step as an argument, not closed over).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eagle_jax import parallel, training
+from eagle_jax import checks, parallel
 from eagle_jax.checks import ConfigError
 from eagle_jax.models import llama as llama_lib
+from eagle_jax.models import lora
 
 KINDS = ("lm_choice", "lm_generate")
 SCORES = ("sum", "mean")
@@ -66,6 +66,12 @@ class LMPolicyConfig:
       ``attention.attend_with_prefix`` (read once per state) instead of K copies of the prompt's
       KV cache: the same numbers up to float reassociation, K times less cache memory (accelerator
       configs with K = 100).
+    candidate_chunk: candidates scored per pass (0: all K at once): the prompt is encoded once and
+      the candidates read it ``candidate_chunk`` at a time (``LMPolicyModel.apply``), so the
+      full-vocabulary logits of one chunk are live instead of K candidates'.
+    remat: recompute the prompt's and each candidate chunk's forward pass in the backward pass
+      instead of keeping their activations (``jax.checkpoint``): less memory, about one more
+      forward pass of compute.
   """
 
   kind: str = "lm_choice"
@@ -80,21 +86,13 @@ class LMPolicyConfig:
   act_batch: int = 8
   compute_dtype: str = "float32"
   prefix_attention: bool = False
+  candidate_chunk: int = 0
+  remat: bool = False
 
   @classmethod
   def from_config(cls, block, field: str = "config.policy") -> LMPolicyConfig:
     """Reads and checks ``block`` (a ConfigDict); raises ``ConfigError`` naming the field."""
-    def get(name, default):
-      return block.get(name, default) if hasattr(block, "get") else getattr(block, name, default)
-
-    values = {}
-    for f in dataclasses.fields(cls):
-      value, kind = get(f.name, f.default), type(f.default)
-      ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
-      if not ok or (kind is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{field}.{f.name}={value!r}: expected {kind.__name__}")
-      values[f.name] = kind(value)
-    out = cls(**values)
+    out = cls(**checks.typed_fields(cls, block, field))
     if out.kind not in KINDS:
       raise ConfigError(f"{field}.kind={out.kind!r}: expected one of {KINDS}")
     if out.score not in SCORES:
@@ -102,6 +100,9 @@ class LMPolicyConfig:
     for name in ("prompt_tokens", "action_tokens", "lora_rank", "act_batch"):
       if getattr(out, name) < 1:
         raise ConfigError(f"{field}.{name}={getattr(out, name)}: expected an integer >= 1")
+    if out.candidate_chunk < 0:
+      raise ConfigError(f"{field}.candidate_chunk={out.candidate_chunk}: expected 0 (all "
+                        "candidates at once) or a positive chunk size")
     if out.lora_alpha <= 0 or out.temperature <= 0:
       raise ConfigError(f"{field}.lora_alpha and {field}.temperature must be > 0")
     if out.compute_dtype not in ("float32", "bfloat16"):
@@ -135,13 +136,14 @@ class AgentLM(nnx.Module):
     last = self.backbone.logits(hidden[:, -1:])[:, 0]
     return last, value, cache
 
-  def action_logits(self, prompt: jax.Array, actions: jax.Array
+  def action_logits(self, prompt: jax.Array, actions: jax.Array, encoded=None
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Next-token logits at every action position, the prompt encoded once.
 
     Args:
       prompt: [N, P] int32 prompt ids, left-padded with -1 (at least one real token per row).
       actions: [N, K, L] int32 candidate ids, right-padded with -1.
+      encoded: the prompt's ``encode_prompt`` output, if already computed (chunked scoring).
 
     Returns:
       ``(logits [N, K, L, V] float32 predicting action token j, real-token mask [N, K, L],
@@ -150,14 +152,15 @@ class AgentLM(nnx.Module):
     n, k, length = actions.shape
     flat = actions.reshape(n * k, length)
     amask = flat != PAD
+    if encoded is None:
+      encoded = self.encode_prompt(prompt, 0 if self.prefix_attention else length)
+    last, value, cache = encoded
     if self.prefix_attention:
-      last, value, cache = self.encode_prompt(prompt, 0)
       start = jnp.repeat(cache.positions_next, k)[:, None]
       positions = start + jnp.maximum(jnp.cumsum(amask, -1, dtype=jnp.int32) - 1, 0)
       hidden, _ = self.backbone.hidden_states(jnp.where(amask, flat, 0), positions,
                                               attention_mask=amask, prefix=cache)
     else:
-      last, value, cache = self.encode_prompt(prompt, length)
       rep = llama_lib.KVCache(k=jnp.repeat(cache.k, k, axis=1), v=jnp.repeat(cache.v, k, axis=1),
                               mask=jnp.repeat(cache.mask, k, axis=0), index=cache.index)
       hidden, _ = self.backbone.hidden_states(jnp.where(amask, flat, 0), attention_mask=amask,
@@ -168,20 +171,26 @@ class AgentLM(nnx.Module):
     pred = jnp.concatenate([first, logits], axis=1)
     return pred.reshape(n, k, length, -1), amask.reshape(n, k, length), value
 
-  def __call__(self, prompt: jax.Array, actions: jax.Array, full: bool = False
-               ) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, prompt: jax.Array, actions: jax.Array | None = None, full: bool = False,
+               encoded=None, extra: int = 0):
     """Per-token log-probabilities of each candidate after the prompt, and the value. (The one
     entry point: qwix's LoRA intercepts the calls made inside ``__call__`` only.)
 
     Args:
       prompt: [N, P] int32 prompt ids, left-padded with -1.
-      actions: [N, K, L] int32 candidate ids, right-padded with -1.
+      actions: [N, K, L] int32 candidate ids, right-padded with -1; None: only encode the prompt
+        and return ``encode_prompt(prompt, extra)`` (chunked scoring, ``apply_chunked``).
       full: return the next-token logits ``[N, K, L, V]`` instead (``action_logits``).
+      encoded: the prompt's ``encode_prompt`` output, if already computed.
+      extra: free cache slots after the prompt when only encoding (L, or 0 with
+        ``prefix_attention``).
 
     Returns:
       ``(token_logp [N, K, L] float32, 0 at padding; value [N] float32)``.
     """
-    pred, _, value = self.action_logits(prompt, actions)
+    if actions is None:
+      return self.encode_prompt(prompt, extra)
+    pred, _, value = self.action_logits(prompt, actions, encoded)
     return (pred if full else token_log_probs(pred, actions)), value
 
 
@@ -243,33 +252,17 @@ def sequence_cross_entropy(token_logp: jax.Array, actions: jax.Array, targets: j
 # The model as pure pytrees: trainable (adapters + value head) and frozen (base) parameters.
 
 
-def _lora(module: AgentLM, config: LMPolicyConfig, example: tuple, seed: int) -> AgentLM:
-  import qwix  # noqa: PLC0415
-
-  provider = qwix.LoraProvider(module_path=config.lora_modules, rank=config.lora_rank,
-                               alpha=config.lora_alpha)
-  return qwix.apply_lora_to_model(module, provider, *example, rngs=nnx.Rngs(seed + 1))
-
-
-def _trainable_filter(config: LMPolicyConfig):
-  return nnx.Param if config.full_finetune else nnx.Any(nnx.LoRAParam,
-                                                        nnx.PathContains("value_head"))
-
-
-class LMPolicyModel:
-  """``AgentLM`` with LoRA as ``module(params, frozen)`` over pure pytrees.
+class LMPolicyModel(lora.FrozenBaseModel):
+  """``AgentLM`` with LoRA (or fully fine-tuned) as ``module(params, frozen)`` over pure pytrees
+  (``models.lora.FrozenBaseModel``: trainable = adapters + value head, frozen = the decoder base).
 
   Args:
     llm_config: the decoder's shapes.
     config: the policy config.
     mesh: device mesh (parameters and the base are placed by their logical axes).
-    seed: PRNG seed of the adapters and the value head.
+    seed: PRNG seed of the value head (and, + 1, of the adapters).
     base: pure-dict ``Llama`` parameters (``nnx.to_pure_dict(nnx.state(llama, nnx.Param))``),
       or None for abstract-only use (the dry run).
-
-  Attributes:
-    shardings: pure-dict shardings of the trainable parameters.
-    frozen: the frozen base parameters (pure dict; ``{}`` with full fine-tuning), or abstract.
   """
 
   def __init__(self, llm_config: llama_lib.LlamaConfig, config: LMPolicyConfig,
@@ -277,81 +270,51 @@ class LMPolicyModel:
                rules=parallel.DEFAULT_RULES):
     self.config = config
     self.llm_config = llm_config.replace(dtype=jnp.dtype(config.compute_dtype))
-    self.mesh, self.rules, self.seed = mesh, rules, seed
-    self._example = (jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 2, 3), jnp.int32))
-    abstract = nnx.eval_shape(self._build)
-    trainable = _trainable_filter(config)
-    self.graphdef, t_state, f_state = nnx.split(abstract, trainable, ...)
-    self._t_abstract, self._f_abstract = t_state, f_state
-    self.shardings = training.state_shardings(t_state, mesh, rules)
-    self.frozen_shardings = training.state_shardings(f_state, mesh, rules)
-    f_pure = nnx.to_pure_dict(f_state)
-    if base is None:
-      self.frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                 f_pure, self.frozen_shardings)
-    else:
-      self.frozen = self._place_base(base, f_pure)
+    self.seed = seed
+    example = (jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 2, 3), jnp.int32))
 
-  def _build(self) -> AgentLM:
-    with nnx.use_eager_sharding(False):
-      module = AgentLM(self.llm_config, rngs=nnx.Rngs(self.seed),
-                       prefix_attention=self.config.prefix_attention)
-      return module if self.config.full_finetune else _lora(module, self.config, self._example,
-                                                            self.seed)
+    def build() -> AgentLM:
+      module = AgentLM(self.llm_config, rngs=nnx.Rngs(seed),
+                       prefix_attention=config.prefix_attention)
+      if config.full_finetune:
+        return module
+      return lora.apply_lora(module, example, rank=config.lora_rank, alpha=config.lora_alpha,
+                             modules=config.lora_modules, seed=seed + 1)
 
-  def _place_base(self, base: dict, abstract: dict) -> dict:
-    """The loaded decoder weights as the frozen pytree (under ``backbone``), sharded; with full
-    fine-tuning there is no frozen part and ``base`` seeds ``init`` instead."""
-    self._base_init = base if self.config.full_finetune else None
-    if self.config.full_finetune:
-      return jax.tree.map(lambda x: x, abstract)  # empty or non-parameter state only
-    want = abstract["backbone"]
-    flat_w = dict(jax.tree_util.tree_flatten_with_path(want)[0])
-    flat_b = dict(jax.tree_util.tree_flatten_with_path(base)[0])
-    if set(flat_w) != set(flat_b):
-      missing = sorted(map(str, set(flat_w) - set(flat_b)))[:3]
-      raise ConfigError(f"agent decoder weights do not match its config (missing {missing})")
-    for path, x in flat_w.items():
-      if tuple(flat_b[path].shape) != tuple(x.shape):
-        raise ConfigError(f"agent decoder weight {jax.tree_util.keystr(path)}: shape "
-                          f"{tuple(flat_b[path].shape)}, expected {tuple(x.shape)}")
-    sh = self.frozen_shardings["backbone"]
-    placed = jax.tree.map(lambda x, w, s: jax.device_put(jnp.asarray(x, w.dtype), s),
-                          base, want, sh)
-    return dict(abstract, backbone=placed)
+    super().__init__(build, lora.trainable_filter(config.full_finetune, ("value_head",)), mesh,
+                     base=base, full_finetune=config.full_finetune, rules=rules)
 
-  def init(self) -> dict:
-    """Fresh trainable parameters (adapters with B = 0, so the agent starts as the base, and the
-    value head; or, with full fine-tuning, the loaded weights), created with their shardings."""
-    def make():
-      _, t_state, _ = nnx.split(self._build(), _trainable_filter(self.config), ...)
-      return nnx.to_pure_dict(t_state)
+  def apply(self, params: dict, frozen: dict, prompt: jax.Array, actions: jax.Array,
+            full: bool = False) -> tuple[jax.Array, jax.Array]:
+    """``module(params, frozen)(prompt, actions, full)`` under ``candidate_chunk`` and ``remat``.
 
-    params = jax.jit(make, out_shardings=self.shardings)()
-    if self.config.full_finetune and getattr(self, "_base_init", None) is not None:
-      params = dict(params, backbone=jax.tree.map(
-          lambda x, s: jax.device_put(jnp.asarray(x), s), self._base_init,
-          self.shardings["backbone"]))
-    return params
+    With ``candidate_chunk = C < K`` the prompt is encoded once and ``lax.map`` scores the
+    candidates C at a time against its KV cache (K is padded to a multiple of C with empty
+    candidates, which are cut again): the same numbers as one pass up to float reassociation. With
+    ``remat`` the prompt encoding and each chunk are ``jax.checkpoint``-ed.
 
-  def abstract_params(self) -> dict:
-    pure = nnx.to_pure_dict(self._t_abstract)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        pure, self.shardings)
+    Args:
+      params, frozen: trainable and frozen parameters.
+      prompt: [N, P] int32; actions: [N, K, L] int32 (-1 padded).
+      full: return next-token logits ``[N, K, L, V]`` instead of token log-probs ``[N, K, L]``.
 
-  def module(self, params: dict, frozen: dict) -> AgentLM:
-    """The module with ``params`` over the frozen base (usable inside ``jax.jit``)."""
-    t = jax.tree.map(lambda x: x, self._t_abstract)
-    nnx.replace_by_pure_dict(t, params)
-    f = jax.tree.map(lambda x: x, self._f_abstract)
-    nnx.replace_by_pure_dict(f, frozen)
-    return nnx.merge(self.graphdef, t, f)
-
-  def num_params(self) -> int:
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.to_pure_dict(self._t_abstract))))
-
-  def num_frozen(self) -> int:
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.to_pure_dict(self._f_abstract))))
+    Returns:
+      ``(token_logp [N, K, L] or logits [N, K, L, V] float32, value [N])``.
+    """
+    cfg = self.config
+    n, k, length = actions.shape
+    maybe_remat = jax.checkpoint if cfg.remat else (lambda f: f)
+    if not cfg.candidate_chunk or cfg.candidate_chunk >= k:
+      return maybe_remat(lambda p, a: self.module(p, frozen)(prompt, a, full))(params, actions)
+    c = cfg.candidate_chunk
+    extra = 0 if cfg.prefix_attention else length
+    encoded = maybe_remat(lambda p: self.module(p, frozen)(prompt, extra=extra))(params)
+    acts = jnp.pad(actions, ((0, 0), (0, -k % c), (0, 0)), constant_values=PAD)
+    chunks = jnp.moveaxis(acts.reshape(n, -1, c, length), 1, 0)  # [K/C, N, C, L]
+    score = maybe_remat(lambda p, enc, a: self.module(p, frozen)(prompt, a, full, encoded=enc)[0])
+    out = jax.lax.map(lambda a: score(params, encoded, a), chunks)  # [K/C, N, C, L(, V)]
+    out = jnp.moveaxis(out, 0, 1).reshape((n, -1) + out.shape[3:])[:, :k]
+    return out, encoded[1]
 
 
 def merged_backbone(model: LMPolicyModel, params: dict, frozen: dict) -> dict:

@@ -8,7 +8,7 @@ evaluation use, resolves the reference kinds in the registry (``reference.REFERE
 
 One run trains one agent for one reference policy ``kind`` in ``<workdir>/agents/<kind>``:
 
-1. **Reference phase** (global steps ``[0, reference.steps)``): a ``PolicyValueNet`` learns the
+1. **Reference phase** (global steps ``[0, reference.steps)``): the agent network learns the
    reference targets (``agent/reference.py``) by cross-entropy on minibatches.
 2. **RL phase** (steps ``[reference.steps, reference.steps + rl.steps)``): the agent starts from the
    reference network, which is frozen as pi_ref; each step collects ``rl.batch_size`` episodes and
@@ -18,8 +18,8 @@ One run trains one agent for one reference policy ``kind`` in ``<workdir>/agents
 Sharding: parameters are created directly sharded (``training.FunctionalModel``: ``nnx.eval_shape``,
 then one jitted init with ``out_shardings`` from the logical axes); every batch array has the logical
 ``batch`` axis first and is placed with ``parallel.named_sharding`` before a ``jax.jit`` step whose
-in/out shardings are explicit. The same code runs on one CPU device, 8 forced host devices, or a TPU
-slice (``config.mesh``).
+in/out shardings are explicit (``agent/learner.py``). The same code runs on one CPU device, 8 forced
+host devices, or a TPU slice (``config.mesh``).
 
 Overlap: with ``rl.overlap``, the episodes of step i+1 are collected (environment calls in flight)
 while the learner runs step i, with the parameters from before step i: behaviour lags the learner by
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import os
 import time
 from typing import Any
@@ -47,11 +46,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
-from eagle_jax import checkpoint, checks, parallel, preemption, run_config, training
+from eagle_jax import checkpoint, checks, preemption, run_config, training
 from eagle_jax.agent import agent_model, reference, rollout
+from eagle_jax.agent.learner import Learner
 from eagle_jax.agent.world import World, cache_stats
 from eagle_jax.agent.world import check_config as check_world_config
 from eagle_jax.embed import encoder_train, wals_train
@@ -83,6 +82,8 @@ class RLConfig(PhaseConfig):
   Attributes:
     gamma, gae_lambda, kl_coef, value_coef, entropy_coef: ``losses.eagle_loss``'s coefficients.
     overlap: collect step i+1's episodes while step i trains (importance-corrected).
+    microbatches: slices the step's episodes are processed in, one after another (gradient
+      accumulation: the same gradient, the activation memory of B / M episodes).
   """
 
   gamma: float
@@ -91,6 +92,7 @@ class RLConfig(PhaseConfig):
   value_coef: float
   entropy_coef: float
   overlap: bool
+  microbatches: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +152,7 @@ def validate(config, mesh: jax.sharding.Mesh, inputs: bool = True) -> Job:
       ("rl.kl_coef", dict(lo=0.0)),
       ("rl.value_coef", dict(lo=0.0)),
       ("rl.entropy_coef", dict(lo=0.0)),
+      ("rl.microbatches", dict(integer=True, lo=1)),
       ("reference.steps", dict(integer=True, lo=0)),
       ("reference.episodes", dict(integer=True, lo=1)),
       ("reference.rollout_batch", dict(integer=True, lo=1)),
@@ -172,7 +175,8 @@ def validate(config, mesh: jax.sharding.Mesh, inputs: bool = True) -> Job:
     raise training.ConfigError(
         f"config.reference.main={main.name!r} must be one of config.reference.kinds="
         f"{tuple(k.name for k in kinds)} (the evaluation's headline agent)")
-  training.check_divisible(int(config.rl.batch_size), mesh, "config.rl.batch_size")
+  training.check_divisible(int(config.rl.batch_size), mesh, "config.rl.batch_size",
+                           int(config.rl.microbatches))
   training.check_divisible(int(config.reference.batch_size), mesh, "config.reference.batch_size")
   check_world_config(config)
   policy = agent_model.check_policy(config)
@@ -188,148 +192,9 @@ def validate(config, mesh: jax.sharding.Mesh, inputs: bool = True) -> Job:
       rl=RLConfig(int(rl.steps), int(rl.batch_size), rl.optim, gamma=float(rl.gamma),
                   gae_lambda=float(rl.gae_lambda), kl_coef=float(rl.kl_coef),
                   value_coef=float(rl.value_coef), entropy_coef=float(rl.entropy_coef),
-                  overlap=bool(rl.overlap)),
+                  overlap=bool(rl.overlap), microbatches=int(rl.microbatches)),
       checkpoint_every=int(config.checkpoint.every),
       max_to_keep=int(config.checkpoint.max_to_keep), tensorboard=bool(config.tensorboard))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Train steps (pure functions of pytrees; jitted with shardings by the trainer).
-
-
-def reference_loss(model, params, frozen, batch) -> tuple[jax.Array, dict]:
-  return model.reference_loss(params, frozen, batch)
-
-
-def rl_loss(model, rl: RLConfig, params, frozen, ref_params, batch) -> tuple[jax.Array, dict]:
-  terms = model.rl_terms(params, frozen, ref_params, batch, rl)
-  return terms.total, terms._asdict()
-
-
-def _update(loss_fn, tx, params, opt_state, *args):
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *args)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
-  metrics = dict(metrics, grad_norm=training.global_norm(grads))
-  return params, opt_state, metrics
-
-
-class Learner:
-  """The agent's parameters, optimizers and jitted, sharded train steps (no environment).
-
-  Args:
-    job: the validated job (``policy``, ``seed``, the ``reference`` and ``rl`` phases).
-    state_dim, action_dim: S and A of the head's features (``rollout.feature_dims``).
-    mesh: the device mesh.
-    decoder: the language-model agent's ``lm_features.AgentDecoder`` (``params=None``: abstract).
-
-  Attributes:
-    model: the network (``agent_model``); ``model.frozen`` is an argument of every step.
-  """
-
-  def __init__(self, job: Job, state_dim: int, action_dim: int, mesh: jax.sharding.Mesh,
-               decoder=None):
-    self.job = job
-    self.mesh = mesh
-    self.model = agent_model.build(job.policy, state_dim=state_dim, action_dim=action_dim,
-                                   mesh=mesh, seed=job.seed, decoder=decoder)
-    self.ref_steps = job.reference.steps
-    self.rl_steps = job.rl.steps
-    self.tx_ref = training.make_optimizer(job.reference.optim, max(self.ref_steps, 1))
-    self.tx_rl = training.make_optimizer(job.rl.optim, max(self.rl_steps, 1))
-    self._ref_loss = functools.partial(reference_loss, self.model)
-    self._rl_loss = functools.partial(rl_loss, self.model, job.rl)
-    p_sh = self.model.shardings
-    self.opt_shardings = self._opt_shardings()
-    # The optimizer state is donated (updated in place); parameters are not: with rl.overlap the
-    # pre-step parameters still drive the next step's collection.
-    self._ref_update = jax.jit(functools.partial(_update, self._ref_loss, self.tx_ref),
-                               out_shardings=(p_sh, self.opt_shardings, None), donate_argnums=1)
-    self._rl_update = jax.jit(functools.partial(_update, self._rl_loss, self.tx_rl),
-                              out_shardings=(p_sh, self.opt_shardings, None), donate_argnums=1)
-    self._policy = jax.jit(lambda p, f, s, a: self.model.scores(p, f, s, a)[0])
-    self._copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=p_sh)
-
-  def _opt_shardings(self):
-    abstract = jax.eval_shape(self.tx_ref.init, self.model.abstract_params())
-    repl = parallel.replicated(self.mesh)
-    return optax.tree_map_params(self.tx_ref, lambda _, s: s, abstract, self.model.shardings,
-                                 transform_non_params=lambda _: repl)
-
-  def init_state(self) -> dict[str, Any]:
-    """Fresh train state, every array created with its sharding."""
-    params = self.model.init()
-    return {"params": params, "ref_params": self._copy(params),
-            "behaviour_params": self._copy(params),
-            "opt_state": jax.jit(self.tx_ref.init, out_shardings=self.opt_shardings)(params),
-            "rng": jax.random.key_data(jax.random.key(self.job.seed))}
-
-  def abstract_state(self) -> dict[str, Any]:
-    """``ShapeDtypeStruct`` pytree (with shardings) of ``init_state``: restore target, AOT input."""
-    p = self.model.abstract_params()
-    opt = jax.eval_shape(self.tx_ref.init, p)
-    opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt,
-                       self.opt_shardings)
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(self.mesh))
-    return {"params": p, "ref_params": p, "behaviour_params": p, "opt_state": opt, "rng": rng}
-
-  def start_rl(self, state: dict) -> dict:
-    """Freezes the reference network and starts the agent from it (fresh optimizer)."""
-    opt = jax.jit(self.tx_rl.init, out_shardings=self.opt_shardings)(state["params"])
-    return dict(state, ref_params=self._copy(state["params"]),
-                behaviour_params=self._copy(state["params"]), opt_state=opt)
-
-  @property
-  def writes(self) -> bool:
-    """The policy writes its actions (``lm_generate``): ``policy_fn`` is a ``rollout.WriterFn``."""
-    return self.model.writes
-
-  def policy_fn(self, params) -> rollout.PolicyFn | rollout.WriterFn:
-    """Host-callable logits of a parameter set, ([N, S], [N, K, A]) -> [N, K], or the writer."""
-    if self.model.writes:
-      return self.model.writer(params)
-
-    chunk = getattr(self.model, "act_batch", 0)
-
-    def fn(state, actions):
-      if not chunk:
-        return np.asarray(self._policy(params, self.model.frozen, jnp.asarray(state),
-                                       jnp.asarray(actions)))
-      # Fixed-size chunks of states: one compiled shape and bounded memory whatever N is.
-      n = len(state)
-      pad = -n % chunk
-      state = np.concatenate([state, np.repeat(state[-1:], pad, 0)])
-      actions = np.concatenate([actions, np.repeat(actions[-1:], pad, 0)])
-      out = [np.asarray(self._policy(params, self.model.frozen, jnp.asarray(state[i:i + chunk]),
-                                     jnp.asarray(actions[i:i + chunk])))
-             for i in range(0, n + pad, chunk)]
-      return np.concatenate(out)[:n]
-    return fn
-
-  def put(self, batch: dict) -> dict:
-    """Places a host batch on the mesh, sharded over its leading axis."""
-    return jax.device_put({k: np.asarray(v) for k, v in batch.items()},
-                          training.batch_shardings(batch, self.mesh))
-
-  def reference_step(self, params, opt_state, batch):
-    """One cross-entropy step: -> (params, opt_state, metrics)."""
-    return self._ref_update(params, opt_state, self.model.frozen, self.put(batch))
-
-  def rl_step(self, params, opt_state, ref_params, batch):
-    """One EAGLE-loss step on a batch of episodes: -> (params, opt_state, metrics)."""
-    return self._rl_update(params, opt_state, self.model.frozen, ref_params, self.put(batch))
-
-  def lower_rl_step(self, batch_size: int, horizon: int, num_actions: int):
-    """AOT-lowers the RL step for abstract inputs (the dry run of paper-scale configs)."""
-    b, h, k = batch_size, horizon, num_actions
-    shapes = {**self.model.input_shapes((b, h), k),
-              "mask": ((b, h, k), jnp.bool_), "actions": ((b, h), jnp.int32),
-              "behaviour_logp": ((b, h), jnp.float32), "reward": ((b,), jnp.float32)}
-    batch = {n: jax.ShapeDtypeStruct(shp, dt, sharding=parallel.named_sharding(
-        self.mesh, ("batch",) + (None,) * (len(shp) - 1))) for n, (shp, dt) in shapes.items()}
-    st = self.abstract_state()
-    return self._rl_update.lower(st["params"], st["opt_state"], self.model.frozen,
-                                 st["ref_params"], batch)
 
 
 class AgentTrainer:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -273,21 +274,39 @@ def finetune(
   def snapshot() -> dict:
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
-  rng = np.random.default_rng(cfg.seed)
+  def train(rows: np.ndarray) -> float:
+    ids, mask = tokenize([texts[i] for i in rows])
+    return float(step(model, opt, ids, mask, jnp.asarray(y[rows])))
+
+  return best_epoch(train, val_r2, snapshot, train_rows, epochs=cfg.epochs,
+                    batch_size=min(cfg.batch_size, len(train_rows)), seed=cfg.seed,
+                    desc="E_D fine-tuning")
+
+
+def best_epoch(train: Callable[[np.ndarray], float], val_r2: Callable[[], float],
+               snapshot: Callable[[], Any], train_rows: np.ndarray, *, epochs: int,
+               batch_size: int, seed: int, desc: str) -> tuple[Any, list[dict[str, float]]]:
+  """The epoch loop of E_D fine-tuning, keeping the epoch with the best validation R^2.
+
+  Each epoch visits ``train_rows`` in a fresh permutation (``np.random.default_rng(seed)``) as full
+  minibatches of ``batch_size`` rows (one compile per length bucket), calling ``train(rows)`` ->
+  loss, then ``val_r2()``; ``snapshot()`` copies the current parameters. Epoch 0 is before any
+  update, so the number of epochs is chosen on validation rows only.
+
+  Returns:
+    ``(best snapshot, history)`` with per epoch ``{"epoch", "train_loss", "val_r2"}``.
+  """
+  rng = np.random.default_rng(seed)
   best, best_r2 = snapshot(), val_r2()
   history = [{"epoch": 0, "train_loss": float("nan"), "val_r2": best_r2}]
-  bs = min(cfg.batch_size, len(train_rows))
-  steps_per_epoch = len(train_rows) // bs  # full batches: one compile per length bucket
-  progress = training.Progress(cfg.epochs * steps_per_epoch, desc="E_D fine-tuning",
-                               keys=("epoch", "loss", "val_r2"))
+  steps = len(train_rows) // batch_size
+  progress = training.Progress(epochs * steps, desc=desc, keys=("epoch", "loss", "val_r2"))
   try:
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, epochs + 1):
       order = rng.permutation(train_rows)
       losses = []
-      for start in range(0, steps_per_epoch * bs, bs):
-        rows = order[start:start + bs]
-        ids, mask = tokenize([texts[i] for i in rows])
-        losses.append(float(step(model, opt, ids, mask, jnp.asarray(y[rows]))))
+      for start in range(0, steps * batch_size, batch_size):
+        losses.append(train(order[start:start + batch_size]))
         progress.update(metrics={"epoch": epoch, "loss": losses[-1],
                                  "val_r2": history[-1]["val_r2"]})
       r2 = val_r2()

@@ -1,4 +1,4 @@
-"""Training job of the encoder E_D (text -> Z): MiniLM + a regression head onto WALS item vectors.
+"""Training job of the encoder E_D (text -> Z): MiniLM or a decoder + a head onto WALS item vectors.
 
 ``run(config, workdir)`` is what ``python -m launch.train_encoder`` calls.
 
@@ -20,7 +20,11 @@ at the ridge solution on the frozen embeddings, are fine-tuned end to end (``enc
 after every epoch the pooled R^2 on the *validation* movies (``validation_fraction`` of the
 non-held-out movies, seed ``split_seed + 1``) is measured and the best epoch is kept (epoch 0 = the
 ridge warm start), so no choice ever reads the held-out movies. ``epochs = 0``: the frozen MiniLM
-embedding and an MLP head (``encoder.fit_head``).
+embedding and an MLP head (``encoder.fit_head``). ``config.backbone = "decoder"`` (the accelerator
+configs' E_D) replaces MiniLM by a Llama-family decoder, mean-pooled, with a linear head, LoRA or
+full fine-tuning (``decoder_encoder``, ``config.decoder``), trained on the same rows, targets and
+split with the same ridge warm start and validation-epoch choice (the validation movies of
+``finetune.validation_fraction``); the MiniLM embedding then serves the baseline only.
 
 Split. A deterministic ``heldout_fraction`` (default 20%) of movies (a permutation seeded by
 ``config.split_seed``) is held out with all its rows; E_D and both baselines are fitted on the
@@ -36,9 +40,11 @@ other movies only. Reported for the held-out movies:
 Targets are standardised for training by a per-column mean and one global scale (the root mean
 square of the centred targets), so the pooled loss keeps the variance weighting of the pooled R^2;
 predictions are mapped back. The parameters (the head, or the whole fine-tuned regressor, MiniLM
-included), the mean and the scale are saved with orbax (``eagle_jax.checkpoint``) under
-``workdir/checkpoints/<steps or epochs>``, with ``kind`` ("head" or "finetuned") in the metadata;
-``load_encoder`` restores either as ``texts -> [N, d]``. ``report.json`` holds the metrics and, for
+included; for the decoder its adapters and head, or every weight with full fine-tuning), the mean
+and the scale are saved with orbax (``eagle_jax.checkpoint``) under
+``workdir/checkpoints/<steps or epochs>``, with ``kind`` ("head", "finetuned" or "decoder") in the
+metadata; ``load_encoder`` restores any of them as ``texts -> [N, d]`` (a LoRA decoder's base is
+reloaded from its source). ``report.json`` holds the metrics and, for
 fine-tuning, the per-epoch validation R^2.
 
 Progress. Embedding the rows with MiniLM (and, after fine-tuning, with the tuned MiniLM) and the
@@ -48,6 +54,7 @@ encoder the same device calls as one ``encode`` over all rows, so the bars chang
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -59,9 +66,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from eagle_jax import checkpoint, checks, training
+from eagle_jax import assets, checkpoint, checks, training
 from eagle_jax.data import records
-from eagle_jax.embed import encoder, wals_train
+from eagle_jax.embed import decoder_encoder, encoder, wals_train
 
 
 def metadata_text(title: str, genres: Sequence[str], tags: Sequence[str] = ()) -> str:
@@ -73,6 +80,7 @@ def metadata_text(title: str, genres: Sequence[str], tags: Sequence[str] = ()) -
 
 
 TARGETS = ("augmented", "factors")
+BACKBONES = ("minilm", "decoder")
 
 
 def description_paths(config) -> list[str]:
@@ -85,6 +93,15 @@ def check_config(config, field: str = "config", inputs: bool = True) -> None:
   """Validates an E_D job config (``configs/encoder_ml100k.py``; ``config.encoder`` of an EAGLE
   run) at the job's entry (``inputs``: input paths too); ConfigError naming ``<field>.<name>``."""
   checks.check_choice(config, "target", TARGETS, field)
+  if _backbone(config, field) == "decoder":
+    dec = decoder_encoder.DecoderEncoderConfig.from_config(config.decoder, f"{field}.decoder")
+    if inputs and dec.shapes and not dec.source:
+      raise checks.ConfigError(f"{field}.decoder.source: a run needs the weights of the "
+                               f"{dec.shapes!r} decoder its shapes name (a safetensors folder)")
+    if inputs and os.path.isdir(dec.source):
+      checks.check_input_path(os.path.join(dec.source, "config.json"), f"{field}.decoder.source")
+    elif inputs and dec.source and not assets.is_gguf_asset(dec.source):
+      checks.check_input_path(dec.source, f"{field}.decoder.source")
   checks.check_numbers(config, [
       ("heldout_fraction", dict(lo=0.0, hi=1.0, lo_open=True, hi_open=True)),
       ("split_seed", dict(integer=True, lo=0)),
@@ -115,6 +132,14 @@ def check_config(config, field: str = "config", inputs: bool = True) -> None:
     checks.check_input_path(path, f"{field}.descriptions")
   if config.minilm:
     checks.check_input_path(config.minilm, f"{field}.minilm", kind="dir")
+
+
+def _backbone(config, field: str = "config") -> str:
+  """``config.backbone`` ("minilm" when absent, as in configs written before the field)."""
+  backbone = config.get("backbone", "minilm")
+  if backbone not in BACKBONES:
+    raise checks.ConfigError(f"{field}.backbone={backbone!r}: expected one of {BACKBONES}")
+  return backbone
 
 
 def load_targets(path: str, item_ids: np.ndarray, target: str) -> np.ndarray:
@@ -284,14 +309,14 @@ def _head_predictor(state: Mapping[str, Any], meta: Mapping[str, Any]
 def load_encoder(directory: str, *, frozen_encode: Callable[[Sequence[str]], np.ndarray] | None
                  = None, minilm: str | None = None
                  ) -> tuple[Callable[[Sequence[str]], np.ndarray], dict[str, Any]]:
-  """Restores E_D as ``texts -> [N, d]`` (either form), with its metadata.
+  """Restores E_D as ``texts -> [N, d]`` (any kind), with its metadata.
 
   Args:
     directory: the ``checkpoints`` folder of an E_D run.
     frozen_encode: the frozen MiniLM ``texts -> [N, e]`` to reuse for a frozen-encoder E_D (e.g. a
       memo shared with the policy); default: load MiniLM.
     minilm: MiniLM folder for a fine-tuned E_D's architecture and tokenizer (default: the one it
-      was trained from).
+      was trained from). A decoder E_D reads neither: its base comes from its saved source.
   """
   with checkpoint.Checkpointer(directory, max_to_keep=1) as ckpt:
     meta = _metadata(ckpt)
@@ -299,6 +324,10 @@ def load_encoder(directory: str, *, frozen_encode: Callable[[Sequence[str]], np.
       predict = _head_predictor(ckpt.restore()[1], meta)
       encode = frozen_encode or _sentence_encoder(meta.get("minilm", "")).encode
       return (lambda ts: predict(np.asarray(encode(list(ts)), np.float32))), meta
+    if meta["kind"] == "decoder":
+      predict, state = decoder_encoder.restore(ckpt, meta)
+      mean, scale = np.asarray(state["y_mean"]), float(np.asarray(state["y_scale"]))
+      return (lambda texts: predict(texts) * scale + mean), meta
     sent = _sentence_encoder(meta.get("minilm", "") if minilm is None else minilm)
     model = encoder.TextRegressor(sent.model, np.zeros((int(meta["in_dim"]), int(meta["out_dim"]))),
                                   np.zeros(int(meta["out_dim"])))
@@ -378,7 +407,17 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
   meta = {"in_dim": int(x.shape[1]), "out_dim": int(y.shape[1]), "target": config.target,
           "embeddings": emb_path, "config": config.to_dict(), "minilm": config.minilm}
   t0 = time.perf_counter()
-  if ft_cfg.epochs > 0:
+  if _backbone(config) == "decoder":
+    dec_cfg = decoder_encoder.DecoderEncoderConfig.from_config(config.decoder)
+    val_item = validation_mask(held_item, ft_cfg.validation_fraction, config.split_seed + 1)
+    val = val_item[item_of_row]
+    predict_texts, state, losses = decoder_encoder.finetune(
+        dec_cfg, texts, y_std, np.flatnonzero(~held & ~val), np.flatnonzero(val))
+    pred = predict_texts(texts) * y_scale + y_mean
+    meta.update(kind="decoder", decoder=dataclasses.asdict(dec_cfg),
+                validation_items=int(val_item.sum()))
+    save_step = dec_cfg.epochs
+  elif ft_cfg.epochs > 0:
     val_item = validation_mask(held_item, ft_cfg.validation_fraction, config.split_seed + 1)
     val = val_item[item_of_row]
     predict_texts, state, history = _finetune(config, texts, x, y_std, ~held & ~val, val, ft_cfg)
@@ -386,6 +425,7 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
     losses = history
     meta.update(kind="finetuned", head_config=dict(config.finetune),
                 validation_items=int(val_item.sum()))
+    save_step = ft_cfg.epochs
   else:
     val_item = np.zeros(num_items, bool)
     head_cfg = encoder.HeadConfig(**dict(config.head))
@@ -393,8 +433,9 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
     pred = encoder.predict(head, x) * y_scale + y_mean
     state = {"head": nnx.to_pure_dict(nnx.state(head, nnx.Param))}
     meta.update(kind="head", head_config=dict(config.head))
+    save_step = config.head.steps
   train_seconds = time.perf_counter() - t0
-  save_encoder(ckpt_dir, ft_cfg.epochs or config.head.steps, state, y_mean, y_scale, meta)
+  save_encoder(ckpt_dir, save_step, state, y_mean, y_scale, meta)
 
   k = config.recall_k
   genre_x, _ = encoder.genre_features(ratings.genres)

@@ -21,6 +21,8 @@ the per-layer choice, with the Hugging Face ``layer_types`` spellings.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -42,7 +44,27 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, offset: float) -> jax.A
   return (y * (offset + scale.astype(jnp.float32))).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float, factor: float = 1.0) -> jax.Array:
+def llama3_inv_freq(inv_freq: jax.Array, factor: float, low_freq_factor: float,
+                    high_freq_factor: float, original_max_position: int) -> jax.Array:
+  """Llama 3's frequency-dependent RoPE scaling (Hugging Face ``rope_type="llama3"``).
+
+  Frequencies whose wavelength exceeds ``original_max_position / low_freq_factor`` are divided by
+  ``factor``; those shorter than ``original_max_position / high_freq_factor`` are kept; in between
+  they are interpolated linearly in ``original_max_position / wavelength``.
+  inv_freq: [d/2] float32 -> [d/2] float32.
+  """
+  low_wavelen = original_max_position / low_freq_factor
+  high_wavelen = original_max_position / high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+  smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, factor: float = 1.0,
+               llama3: tuple[float, float, float, int] | None = None) -> jax.Array:
   """Rotary embedding, rotate-half layout.
 
   Args:
@@ -50,6 +72,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float, factor: float =
     positions: [B, T] int32 positions.
     theta: base frequency.
     factor: linear RoPE scaling (positions are divided by it); 1 means none.
+    llama3: ``(factor, low_freq_factor, high_freq_factor, original_max_position)`` of Llama 3's
+      scaling (``llama3_inv_freq``), or None.
 
   Returns:
     [B, T, N, d], x's dtype.
@@ -58,6 +82,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float, factor: float =
   inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [d/2]
   if factor != 1.0:
     inv_freq = inv_freq / factor
+  if llama3 is not None:
+    inv_freq = llama3_inv_freq(inv_freq, *llama3)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, d/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]

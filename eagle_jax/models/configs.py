@@ -51,7 +51,7 @@ def _rope(cfg: Mapping, kind: str | None) -> tuple[float | None, float]:
   elif cfg.get("rope_scaling"):
     params = {**params, **cfg["rope_scaling"]}
   rope_type = params.get("rope_type", params.get("type"))
-  if rope_type in (None, "default"):
+  if rope_type in (None, "default", "llama3"):  # llama3: read by ``_llama3_rope``
     factor = 1.0
   elif rope_type == "linear" and kind is not None:
     factor = float(params["factor"])
@@ -59,6 +59,24 @@ def _rope(cfg: Mapping, kind: str | None) -> tuple[float | None, float]:
     raise LoadingError(f"config.json: rope scaling type {rope_type!r} is not supported")
   theta = params.get("rope_theta")
   return (None if theta is None else float(theta)), factor
+
+
+def _llama3_rope(cfg: Mapping) -> tuple[float, float, float, int] | None:
+  """Llama 3's RoPE scaling from ``rope_scaling`` (``rope_type="llama3"``), or None."""
+  params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+  if params.get("rope_type", params.get("type")) != "llama3":
+    return None
+  try:
+    out = (float(params["factor"]), float(params["low_freq_factor"]),
+           float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
+  except (KeyError, TypeError, ValueError) as e:
+    raise LoadingError(f"config.json: rope_scaling of type 'llama3' needs factor, "
+                       f"low_freq_factor, high_freq_factor and original_max_position_embeddings "
+                       f"({e!r})") from None
+  if not (out[0] >= 1 and 0 < out[1] < out[2] and out[3] > 0):
+    raise LoadingError(f"config.json: rope_scaling llama3 {params}: expected factor >= 1, "
+                       "0 < low_freq_factor < high_freq_factor, original_max_position_embeddings > 0")
+  return out
 
 
 def config_from_hf(cfg: Mapping, **overrides) -> llama_lib.LlamaConfig:
@@ -107,6 +125,7 @@ def config_from_hf(cfg: Mapping, **overrides) -> llama_lib.LlamaConfig:
       norm_offset=1.0 if gemma else 0.0,
       activation=_ACTS[act],
       final_logit_softcap=cfg.get("final_logit_softcapping"),
+      rope_llama3=None if gemma3 else _llama3_rope(cfg),
   )
   if gemma3:
     local, _ = _rope(cfg, attention.SLIDING)
@@ -129,21 +148,21 @@ def config_from_hf(cfg: Mapping, **overrides) -> llama_lib.LlamaConfig:
     raise LoadingError(f"config.json: {e}") from None
 
 
-# Shapes of published decoders: the fields of their Hugging Face ``config.json``. Llama 3.2 uses
-# "llama3" RoPE scaling (factor 32 over 8192 original positions), which ``LlamaConfig`` does not
-# implement; it changes RoPE frequencies only, not a shape or a FLOP count, so it is left out: these
-# presets are for dry runs (shapes, shardings, memory), not for loading the weights.
+# Shapes of published decoders: the fields of their Hugging Face ``config.json`` (for dry runs:
+# shapes, shardings, memory; real runs read the folder's own config.json).
+_LLAMA32_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=8192)
 PRESETS: dict[str, dict] = {
     "llama-3.2-1b": dict(
         model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        max_position_embeddings=131072, torch_dtype="bfloat16"),
+        max_position_embeddings=131072, rope_scaling=_LLAMA32_ROPE, torch_dtype="bfloat16"),
     "llama-3.2-3b": dict(
         model_type="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192,
         num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        max_position_embeddings=131072, torch_dtype="bfloat16"),
+        max_position_embeddings=131072, rope_scaling=_LLAMA32_ROPE, torch_dtype="bfloat16"),
 }
 
 

@@ -97,6 +97,8 @@ class LlamaConfig:
     sliding_window: window width W of the sliding layers (a query sees itself and W - 1 before).
     rope_local_theta: RoPE base of the sliding layers; None: ``rope_theta``.
     rope_scaling: linear RoPE factor of the full-attention layers (positions / factor).
+    rope_llama3: Llama 3's RoPE scaling ``(factor, low_freq_factor, high_freq_factor,
+      original_max_position)`` (``attention.llama3_inv_freq``), or None.
   """
 
   vocab_size: int
@@ -123,6 +125,7 @@ class LlamaConfig:
   sliding_window: int | None = None
   rope_local_theta: float | None = None
   rope_scaling: float = 1.0
+  rope_llama3: tuple[float, float, float, int] | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim"):
@@ -270,9 +273,10 @@ class Attention(nnx.Module):
     v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    theta, factor = self.rope_theta, self.rope_factor
-    q = constrain(apply_rope(q, positions, theta, factor), ("batch", "length", "heads", "kv"))
-    k = constrain(apply_rope(k, positions, theta, factor), ("batch", "length", "kv_heads", "kv"))
+    theta, factor, l3 = self.rope_theta, self.rope_factor, self.config.rope_llama3
+    q = constrain(apply_rope(q, positions, theta, factor, l3), ("batch", "length", "heads", "kv"))
+    k = constrain(apply_rope(k, positions, theta, factor, l3),
+                  ("batch", "length", "kv_heads", "kv"))
     v = constrain(v, ("batch", "length", "kv_heads", "kv"))
     new_cache = None
     if layer_cache is not None:
