@@ -49,7 +49,8 @@ def make_mesh(
   Args:
     shape: mesh axis name -> size, over ``MESH_AXES``. A size of -1 absorbs the remaining devices
       (at most one). ``None`` means all devices on ``data``. Axes not given get size 1.
-    devices: devices to use (default: all of ``jax.devices()``).
+    devices: devices to use, in this order (default: all of ``jax.devices()``, arranged by
+      ``jax.make_mesh`` to follow the physical topology).
 
   Returns:
     A ``Mesh`` with axes ``MESH_AXES`` in that order.
@@ -57,7 +58,8 @@ def make_mesh(
   Raises:
     ValueError: an unknown axis, more than one -1, or sizes that do not multiply to the device count.
   """
-  devices = list(devices if devices is not None else jax.devices())
+  explicit = devices is not None
+  devices = list(devices if explicit else jax.devices())
   shape = dict(shape or {"data": -1})
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
@@ -78,8 +80,12 @@ def make_mesh(
     raise ValueError(
         f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but "
         f"{len(devices)} are available")
-  grid = np.asarray(devices, dtype=object).reshape(sizes)
-  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if explicit:
+    grid = np.asarray(devices, dtype=object).reshape(sizes)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+  # All devices: ``jax.make_mesh`` orders them by the physical topology (TPU ICI rings).
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(
