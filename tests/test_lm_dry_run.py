@@ -108,6 +108,24 @@ def test_lm_step_flops_match_xla_on_a_step_without_loops():
   assert four == pytest.approx(three * 4 / 3)
 
 
+def test_lm_generate_dry_run_compiles_the_written_action_step():
+  """``lm_generate`` episodes hold the written action as their one candidate: the dry run compiles
+  that step (not K candidates), and its FLOPs follow."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices")
+  config = _config()
+  config.policy.kind = "lm_generate"
+  config.encoder.backbone = "minilm"
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setitem(model_configs.PRESETS, "tiny", TINY)
+    out = dry_run.dry_run(config)
+  assert out["rl_batch"]["candidates"] == 1
+  assert out["decoder"]["candidate_tokens_per_step"] == 8 * 2 * 1 * 8
+  c = model_configs.config_from_hf(TINY)
+  want = dry_run.lm_step_flops(c, 8, 2, 1, 16, 8, remat=True, full_finetune=False)
+  assert out["flops_per_step"] == pytest.approx(want)
+
+
 @pytest.mark.parametrize("shapes, match", [("", "needs the agent decoder's shapes"),
                                             ("llama-9b", "expected one of")])
 def test_lm_dry_run_without_known_shapes_names_the_field(shapes, match):

@@ -158,6 +158,8 @@ def dry_run(config, devices=None) -> dict[str, Any]:
     learner = Learner(job, s_dim, a_dim, mesh)
   b = job.rl.batch_size
   t0 = time.perf_counter()
+  # Candidates per step in the RL batch: K, or the one written action of ``lm_generate``.
+  k = 1 if learner.writes else job.num_actions
   lowered = learner.lower_rl_step(b, job.horizon, job.num_actions)
   t1 = time.perf_counter()
   compiled = lowered.compile()
@@ -169,7 +171,7 @@ def dry_run(config, devices=None) -> dict[str, Any]:
   xla_flops = flops
   if lm:  # cost_analysis counts the slice and chunk loops' bodies once
     lm_cfg = job.policy.lm
-    flops = lm_step_flops(decoder.config, b, job.horizon, job.num_actions, s_dim, a_dim,
+    flops = lm_step_flops(decoder.config, b, job.horizon, k, s_dim, a_dim,
                           remat=lm_cfg.remat, full_finetune=lm_cfg.full_finetune) / mesh.size
   report = {
       "mesh": dict(mesh.shape), "devices": int(mesh.size), "compiled": compiled is not None,
@@ -181,11 +183,11 @@ def dry_run(config, devices=None) -> dict[str, Any]:
       # XLA's cost_analysis, the language model's counted from its shapes (``lm_step_flops``).
       "flops_per_step": flops * mesh.size, "flops_per_step_per_device": flops,
       "xla_cost_analysis_flops_per_device": xla_flops,  # loop bodies (slices, chunks) once
-      "rl_batch": {"episodes": b, "horizon": job.horizon, "candidates": job.num_actions},
+      "rl_batch": {"episodes": b, "horizon": job.horizon, "candidates": k},
   }
   batch_shards = training.data_parallelism(mesh)
   report["memory"] = memory_report(compiled, b, batch_shards,
-                                   f"{job.horizon} states x {job.num_actions} candidates",
+                                   f"{job.horizon} states x {k} candidates",
                                    job.rl.microbatches)
   report["v5e_seconds_per_step_at_peak"] = round(flops / V5E_PEAK_FLOPS, 3)
   if lm:
@@ -198,7 +200,7 @@ def dry_run(config, devices=None) -> dict[str, Any]:
         "param_dtype": str(jax.numpy.dtype(c.param_dtype)),
         "compute_dtype": job.policy.lm.compute_dtype,
         "prompt_tokens": s_dim, "action_tokens": a_dim,
-        "candidate_tokens_per_step": b * job.horizon * job.num_actions * a_dim}
+        "candidate_tokens_per_step": b * job.horizon * k * a_dim}
     report["param_counts"] = {
         "trainable": _count(params), "lora": _count(params, lambda p: "lora" in p),
         "value_head": _count(params, lambda p: "value_head" in p),

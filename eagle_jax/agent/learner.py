@@ -150,8 +150,9 @@ class Learner:
     return self._rl_update(params, opt_state, self.model.frozen, ref_params, self.put(batch))
 
   def lower_rl_step(self, batch_size: int, horizon: int, num_actions: int):
-    """AOT-lowers the RL step for abstract inputs (the dry run of paper-scale configs)."""
-    b, h, k = batch_size, horizon, num_actions
+    """AOT-lowers the RL step for abstract inputs (the dry run of paper-scale configs). A policy
+    that writes its actions (``lm_generate``) holds one candidate per step, the written one."""
+    b, h, k = batch_size, horizon, 1 if self.model.writes else num_actions
     shapes = {**self.model.input_shapes((b, h), k),
               "mask": ((b, h, k), jnp.bool_), "actions": ((b, h), jnp.int32),
               "behaviour_logp": ((b, h), jnp.float32), "reward": ((b,), jnp.float32)}
