@@ -130,6 +130,7 @@ def test_lm_generate_dry_run_compiles_the_written_action_step():
                                             ("llama-9b", "expected one of")])
 def test_lm_dry_run_without_known_shapes_names_the_field(shapes, match):
   config = _config()
+  config.encoder.backbone = "minilm"  # the agent's shapes are checked (no "tiny" preset here)
   config.policy.lm.shapes = shapes
   with pytest.raises(training.ConfigError, match=f"config.policy.lm.shapes.*{match}"):
     dry_run.dry_run(config)
