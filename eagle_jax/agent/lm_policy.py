@@ -179,7 +179,7 @@ class AgentLM(nnx.Module):
     Args:
       prompt: [N, P] int32 prompt ids, left-padded with -1.
       actions: [N, K, L] int32 candidate ids, right-padded with -1; None: only encode the prompt
-        and return ``encode_prompt(prompt, extra)`` (chunked scoring, ``apply_chunked``).
+        and return ``encode_prompt(prompt, extra)`` (chunked scoring, ``LMPolicyModel.apply``).
       full: return the next-token logits ``[N, K, L, V]`` instead (``action_logits``).
       encoded: the prompt's ``encode_prompt`` output, if already computed.
       extra: free cache slots after the prompt when only encoding (L, or 0 with
