@@ -323,11 +323,16 @@ class Checkpointer:
     meta = self._read_meta(step)[2]
     if callable(target):
       target = target(meta)
+    if target is None and jax.process_count() > 1:
+      # The saved placement names the writer's devices, which may belong to another process:
+      # every process restores its own copy on its first local device.
+      saved = self._manager.item_metadata(step)["state"]
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
     if target is None:
       state_args = ocp.args.StandardRestore()
     else:
-      if shardings is None:  # keep the target's own placement, else the first device
-        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      if shardings is None:  # keep the target's own placement, else the first local device
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda x: getattr(x, "sharding", None) or default, target)
       state_args = ocp.args.StandardRestore(abstract_like(target, shardings))
     items = {"state": state_args}

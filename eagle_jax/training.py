@@ -17,7 +17,6 @@ One job per piece:
   TensorFlow). On resume, records after the restored step are dropped first, so a killed-and-resumed
   run's log equals an uninterrupted one.
 * ``Progress``: a tqdm bar with ETA and the latest metrics.
-* ``maybe_initialize_distributed``: ``jax.distributed.initialize()`` for multi-host pods behind a flag.
 """
 
 from __future__ import annotations
@@ -92,12 +91,6 @@ def check_divisible(value: int, mesh: jax.sharding.Mesh, field: str, microbatche
     raise ConfigError(
         f"{field}={value} must be a positive multiple of the mesh's data parallelism {n}{slices} "
         f"(mesh {dict(mesh.shape)}; batch is sharded over data x fsdp)")
-
-
-def maybe_initialize_distributed(enabled: bool) -> None:
-  """Multi-host pods: one process per host, coordinated by ``jax.distributed`` (TPU VM env vars)."""
-  if enabled:
-    jax.distributed.initialize()
 
 
 # ---------------------------------------------------------------------------------------------------

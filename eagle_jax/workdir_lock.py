@@ -6,10 +6,11 @@ the owner). The kernel drops an flock when its owner's process dies, however it 
 included), so a lock left by a killed run never blocks the next one; the file itself stays.
 
 The lock is re-entrant within a process (``launch.main`` trains and then evaluates in one process;
-both hold the same workdir). Multi-host jobs (``distributed=True``) lock
-``.eagle_jax.lock.<host>``: the hosts of one job share the workdir, a second job on the same hosts
-is refused. flock over NFS is emulated with POSIX locks by Linux; on filesystems without locks
-(some FUSE mounts) ``flock`` fails with ``OSError``, reported as a ``WorkdirLocked`` too.
+both hold the same workdir). Multi-process jobs (``distributed=True``) lock
+``.eagle_jax.lock.<host>.<process>``: the processes of one job share the workdir, a second job with
+the same processes is refused. flock over NFS is emulated with POSIX locks by Linux; on filesystems
+without locks (some FUSE mounts) ``flock`` fails with ``OSError``, reported as a ``WorkdirLocked``
+too.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class WorkdirLocked(RuntimeError):
   """The workdir is in use by another live run (or cannot be locked); one-line message."""
 
 
-def lock_path(workdir: str, *, distributed: bool = False) -> str:
-  name = f"{LOCK_NAME}.{socket.gethostname()}" if distributed else LOCK_NAME
+def lock_path(workdir: str, *, distributed: bool = False, process: int = 0) -> str:
+  name = f"{LOCK_NAME}.{socket.gethostname()}.{process}" if distributed else LOCK_NAME
   return os.path.join(os.path.abspath(workdir), name)
 
 
@@ -49,14 +50,14 @@ def _owner(path: str) -> str:
 
 
 @contextlib.contextmanager
-def hold(workdir: str, *, distributed: bool = False) -> Iterator[str]:
+def hold(workdir: str, *, distributed: bool = False, process: int = 0) -> Iterator[str]:
   """Holds the workdir's lock while the block runs; yields the lock file's path.
 
   Raises:
     WorkdirLocked: another live process holds it (or the filesystem cannot lock).
   """
   os.makedirs(workdir, exist_ok=True)
-  path = lock_path(workdir, distributed=distributed)
+  path = lock_path(workdir, distributed=distributed, process=process)
   if path in _held:
     _held[path][1] += 1
     try:

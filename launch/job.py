@@ -8,6 +8,16 @@ config value or a changed one (``training.ConfigError``, absl's usage error), a 
 checkpoint with no intact step (``error: ...``, exit status 1). A run stopped by SIGTERM after
 saving its checkpoint (``preemption.Preempted``) logs where it saved and exits with
 ``preemption.EXIT_CODE`` (75).
+
+Multi-process jobs (``--config.distributed=True``, or the coordinator flags) start ``jax.distributed``
+here, before the lock, the config record or any device use: on Cloud TPU VMs the cluster is detected;
+elsewhere (CPU processes on one machine, GPU hosts) ``--coordinator_address``, ``--num_processes``
+and ``--process_id`` name it, e.g. two CPU processes on loopback::
+
+  python -m launch.train --workdir=runs/w --coordinator_address=127.0.0.1:1234 \
+      --num_processes=2 --process_id=0 &
+  python -m launch.train --workdir=runs/w --coordinator_address=127.0.0.1:1234 \
+      --num_processes=2 --process_id=1
 """
 
 from __future__ import annotations
@@ -15,13 +25,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+import jax
 from absl import app, flags, logging
 
-from eagle_jax import checkpoint, preemption, run_config, training, workdir_lock
+from eagle_jax import checkpoint, hosts, preemption, run_config, training, workdir_lock
 
 _ALLOW = flags.DEFINE_list(
     "allow_config_change", [], "Config fields (dotted, or a block such as rl) allowed to differ "
     "from the config the workdir was made with ('all': any); recorded in config_changes.jsonl.")
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "Multi-process runs off Cloud TPU: host:port of process 0's "
+    "jax.distributed coordinator (every process passes the same one); empty: auto-detect.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 0, "Multi-process runs with --coordinator_address: the number of processes.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", -1, "Multi-process runs with --coordinator_address: this process's index.")
 
 T = TypeVar("T")
 
@@ -36,12 +55,20 @@ def run(workdir: str | None, fn: Callable[[], T], *, name: str, config=None,
     name: the launcher's name for its log lines (``train``, ``wals`` ...).
     config: the job's config, recorded in / compared with ``<workdir>/config.json``
       (``run_config.check``, with ``--allow_config_change``) under the lock, before ``fn``.
-    distributed: a multi-host job (one lock per host, see ``workdir_lock``).
+    distributed: a multi-process job (``jax.distributed`` started here, one lock per process,
+      see ``workdir_lock``); implied by ``--coordinator_address``.
     usage_errors: exception types reported as absl usage errors.
   """
   try:
     path = training.check_workdir(workdir)
-    with workdir_lock.hold(path, distributed=distributed):
+    distributed = distributed or bool(_COORDINATOR.value)
+    if distributed:
+      try:
+        hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+      except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    process = jax.process_index() if distributed else 0
+    with workdir_lock.hold(path, distributed=distributed, process=process):
       if config is None:
         return fn()
       with run_config.recorded(config, path, allow=_ALLOW.value):

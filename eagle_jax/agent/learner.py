@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eagle_jax import parallel, training
+from eagle_jax import hosts, parallel, training
 from eagle_jax.agent import agent_model, rollout
 
 
@@ -77,7 +77,9 @@ class Learner:
                                out_shardings=(p_sh, self.opt_shardings, None), donate_argnums=1)
     self._rl_update = jax.jit(functools.partial(_update, rl_grad, self.tx_rl),
                               out_shardings=(p_sh, self.opt_shardings, None), donate_argnums=1)
-    self._policy = jax.jit(lambda p, f, s, a: self.model.scores(p, f, s, a)[0])
+    # Replicated logits: every process reads all rows (``rollout.collect`` draws from them).
+    self._policy = jax.jit(lambda p, f, s, a: self.model.scores(p, f, s, a)[0],
+                           out_shardings=parallel.replicated(mesh))
     self._copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=p_sh)
 
   def _opt_shardings(self):
@@ -123,21 +125,24 @@ class Learner:
 
     def fn(state, actions):
       if not chunk:
-        return np.asarray(self._policy(params, self.model.frozen, jnp.asarray(state),
-                                       jnp.asarray(actions)))
+        return np.asarray(self._policy(params, self.model.frozen, np.asarray(state),
+                                       np.asarray(actions)))
       # Fixed-size chunks of states: one compiled shape and bounded memory whatever N is.
       n = len(state)
       pad = -n % chunk
       state = np.concatenate([state, np.repeat(state[-1:], pad, 0)])
       actions = np.concatenate([actions, np.repeat(actions[-1:], pad, 0)])
-      out = [np.asarray(self._policy(params, self.model.frozen, jnp.asarray(state[i:i + chunk]),
-                                     jnp.asarray(actions[i:i + chunk])))
+      out = [np.asarray(self._policy(params, self.model.frozen, state[i:i + chunk],
+                                     actions[i:i + chunk]))
              for i in range(0, n + pad, chunk)]
       return np.concatenate(out)[:n]
     return fn
 
-  def put(self, batch: dict) -> dict:
-    """Places a host batch on the mesh, sharded over its leading axis."""
+  def put(self, batch: dict, global_rows: int | None = None) -> dict:
+    """Places a host batch on the mesh, sharded over its leading axis: the whole batch, or (with
+    ``global_rows``) this process's rows of a global batch of that many (``hosts.process_rows``)."""
+    if global_rows is not None and hosts.is_multiprocess():
+      return hosts.global_batch(batch, self.mesh, global_rows)
     return jax.device_put({k: np.asarray(v) for k, v in batch.items()},
                           training.batch_shardings(batch, self.mesh))
 
@@ -145,9 +150,11 @@ class Learner:
     """One cross-entropy step: -> (params, opt_state, metrics)."""
     return self._ref_update(params, opt_state, self.model.frozen, self.put(batch))
 
-  def rl_step(self, params, opt_state, ref_params, batch):
-    """One EAGLE-loss step on a batch of episodes: -> (params, opt_state, metrics)."""
-    return self._rl_update(params, opt_state, self.model.frozen, ref_params, self.put(batch))
+  def rl_step(self, params, opt_state, ref_params, batch, global_rows: int | None = None):
+    """One EAGLE-loss step on a batch of episodes (all, or this process's rows of
+    ``global_rows``): -> (params, opt_state, metrics)."""
+    return self._rl_update(params, opt_state, self.model.frozen, ref_params,
+                           self.put(batch, global_rows))
 
   def lower_rl_step(self, batch_size: int, horizon: int, num_actions: int):
     """AOT-lowers the RL step for abstract inputs (the dry run of paper-scale configs). A policy

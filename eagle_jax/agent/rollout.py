@@ -24,6 +24,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from eagle_jax import hosts
 from eagle_jax.agent import losses
 from eagle_jax.agent.world import World
 
@@ -140,8 +141,14 @@ def choose(logits: np.ndarray, mask: np.ndarray, key: jax.Array | None, greedy: 
 
 async def collect(world: World, featurizer: Featurizer, policy: PolicyFn | WriterFn | None,
                   pairs: np.ndarray, key: jax.Array, *, reward: str = "gain",
-                  greedy: bool = False, writes: bool = False) -> Episodes:
+                  greedy: bool = False, writes: bool = False, rows: slice | None = None
+                  ) -> Episodes:
   """Runs B episodes to the horizon H = ``featurizer.horizon``.
+
+  On several processes each runs its own block ``rows`` of the batch (``hosts.process_rows``): its
+  environment calls are for those episodes only, while the policy acts on the states of all B,
+  all-gathered (a global computation on the mesh), and draws every row's action from the same
+  global draw, so each episode is the one a single process would run.
 
   Args:
     world: environment and anchors.
@@ -157,21 +164,28 @@ async def collect(world: World, featurizer: Featurizer, policy: PolicyFn | Write
   if reward not in REWARDS:
     raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
   horizon = featurizer.horizon
-  pairs = np.asarray(pairs, np.int32)
+  all_pairs = np.asarray(pairs, np.int32)
+  rows = slice(0, len(all_pairs)) if rows is None else rows
+  pairs = all_pairs[rows]
   users, items = pairs[:, 0], pairs[:, 1]
   texts = [[world.anchors[int(i)].plot] for i in items]
-  feats, mask = featurizer.actions(items)
+  all_feats, all_mask = featurizer.actions(all_pairs[:, 1])
+  feats, mask = all_feats[rows], all_mask[rows]
   states, acts, logps, written = [], [], [], []
   for t in range(horizon):
     cur = [x[-1] for x in texts]
     s = featurizer.state(users, cur, t)
+    all_s = hosts.gather_rows(s, rows, len(all_pairs))
     if writes:
-      ids, lp, chosen = policy(s, jax.random.fold_in(key, t), greedy)
+      ids, lp, chosen = policy(all_s, jax.random.fold_in(key, t), greedy)
+      ids, lp, chosen = ids[rows], lp[rows], chosen[rows]
       a = np.zeros(len(pairs), np.int32)
       written.append((ids[:, None], chosen))
     else:
-      logits = np.zeros(mask.shape, np.float32) if policy is None else np.asarray(policy(s, feats))
-      a, lp = choose(logits, mask, jax.random.fold_in(key, t), greedy)
+      logits = (np.zeros(all_mask.shape, np.float32) if policy is None
+                else np.asarray(policy(all_s, all_feats)))
+      a, lp = choose(logits, all_mask, jax.random.fold_in(key, t), greedy)
+      a, lp = a[rows], lp[rows]
       chosen = [world.anchors[int(i)].actions[j] for i, j in zip(items, a)]
     nxt = await world.env.step(cur, chosen)
     for x, y in zip(texts, nxt):

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from eagle_jax import checkpoint, checks, preemption, run_config, training
+from eagle_jax import checkpoint, checks, hosts, preemption, run_config, training
 from eagle_jax.agent import agent_model, reference, rollout
 from eagle_jax.agent.learner import Learner
 from eagle_jax.agent.world import World, cache_stats
@@ -223,6 +223,7 @@ class AgentTrainer:
       decoder = lm_features.load_decoder(job.policy.decoder, job.policy.chat_template)
     self.learner = Learner(job, self.featurizer.state_dim, self.featurizer.action_dim, mesh,
                            decoder)
+    self.rows = hosts.process_rows(mesh, job.rl.batch_size)  # the episodes this process runs
     self.ref_steps = self.learner.ref_steps
     self.rl_steps = self.learner.rl_steps
     self.total_steps = self.ref_steps + self.rl_steps
@@ -310,18 +311,30 @@ class AgentTrainer:
       writer.close()
       progress.close()
     return {"kind": name, "step": step, "seconds": time.perf_counter() - t_start,
-            "last_metrics": last, "env_transitions": self.world.env.steps}
+            "last_metrics": last, "env_transitions": hosts.total(self.world.env.steps)}
 
   async def _collect(self, i: int, params, key) -> rollout.Episodes:
+    """This process's rows (``hosts.process_rows``) of RL batch ``i``'s episodes."""
     pairs = rollout.sample_pairs(self.world.train_pairs, self.job.rl.batch_size, self.job.seed, i)
     return await rollout.collect(self.world, self.featurizer, self.policy_fn(params), pairs,
                                  jax.random.fold_in(jax.random.fold_in(key, 2), i),
-                                 reward=self.job.reward, writes=self.learner.writes)
+                                 reward=self.job.reward, writes=self.learner.writes,
+                                 rows=self.rows)
 
   def _learn(self, state: dict, episodes: rollout.Episodes):
     out = self.learner.rl_step(state["params"], state["opt_state"], state["ref_params"],
-                               episodes.batch())
+                               episodes.batch(), global_rows=self.job.rl.batch_size)
     return jax.block_until_ready(out)
+
+  def _episode_metrics(self, episodes: rollout.Episodes) -> dict[str, float]:
+    """Means over the global batch's episodes (every process's rows)."""
+    n = self.job.rl.batch_size
+    g = {k: hosts.gather_rows(getattr(episodes, k), self.rows, n)
+         for k in ("reward", "utility", "distance", "preference")}
+    return {"reward": g["reward"].mean(), "final_utility": g["utility"][:, -1].mean(),
+            "anchor_utility": g["utility"][:, 0].mean(),
+            "final_distance": g["distance"][:, -1].mean(),
+            "final_preference": g["preference"][:, -1].mean()}
 
   async def _rl_loop(self, state, step, key, writer, progress, save, stop_if_preempted):
     overlap = self.job.rl.overlap
@@ -337,6 +350,10 @@ class AgentTrainer:
       old_params = state["params"]
       if overlap and i + 1 < self.rl_steps:  # collect step i+1 with theta_i while step i trains
         pending = asyncio.ensure_future(self._collect(i + 1, old_params, key))
+        if hosts.is_multiprocess():
+          # Collection runs collectives (acting on all processes' states): with two programs in
+          # flight, processes could launch them in different orders. Same episodes, no overlap.
+          await asyncio.wait([pending])
       t0 = time.perf_counter()
       params, opt, m = await asyncio.to_thread(self._learn, state, episodes)
       t_learn = time.perf_counter() - t0
@@ -347,13 +364,10 @@ class AgentTrainer:
       if not overlap and i < self.rl_steps:
         pending = asyncio.ensure_future(self._collect(i, params, key))
       last = writer.write(step, {
-          **m, "reward": episodes.reward.mean(), "final_utility": episodes.utility[:, -1].mean(),
-          "anchor_utility": episodes.utility[:, 0].mean(),
-          "final_distance": episodes.distance[:, -1].mean(),
-          "final_preference": episodes.preference[:, -1].mean(),
+          **m, **self._episode_metrics(episodes),
           "env_seconds": t_env, "learner_seconds": t_learn,
-          "env_transitions": self.world.env.steps,
-          **cache_stats(self.world)}, phase="rl")
+          "env_transitions": hosts.total(self.world.env.steps),
+          **{k: hosts.total(v) for k, v in cache_stats(self.world).items()}}, phase="rl")
       progress.update(1, {**last, "loss": last["total"]})
       save(step, state)
       stop_if_preempted(step, state, pending)
@@ -367,9 +381,17 @@ def run(config, workdir: str, *, world: World | None = None) -> dict[str, Any]:
   from eagle_jax.agent.world import build_world  # noqa: PLC0415
 
   training.check_workdir(workdir)
-  training.maybe_initialize_distributed(bool(config.distributed))
+  if config.distributed:
+    hosts.initialize()  # a no-op when the launcher started it (its coordinator flags)
   mesh = training.build_mesh(config.mesh)
   job = validate(config, mesh)
+  if world is None and hosts.is_multiprocess() and not os.path.exists(
+      os.path.join(workdir, "world.json")):
+    # Every process would otherwise train WALS and E_D into the same folders at once.
+    raise training.ConfigError(
+        f"{workdir}: a multi-process run restores a prepared world, and this workdir has none "
+        "(no world.json); build it once on one process with `python -m launch.train "
+        "--prepare_only` and the same --config and --workdir, then start every process")
   t0 = time.perf_counter()
   world = world or build_world(config, workdir)
   world_seconds = time.perf_counter() - t0
@@ -377,9 +399,10 @@ def run(config, workdir: str, *, world: World | None = None) -> dict[str, Any]:
              "code_version": run_config.code_version(), "config": run_config.to_dict(config)}
   for kind in job.kinds:
     summary["agents"][kind.name] = AgentTrainer(job, world, workdir, kind, mesh).train()
-  summary["env_transitions"] = world.env.steps
-  summary["env_parse_failures"] = world.env.parse_failures
+  summary["env_transitions"] = hosts.total(world.env.steps)
+  summary["env_parse_failures"] = hosts.total(world.env.parse_failures)
   summary["seconds"] = time.perf_counter() - t0
-  with open(os.path.join(workdir, "train_summary.json"), "w") as f:
-    json.dump(summary, f, indent=2, default=float)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "train_summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, default=float)
   return summary

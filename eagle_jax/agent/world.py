@@ -304,7 +304,8 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
     n = asyncio.run(prefetch_tree(world, sorted(world.anchors), int(config.env.prefetch_depth)))
     logging.info("world: %d states prefetched to depth %d", n, config.env.prefetch_depth)
     world.info["prefetched_states"] = n
-  _write_world(world, os.path.join(workdir, "world.json"), ratings, data)
+  if jax.process_index() == 0:  # every process of a multi-process run restores the same world
+    _write_world(world, os.path.join(workdir, "world.json"), ratings, data)
   return world
 
 
