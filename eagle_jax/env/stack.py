@@ -193,5 +193,11 @@ def open_llm(llm, cache_path: str, *, sampler=None, model_file: str | os.PathLik
                                        chat_template=llm.chat_template or None)
     else:
       backend = LocalSampler(sampler, model_id=name, batch_buckets=buckets, chat=chat)
+  return stack_over(backend, cache_path)
+
+
+def stack_over(backend: SamplingBackend, cache_path: str) -> LLMStack:
+  """The client stack over a backend the caller built (``open_llm``'s last step; also how a
+  benchmark puts ``env.standin.StandInBackend`` under the real cache and batching layers)."""
   cached = cache_lib.CachedClient(backend, cache_lib.ResponseCache(cache_path))
   return LLMStack(BatchingClient(cached), cached, backend, backend.model_id)
