@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -135,7 +136,8 @@ def build(config, workdir: str):
   train_items = np.sort(pool[w.num_heldout_anchors: w.num_heldout_anchors + w.num_train_anchors])
   train_users, held_users = np.arange(w.num_train_users), np.arange(w.num_train_users, n_users)
   backend = standin.StandInBackend()
-  llm = stack.stack_over(backend, os.path.join(workdir, "env", "cache.jsonl"))
+  llm = stack.stack_over(backend, os.path.join(workdir, "env", "cache.jsonl"),
+                         int(config.env.cache_memory))
   words = standin.VOCAB
 
   def text(seed: int, n: int) -> str:
@@ -261,6 +263,11 @@ async def run(argv_quick: bool) -> int:
         coll_calls += backend.calls - calls0
         learn_wall += t2 - t1
       per_step.append((i, t1 - t0, t2 - t1, backend.calls - calls0, mon.now(), mon.peak()))
+    cache = world.llm.cached.cache
+    sample = [(key, cache.get(key)) for key in list(cache._entries)[:2000]]  # noqa: SLF001
+    per_entry = sum(sys.getsizeof(key) + sys.getsizeof(c) + sys.getsizeof(c.text) + 2 * 8 + 100
+                    for key, c in sample) / max(len(sample), 1)  # + dict slot, object fields
+    cache_entries = len(cache)
     rows.append((f"RL {rl_steps} steps x {job.rl.batch_size} episodes", sum(
         s[1] + s[2] for s in per_step), sum(s[3] for s in per_step), mon.peak()))
   mon.close()
@@ -295,6 +302,11 @@ async def run(argv_quick: bool) -> int:
     env_s = (ref_calls + rl_calls) / rate
     print(f"  {name} at {rate:g} calls/s: environment {_hours(env_s)} + overhead "
           f"{_hours(over_s)} = {_hours(env_s + over_s)} (overhead {over_s / env_s:.1%} of it)")
+  cap = int(c.env.cache_memory) or ref_calls + rl_calls
+  print(f"  response cache in memory: {cache_entries:,} answers here, ~{per_entry:.0f} B each; "
+        f"a paper-scale run's ~{ref_calls + rl_calls:,} answers, at most env.cache_memory="
+        f"{c.env.cache_memory:,} kept: ~{min(cap, ref_calls + rl_calls) * per_entry / GIB:.1f} GiB "
+        f"(all of them: ~{(ref_calls + rl_calls) * per_entry / GIB:.1f} GiB)")
   print(f"  (rollout-state labelling instead: ~{c.reference.episodes * c.rl.horizon:,} states x "
         f"K = {c.reference.episodes * c.rl.horizon * c.actions.k:,} transitions)")
   print(f"load average at end: {os.getloadavg()}")

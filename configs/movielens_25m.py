@@ -123,6 +123,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.env.prefetch_depth = 0
   # Most transition requests outstanding at once (the server's own limit is llm.concurrency).
   config.env.max_in_flight = 1024
+  # Answers the response cache keeps in memory (~0.5 KB each; a run makes ~26M): 2M, ~1 GiB.
+  config.env.cache_memory = 2_000_000
   # Horizon (paper: 5).
   config.rl.horizon = 5
   config.rl.steps = 20000

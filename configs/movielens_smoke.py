@@ -55,6 +55,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.env.prefetch_depth = 2
   # Most transition requests outstanding at once (sub-calls of <= 256; 0: each call's all at once).
   config.env.max_in_flight = 256
+  # Environment answers the response cache keeps in memory, least recently used dropped (0: all;
+  # every answer stays in env/cache.jsonl either way).
+  config.env.cache_memory = 0
 
   # Anchor descriptions (eagle_jax/env/build.py): plot only here (n_reasons = 0), written like a
   # transition (greedy) and cut to the same length as rewritten plots.

@@ -196,3 +196,28 @@ def test_world_record_streams_pairs_and_round_trips(tmp_path):
   np.save(tmp_path / "world" / "train_pairs.npy", np.zeros((3, 3), np.int32))
   with pytest.raises(ValueError, match=r"train_pairs.npy: expected \[5000, 2\]"):
     world_lib.load_pairs(str(tmp_path))
+
+
+def test_bounded_response_cache_keeps_the_most_recent_answers_and_re_asks_the_rest(tmp_path):
+  from eagle_jax.env import cache as cache_lib  # noqa: PLC0415
+
+  path = tmp_path / "cache.jsonl"
+  backend = standin.StandInBackend()
+  client = cache_lib.CachedClient(backend, cache_lib.ResponseCache(path, max_entries=3))
+  msgs = [f"prompt {i}" for i in range(5)]
+  params = [PARAMS] * 5
+  expect = [standin.answer(m, PARAMS) for m in msgs]
+  # A call larger than the memory still answers every prompt (duplicates asked once).
+  got = asyncio.run(client.generate(msgs + msgs[:1], params + params[:1]))
+  assert [c.text for c in got] == expect + expect[:1] and backend.calls == 5
+  assert len(client.cache) == 3  # the 3 most recent remembered
+  got = asyncio.run(client.generate(msgs[4:] + msgs[:1], params[:2]))
+  assert [c.text for c in got] == [expect[4], expect[0]] and backend.calls == 6  # 0 re-asked
+  client.cache.close()
+  assert len(path.read_text().splitlines()) == 6  # every answer on disk, the re-asked one twice
+  reloaded = cache_lib.ResponseCache(path, max_entries=2)
+  assert len(reloaded) == 2 and reloaded.duplicate_lines == 0
+  full = cache_lib.ResponseCache(path)
+  assert len(full) == 5 and full.duplicate_lines == 1
+  with pytest.raises(ValueError, match="max_entries"):
+    cache_lib.ResponseCache(path, max_entries=-1)

@@ -111,8 +111,9 @@ def check_config(config) -> None:
       _fail(f"world.{name}", "an int >= 1", w[name])
   if int(w.get("feature_memo", 0)) < 0:
     _fail("world.feature_memo", "an int >= 0 (0: unbounded)", w.feature_memo)
-  if int(config.env.get("max_in_flight", 0)) < 0:
-    _fail("env.max_in_flight", "an int >= 0 (0: unbounded)", config.env.max_in_flight)
+  for name in ("max_in_flight", "cache_memory"):
+    if int(config.env.get(name, 0)) < 0:
+      _fail(f"env.{name}", "an int >= 0 (0: unbounded)", config.env[name])
   if w.num_train_anchors + w.num_heldout_anchors > w.anchor_pool:
     _fail("world.anchor_pool", f">= num_train_anchors + num_heldout_anchors = "
           f"{w.num_train_anchors + w.num_heldout_anchors}", w.anchor_pool)
@@ -182,7 +183,7 @@ def open_llm(config, workdir: str) -> stack.LLMStack:
   os.makedirs(os.path.join(workdir, "env"), exist_ok=True)
   path = stack.process_cache_path(os.path.join(workdir, "env", "cache.jsonl"),
                                   jax.process_index(), jax.process_count())
-  return stack.open_llm(config.llm, path)
+  return stack.open_llm(config.llm, path, cache_memory=int(config.env.get("cache_memory", 0)))
 
 
 def cache_stats(world: World) -> dict[str, int]:

@@ -2,11 +2,11 @@
 
 ``StandInBackend`` answers every prompt with text assembled from a fixed vocabulary by a generator
 seeded with ``sha256`` of the prompt and its ``SamplingParams``: a pure function of (prompt,
-params), so of the state and action texts of a transition. It knows nothing about movies; it exists so that
-the real pipeline (``ContentGapEnv``, the response cache, labelling, rollouts, features) can be run
-at paper scale on a machine without a served model, to measure the pipeline's own memory and time
-per environment call (``benchmarks/scale_bench.py``). Its answers are two short sentences, so they
-parse as plots (``prompts.clean_paragraph``).
+params), so of the state and action texts of a transition. It knows nothing about movies; it
+exists so that the real pipeline (``ContentGapEnv``, the response cache, labelling, rollouts,
+features) can be run at paper scale on a machine without a served model, to measure the
+pipeline's own memory and time per environment call (``benchmarks/scale_bench.py``). Its answers
+are two short sentences, so they parse as plots (``prompts.clean_paragraph``).
 
 It implements ``env.client.SamplingBackend``; ``busy_s`` is the time spent inside its own
 ``generate`` (subtracted from a run's wall time to get the pipeline's overhead per call).
