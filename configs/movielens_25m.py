@@ -74,6 +74,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.world.num_train_users = 20000
   config.world.num_heldout_users = 1000
   config.world.min_user_ratings = 50
+  # Texts per feature memo (policy features, E_D outputs), least recently used dropped.
+  config.world.feature_memo = 100_000
   # The agent is a language model: a LoRA-adapted Llama-family decoder scoring the K candidates.
   config.policy.kind = "lm_choice"
   # Width of the pooled head (policy.kind="head", the ":head" variant).
@@ -105,12 +107,24 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.reference.design_dim = 0
   # Exploratory actions of the design (paper: m = 10).
   config.reference.exploratory_m = 10
+  # The paper's targets: q(x) for each training anchor x (anchors x K = 200k transitions) rather
+  # than every state of random rollouts (~100k states x K = 10M transitions).
+  config.reference.states = "anchors"
+  # Each anchor with 4 of its users (the optimistic target depends on the user).
+  config.reference.users_per_anchor = 4
+  # 256 states (64 anchors, 6,400 transitions) labelled at a time.
+  config.reference.chunk = 256
+  # Random episodes of states="rollout" (unused with "anchors").
   config.reference.episodes = 20000
   config.reference.rollout_batch = 512
   config.reference.steps = 5000
   config.reference.batch_size = 1024
   # Transitions computed lazily (the tree of K = 100, H = 5 cannot be enumerated).
   config.env.prefetch_depth = 0
+  # Most transition requests outstanding at once (the server's own limit is llm.concurrency).
+  config.env.max_in_flight = 1024
+  # Answers the response cache keeps in memory (~0.5 KB each; a run makes ~26M): 2M, ~1 GiB.
+  config.env.cache_memory = 2_000_000
   # Horizon (paper: 5).
   config.rl.horizon = 5
   config.rl.steps = 20000

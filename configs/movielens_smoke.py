@@ -53,6 +53,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # Compute every state within this many steps of every anchor up front (0: lazily, as episodes
   # reach them). The smoke tree is small (K + K^2 per anchor); at scale leave it 0.
   config.env.prefetch_depth = 2
+  # Most transition requests outstanding at once (sub-calls of <= 256; 0: each call's all at once).
+  config.env.max_in_flight = 256
+  # Environment answers the response cache keeps in memory, least recently used dropped (0: all;
+  # every answer stays in env/cache.jsonl either way).
+  config.env.cache_memory = 0
 
   # Anchor descriptions (eagle_jax/env/build.py): plot only here (n_reasons = 0), written like a
   # transition (greedy) and cut to the same length as rewritten plots.
@@ -77,6 +82,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.world.num_heldout_users = 16
   # Users need at least this many ratings to be drawn.
   config.world.min_user_ratings = 40
+  # Texts whose features each memo (policy features, E_D outputs) keeps; least recently used are
+  # dropped and encoded again when met (0: keep all).
+  config.world.feature_memo = 100_000
 
   # K candidate actions per anchor, offered at every step (the paper: K = 100, new per state):
   # 3 LLM-written (categories in turn, varied by temperature), the rest from templates; generic
@@ -151,6 +159,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.reference.episodes = 64
   # Episodes per rollout batch while labelling.
   config.reference.rollout_batch = 32
+  # States labelled: "rollout" (every distinct state the random episodes visit) or "anchors" (the
+  # paper's q(x) for the dataset's movies: each training anchor with users_per_anchor users).
+  config.reference.states = "rollout"
+  # Users paired with each training anchor when states is "anchors".
+  config.reference.users_per_anchor = 1
+  # States labelled together: their features, K children and targets exist one chunk at a time.
+  config.reference.chunk = 4096
   # Cross-entropy steps of the reference network.
   config.reference.steps = 150
   # Minibatch of labelled states.

@@ -3,8 +3,9 @@
 A state is a description (plot text) of a possibly hypothetical movie together with the user it is
 written for; an action is a textual change ("Turn it into a horror film"). ``step`` asks the frozen
 environment LLM to rewrite each description with its action (``prompts.transition_prompt``), all
-requests of a call in flight at once through the async sampling client, so a batching backend (the
-local sampler, our HTTP server, vLLM) runs them as one batch. Every answer goes through the client's
+requests of a call in flight together (at most ``max_in_flight`` at once, ``env.inflight``) through
+the async sampling client, so a batching backend (the local sampler, our HTTP server, vLLM) runs
+them as one batch. Every answer goes through the client's
 response cache: transitions are greedy with a fixed seed, hence a deterministic function of
 (description, action), and a rerun or a resumed run replays them from disk.
 
@@ -29,6 +30,7 @@ from eagle_jax import utility as utility_lib
 from eagle_jax.agent.features import TextFeatures
 from eagle_jax.checks import check_finite
 from eagle_jax.env import client as client_lib
+from eagle_jax.env import inflight
 
 
 @functools.partial(jax.jit, static_argnames=("k", "lam"))
@@ -50,16 +52,21 @@ class ContentGapEnv:
     lam: novelty weight of the utility.
     k: nearest existing items of the novelty term.
     max_sentences: sentences kept of a rewritten plot.
+    max_in_flight: most transition requests outstanding at once (0: a call's all at once).
+    memo_size: most texts whose E_D output is remembered (LRU; 0: all).
   """
 
   def __init__(self, client, params: client_lib.SamplingParams,
                ed: Callable[[Sequence[str]], np.ndarray], item_table: np.ndarray,
-               user_table: np.ndarray, *, lam: float, k: int = 3, max_sentences: int = 3):
+               user_table: np.ndarray, *, lam: float, k: int = 3, max_sentences: int = 3,
+               max_in_flight: int = 0, memo_size: int = 0):
     self.client = client
     self.params = params
     self.item_table = jnp.asarray(check_finite(item_table, "item table Z"), jnp.float32)
-    # E_D of each distinct text, computed once.
-    self._z = TextFeatures(ed, self.item_table.shape[1], name="E_D output")
+    # E_D of each distinct text, computed once while it stays in the LRU memo.
+    self._z = TextFeatures(ed, self.item_table.shape[1], name="E_D output",
+                           max_entries=memo_size)
+    self.max_in_flight = int(max_in_flight)
     self.user_table = check_finite(user_table, "user table Z").astype(np.float32)
     self.lam = float(lam)
     self.k = int(k)
@@ -78,7 +85,8 @@ class ContentGapEnv:
     if not descriptions:
       return []
     msgs = [prompts.transition_prompt(f"Plot: {d}", a) for d, a in zip(descriptions, actions)]
-    answers = await self.client.generate(msgs, [self.params] * len(msgs))
+    answers = await inflight.generate_bounded(self.client, msgs, [self.params] * len(msgs),
+                                              self.max_in_flight)
     out = []
     for d, c in zip(descriptions, answers):
       try:

@@ -1,9 +1,12 @@
 """Frozen text features for the agent, memoised per distinct text.
 
-A ``TextFeatures`` maps strings to [N, F] float32 rows through a frozen backbone and remembers every
-text it has seen: within a run, episodes revisit the same descriptions and candidate actions many
-times (the environment's answers are cached, so the state space is a tree of distinct texts), and each
-text is encoded once.
+A ``TextFeatures`` maps strings to [N, F] float32 rows through a frozen backbone and remembers the
+texts it has seen: within a run, episodes revisit the same descriptions and candidate actions many
+times (the environment's answers are cached, so the state space is a tree of distinct texts), and a
+remembered text is not encoded again. The memo is a least-recently-used table of at most
+``max_entries`` texts (``config.world.feature_memo``; 0: unbounded), so a paper-scale run's host
+memory does not grow with every text it ever met; a dropped text is encoded again when it returns
+(the backbones here give a text the same row whatever it is encoded with).
 
 Backbones:
 * ``minilm`` (default on CPU): all-MiniLM-L6-v2 mean-pooled, L2-normalised sentence embeddings (the
@@ -14,6 +17,7 @@ Backbones:
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 
 import jax
@@ -25,7 +29,13 @@ from eagle_jax.models import llama as llama_lib
 
 
 class TextFeatures:
-  """Memoised ``texts -> [N, F]`` over an ``encode`` function.
+  """Memoised ``texts -> [N, F]`` over an ``encode`` function (a bounded LRU memo).
+
+  Args:
+    encode: the backbone, ``[M] texts -> [M, F]``.
+    dim: F.
+    name: names the features in errors.
+    max_entries: most texts remembered (least recently used dropped first); 0: all of them.
 
   Attributes:
     dim: F.
@@ -33,30 +43,42 @@ class TextFeatures:
   """
 
   def __init__(self, encode: Callable[[Sequence[str]], np.ndarray], dim: int,
-               name: str = "text features"):
+               name: str = "text features", max_entries: int = 0):
+    if int(max_entries) < 0:
+      raise ValueError(f"{name}: max_entries={max_entries}; expected an int >= 0 (0: unbounded)")
     self._encode = encode
     self.dim = int(dim)
     self.name = name
-    self._memo: dict[str, np.ndarray] = {}
+    self.max_entries = int(max_entries)
+    self._memo: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
     self.encoded = 0
 
   def __call__(self, texts: Sequence[str]) -> np.ndarray:
     """[N] strings -> [N, F] float32."""
-    todo = sorted({t for t in texts if t not in self._memo})
+    if not texts:
+      return np.zeros((0, self.dim), np.float32)
+    rows: dict[str, np.ndarray] = {}
+    for t in texts:
+      if t not in rows and t in self._memo:
+        self._memo.move_to_end(t)
+        rows[t] = self._memo[t]
+    todo = sorted({t for t in texts if t not in rows})
     if todo:
-      rows = np.asarray(self._encode(todo), np.float32)
-      if rows.shape != (len(todo), self.dim):
-        raise ValueError(f"encoder returned {rows.shape}, expected ({len(todo)}, {self.dim})")
-      bad = ~np.isfinite(rows).all(axis=1)
+      new = np.asarray(self._encode(todo), np.float32)
+      if new.shape != (len(todo), self.dim):
+        raise ValueError(f"encoder returned {new.shape}, expected ({len(todo)}, {self.dim})")
+      bad = ~np.isfinite(new).all(axis=1)
       if bad.any():
         text = todo[int(np.argmax(bad))]
         raise NonFiniteError(f"{self.name}: non-finite values for the text {text[:120]!r} "
                              f"({int(bad.sum())} of {len(todo)} texts); expected finite numbers")
-      self._memo.update(zip(todo, rows))
+      rows.update(zip(todo, new))
+      self._memo.update(zip(todo, new))
       self.encoded += len(todo)
-    if not texts:
-      return np.zeros((0, self.dim), np.float32)
-    return np.stack([self._memo[t] for t in texts])
+      if self.max_entries:
+        while len(self._memo) > self.max_entries:
+          self._memo.popitem(last=False)
+    return np.stack([rows[t] for t in texts])
 
   def __len__(self) -> int:
     return len(self._memo)

@@ -1,10 +1,21 @@
 """Reference policies of EAGLE (paper section 5.3) and the targets the reference network learns.
 
 The reference policy pi_ref is a network of the agent's architecture trained by cross-entropy on
-target distributions q(.|s) over the K candidates of states s visited by uniformly random rollouts
-on the training pairs (``reference_dataset``). The kinds live in one registry, ``REFERENCES`` (name ->
-``ReferenceKind``); ``lookup`` resolves a configured name once, at the job's entry
-(``trainer.validate``):
+target distributions q(.|s) over the K candidates of a set of states (``reference_dataset``), chosen
+by ``config.reference.states``:
+
+* ``anchors`` (the paper: q(x) for the dataset's movies x): each training anchor's plot, paired with
+  ``users_per_anchor`` of its training users; the K children of each anchor are computed once
+  (anchors x K transitions).
+* ``rollout``: every distinct state visited by ``episodes`` uniformly random rollouts on the
+  training pairs (about episodes x H states, each with K children).
+
+States are labelled ``chunk`` at a time: their features, children and targets exist for one chunk
+only, so host memory is bounded by the chunk, not the dataset. A chunk's transitions go through
+``ContentGapEnv.step`` (at most ``env.max_in_flight`` requests outstanding).
+
+The kinds live in one registry, ``REFERENCES`` (name -> ``ReferenceKind``); ``lookup`` resolves a
+configured name once, at the job's entry (``trainer.validate``):
 
 * ``uniform``: q = 1/K.
 * ``optimistic``: every candidate is tried through the environment, q = one-hot on the candidate whose
@@ -35,6 +46,9 @@ from eagle_jax.agent import world as world_lib
 from eagle_jax.agent.world import World
 from eagle_jax.training import ConfigError, Progress
 
+# How the labelled states are chosen (``config.reference.states``; module docstring).
+STATES = ("anchors", "rollout")
+
 
 @dataclasses.dataclass(frozen=True)
 class LabelConfig:
@@ -42,11 +56,14 @@ class LabelConfig:
   ``trainer.validate``).
 
   Attributes:
-    episodes: uniformly random episodes that visit the states.
+    episodes: uniformly random episodes that visit the states (``states="rollout"``).
     rollout_batch: episodes per rollout batch.
     exploratory_m: m, exploratory actions per state (``g_optimal``; in [1, K]).
     design_dim: principal directions the design runs in (0: raw Z).
     design_eps, design_max_iters, design_ridge: Frank-Wolfe settings.
+    states: one of ``STATES``: which states are labelled.
+    users_per_anchor: users paired with each anchor (``states="anchors"``).
+    chunk: states labelled together (features, children and targets of one chunk at a time).
   """
 
   episodes: int
@@ -56,15 +73,32 @@ class LabelConfig:
   design_eps: float
   design_max_iters: int
   design_ridge: float
+  states: str = "rollout"
+  users_per_anchor: int = 1
+  chunk: int = 4096
 
   @classmethod
   def from_config(cls, reference_config) -> LabelConfig:
-    """Typed fields of ``config.reference`` (the caller has checked their ranges)."""
+    """Typed fields of ``config.reference`` (the caller has checked the ranges of the older
+    fields; ``states``, ``users_per_anchor`` and ``chunk`` are checked here).
+
+    Raises:
+      ConfigError: naming the field.
+    """
     r = reference_config
+    states = r.get("states", "rollout")
+    if states not in STATES:
+      raise ConfigError(f"config.reference.states={states!r}: expected one of {STATES}")
+    for name, default in (("users_per_anchor", 1), ("chunk", 4096)):
+      v = r.get(name, default)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"config.reference.{name}={v!r}: expected an int >= 1")
     return cls(episodes=int(r.episodes), rollout_batch=int(r.rollout_batch),
                exploratory_m=int(r.exploratory_m), design_dim=int(r.design_dim),
                design_eps=float(r.design_eps), design_max_iters=int(r.design_max_iters),
-               design_ridge=float(r.design_ridge))
+               design_ridge=float(r.design_ridge), states=states,
+               users_per_anchor=int(r.get("users_per_anchor", 1)),
+               chunk=int(r.get("chunk", 4096)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,9 +187,13 @@ def g_optimal_targets(key: jax.Array, child_z: np.ndarray, *, m: int, eps: float
 
 
 async def _next_states(world: World, visited: Visited) -> list[str]:
-  """The K next descriptions of every visited state, flattened state-major: N * K texts."""
-  children = await world_lib.expand(world, visited.texts, visited.items)
-  return [c for row in children for c in row]
+  """The K next descriptions of every visited state, flattened state-major: N * K texts. A
+  (description, anchor) met several times (an anchor with several users) is expanded once."""
+  keys = list(dict.fromkeys((x, int(i)) for x, i in zip(visited.texts, visited.items)))
+  children = await world_lib.expand(world, [x for x, _ in keys],
+                                    np.asarray([i for _, i in keys], np.int64))
+  row = {k: j for j, k in enumerate(keys)}
+  return [c for x, i in zip(visited.texts, visited.items) for c in children[row[(x, int(i))]]]
 
 
 async def _label_uniform(world: World, visited: Visited, config: LabelConfig, key: jax.Array
@@ -209,13 +247,44 @@ def lookup(kind: str, field: str) -> ReferenceKind:
   return REFERENCES[kind]
 
 
+class AnchorRows:
+  """Per-state candidate features stored once per anchor: indexing gathers the rows.
+
+  ``rows[idx]`` is ``table[anchor_of[idx]]``: [len(idx), K, A]; the [N, K, A] array of every state
+  is never built (at paper scale it would be ~17 GB).
+
+  Args:
+    table: [I, K, A] candidate features of the I anchors.
+    anchor_of: [N] int row of ``table`` of each state.
+  """
+
+  def __init__(self, table: np.ndarray, anchor_of: np.ndarray):
+    self.table = table
+    self.anchor_of = np.asarray(anchor_of, np.int64)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return (len(self.anchor_of),) + tuple(self.table.shape[1:])
+
+  def __len__(self) -> int:
+    return len(self.anchor_of)
+
+  def __getitem__(self, idx) -> np.ndarray:
+    return self.table[self.anchor_of[idx]]
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    out = self.table[self.anchor_of]
+    return out if dtype is None else out.astype(dtype)
+
+
 @dataclasses.dataclass
 class ReferenceData:
-  """States and targets for the reference network: state [N, S], action_feats [N, K, A],
-  mask [N, K], targets [N, K]; ``stats`` records design certificates and sizes."""
+  """States and targets for the reference network: state [N, S], action_feats [N, K, A] (an
+  ``AnchorRows``: indexed like an array), mask [N, K], targets [N, K]; ``stats`` records design
+  certificates and sizes."""
 
   state: np.ndarray
-  action_feats: np.ndarray
+  action_feats: AnchorRows
   mask: np.ndarray
   targets: np.ndarray
   stats: dict
@@ -224,48 +293,103 @@ class ReferenceData:
     return len(self.state)
 
 
+async def _rollout_states(world: World, featurizer: rollout.Featurizer, config: LabelConfig, *,
+                          seed: int, reward: str, key: jax.Array, progress: Progress
+                          ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+  """The distinct (user, anchor, text, t) states of ``config.episodes`` random episodes:
+  (texts, [N] users, [N] items, [N] steps)."""
+  states, users, items, steps = [], [], [], []
+  seen = set()
+  for b in range(-(-config.episodes // config.rollout_batch)):
+    pairs = rollout.sample_pairs(world.train_pairs, config.rollout_batch, seed + 7, b)
+    ep = await rollout.collect(world, featurizer, None, pairs, jax.random.fold_in(key, b),
+                               reward=reward)
+    for (u, i), row in zip(ep.pairs, ep.texts):
+      for t in range(featurizer.horizon):
+        ident = (int(u), int(i), row[t], t)
+        if ident not in seen:
+          seen.add(ident)
+          states.append(row[t])
+          users.append(int(u))
+          items.append(int(i))
+          steps.append(t)
+    progress.update(1)
+  return states, np.asarray(users), np.asarray(items), np.asarray(steps)
+
+
+def anchor_states(world: World, users_per_anchor: int, seed: int
+                  ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+  """Each training anchor's plot with ``users_per_anchor`` of its training users (a seeded draw
+  without replacement per anchor; all of them when it has fewer): (texts, [N] users, [N] items,
+  [N] steps = 0), anchor-major in item order."""
+  pairs = np.asarray(world.train_pairs)
+  order = np.argsort(pairs[:, 1], kind="stable")
+  items_sorted = pairs[order, 1]
+  anchors, starts, counts = np.unique(items_sorted, return_index=True, return_counts=True)
+  users, items = [], []
+  for i, s, c in zip(anchors.tolist(), starts.tolist(), counts.tolist()):
+    rng = np.random.default_rng([int(seed) + 7, i])
+    pick = rng.choice(c, size=min(users_per_anchor, c), replace=False)
+    users.extend(pairs[order[s + np.sort(pick)], 0].tolist())
+    items.extend([i] * len(pick))
+  texts = [world.anchors[i].plot for i in items]
+  return texts, np.asarray(users), np.asarray(items), np.zeros(len(items), np.int64)
+
+
+def _merge_stats(parts: list[tuple[int, dict]]) -> dict:
+  """Chunk statistics -> one: the design certificate's worst case, other numbers size-weighted."""
+  out: dict = {}
+  for name in {k for _, st in parts for k in st}:
+    vals = [(n, st[name]) for n, st in parts if name in st]
+    if name == "design_g_over_rank":
+      out[name] = float(max(v for _, v in vals))
+    else:
+      out[name] = float(sum(n * v for n, v in vals) / max(sum(n for n, _ in vals), 1))
+  return out
+
+
 async def reference_dataset(kind: ReferenceKind, world: World, featurizer: rollout.Featurizer,
                             config: LabelConfig, *, seed: int, reward: str, key: jax.Array
                             ) -> ReferenceData:
-  """Visits states with uniformly random rollouts and labels them with ``kind``'s targets.
+  """The states ``config.states`` chooses, labelled with ``kind``'s targets ``config.chunk`` at a
+  time (module docstring).
 
   Args:
     kind: the registry entry (``lookup``).
     world, featurizer: the run's world and features (episodes last ``featurizer.horizon`` steps).
-    config: the visiting and design settings.
-    seed: the run seed (the rollouts' pairs are drawn from ``seed + 7``).
+    config: the visiting, chunking and design settings.
+    seed: the run seed (rollout pairs and anchor users are drawn from ``seed + 7``).
     reward: the rollouts' reward kind (``rollout.collect``; the targets do not use it).
-    key: PRNG key (rollout draws and exploratory draws).
+    key: PRNG key (rollout draws and exploratory draws; chunk c > 0 labels with
+      ``fold_in(key, 20_000 + c)``, chunk 0 with ``key``).
   """
-  horizon = featurizer.horizon
-  states, users, items, steps = [], [], [], []
-  seen = set()
-  n_batches = -(-config.episodes // config.rollout_batch)
-  # One unit per rollout batch, and one for the labelling (N * K transitions when it tries every
-  # candidate).
+  n_batches = (-(-config.episodes // config.rollout_batch) if config.states == "rollout" else 0)
   progress = Progress(n_batches + 1, desc=f"reference[{kind.name}] states")
   try:
-    for b in range(n_batches):
-      pairs = rollout.sample_pairs(world.train_pairs, config.rollout_batch, seed + 7, b)
-      ep = await rollout.collect(world, featurizer, None, pairs, jax.random.fold_in(key, b),
-                                 reward=reward)
-      for (u, i), row in zip(ep.pairs, ep.texts):
-        for t in range(horizon):
-          ident = (int(u), int(i), row[t], t)
-          if ident not in seen:
-            seen.add(ident)
-            states.append(row[t])
-            users.append(int(u))
-            items.append(int(i))
-            steps.append(t)
-      progress.update(1)
-    users_a, items_a, steps_a = np.asarray(users), np.asarray(items), np.asarray(steps)
-    state = featurizer.state(users_a, states, steps_a)
-    feats, mask = featurizer.actions(items_a)
-    targets, label_stats = await kind.label(world, Visited(states, users_a, items_a, mask),
-                                            config, key)
-    progress.update(1)
+    if config.states == "rollout":
+      texts, users, items, steps = await _rollout_states(
+          world, featurizer, config, seed=seed, reward=reward, key=key, progress=progress)
+    else:
+      texts, users, items, steps = anchor_states(world, config.users_per_anchor, seed)
+    anchors, anchor_of = np.unique(items, return_inverse=True)
+    table, table_mask = featurizer.actions(anchors)
+    mask = table_mask[anchor_of]
+    n, k = len(texts), world.num_actions
+    progress.close()
+    progress = Progress(n, desc=f"reference[{kind.name}] labelled states")
+    state = np.zeros((n, featurizer.state_dim), np.float32)
+    targets = np.zeros((n, k), np.float32)
+    parts = []
+    for c, s in enumerate(range(0, n, config.chunk)):
+      e = min(s + config.chunk, n)
+      state[s:e] = featurizer.state(users[s:e], texts[s:e], steps[s:e])
+      q, st = await kind.label(world, Visited(texts[s:e], users[s:e], items[s:e], mask[s:e]),
+                               config, key if c == 0 else jax.random.fold_in(key, 20_000 + c))
+      targets[s:e] = q
+      parts.append((e - s, st))
+      progress.update(e - s)
   finally:
     progress.close()
-  stats: dict = {"states": len(states), "kind": kind.name, **label_stats}
-  return ReferenceData(state, feats, mask, targets.astype(np.float32), stats)
+  stats: dict = {"states": n, "kind": kind.name, "state_set": config.states,
+                 **_merge_stats(parts)}
+  return ReferenceData(state, AnchorRows(table, anchor_of), mask, targets, stats)

@@ -15,7 +15,9 @@ once (``check_config``) and composes phases that each call one library function:
    pipeline as ``launch.build_env_data``;
 5. episodes: anchors and users drawn from ratings, train / held-out (user, anchor) pairs;
 6. optionally every state of the depth-``env.prefetch_depth`` transition tree (``prefetch_tree``);
-7. ``world.json``: anchors, action provenance, profiles, pairs, for inspection.
+7. the world record, for inspection: ``world.json`` (anchors, action provenance, profiles, sizes)
+   naming the pair arrays, written as ``world/<split>_pairs.npy`` ([P, 2] int32; at paper scale
+   the 40M training pairs do not fit a JSON list); ``load_pairs`` reads them back.
 
 Choices where the paper is silent (recorded in the configs):
 * Anchors are drawn (seeded) from the most-rated movies; train and held-out anchors are disjoint, as
@@ -107,6 +109,11 @@ def check_config(config) -> None:
                "anchor_pool", "min_user_ratings"):
     if int(w[name]) < 1:
       _fail(f"world.{name}", "an int >= 1", w[name])
+  if int(w.get("feature_memo", 0)) < 0:
+    _fail("world.feature_memo", "an int >= 0 (0: unbounded)", w.feature_memo)
+  for name in ("max_in_flight", "cache_memory"):
+    if int(config.env.get(name, 0)) < 0:
+      _fail(f"env.{name}", "an int >= 0 (0: unbounded)", config.env[name])
   if w.num_train_anchors + w.num_heldout_anchors > w.anchor_pool:
     _fail("world.anchor_pool", f">= num_train_anchors + num_heldout_anchors = "
           f"{w.num_train_anchors + w.num_heldout_anchors}", w.anchor_pool)
@@ -176,7 +183,7 @@ def open_llm(config, workdir: str) -> stack.LLMStack:
   os.makedirs(os.path.join(workdir, "env"), exist_ok=True)
   path = stack.process_cache_path(os.path.join(workdir, "env", "cache.jsonl"),
                                   jax.process_index(), jax.process_count())
-  return stack.open_llm(config.llm, path)
+  return stack.open_llm(config.llm, path, cache_memory=int(config.env.get("cache_memory", 0)))
 
 
 def cache_stats(world: World) -> dict[str, int]:
@@ -255,7 +262,7 @@ def _policy_features(config, llm: stack.LLMStack, features: TextFeatures) -> Tex
       path = assets.resolve_gguf(config.llm.gguf)
       _, model = loading.load_llama_gguf(path)
       pooler = DecoderPooler(model, Tokenizer.from_gguf(path))
-    out = TextFeatures(pooler, pooler.dim)
+    out = TextFeatures(pooler, pooler.dim, max_entries=int(config.world.get("feature_memo", 0)))
   if out.dim != int(config.policy.text_dim):
     raise training.ConfigError(
         f"config.policy.text_dim={config.policy.text_dim} but the {config.policy.backbone} "
@@ -278,7 +285,8 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
   emb_path, z_users, z_items = _latent(config, workdir, ratings)
   if encoder is None:
     encoder = SentenceEncoder.from_pretrained(config.encoder.minilm or None)
-  features = TextFeatures(encoder.encode, encoder.dim)
+  memo = int(config.world.get("feature_memo", 0))
+  features = TextFeatures(encoder.encode, encoder.dim, max_entries=memo)
   ed, ed_meta = _encoder(config, workdir, emb_path, features)
   llm = llm or open_llm(config, workdir)
   train_items, held_items, train_users, held_users = _select(config, ratings)
@@ -288,7 +296,8 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
   data = _env_data(config, workdir, llm, features, movies, users)
   env = ContentGapEnv(llm.client, transition_params(config), ed, z_items, z_users,
                       lam=float(config.utility.lam), k=int(config.utility.k),
-                      max_sentences=int(config.env.max_sentences))
+                      max_sentences=int(config.env.max_sentences),
+                      max_in_flight=int(config.env.get("max_in_flight", 0)), memo_size=memo)
   world = World(
       env=env, llm=llm, features=features,
       policy_features=_policy_features(config, llm, features), anchors=_anchors(config, data),
@@ -305,14 +314,14 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
     logging.info("world: %d states prefetched to depth %d", n, config.env.prefetch_depth)
     world.info["prefetched_states"] = n
   if jax.process_index() == 0:  # every process of a multi-process run restores the same world
-    _write_world(world, os.path.join(workdir, "world.json"), ratings, data)
+    write_world(world, workdir, ratings, data)
   return world
 
 
 async def expand(world: World, texts: Sequence[str], items: np.ndarray) -> list[list[str]]:
   """All K next descriptions of each state: [N] texts, [N] anchor items -> N lists of K texts.
 
-  One ``env.step`` call with all N * K requests in flight."""
+  One ``env.step`` call of N * K requests (at most ``env.max_in_flight`` outstanding)."""
   descs, acts = [], []
   for x, i in zip(texts, items):
     for a in world.anchors[int(i)].actions:
@@ -347,7 +356,23 @@ async def prefetch_tree(world: World, items: Sequence[int], depth: int) -> int:
   return len(seen)
 
 
-def _write_world(world: World, path: str, ratings, data: build.EnvData) -> None:
+PAIRS_DIR = "world"
+
+
+def _save_pairs(path: str, pairs: np.ndarray) -> None:
+  with open(path + ".tmp", "wb") as f:
+    np.save(f, np.asarray(pairs, np.int32), allow_pickle=False)
+  os.replace(path + ".tmp", path)
+
+
+def write_world(world: World, workdir: str, ratings, data: build.EnvData) -> None:
+  """``<workdir>/world.json`` (metadata) and ``<workdir>/world/<split>_pairs.npy`` (the pairs)."""
+  os.makedirs(os.path.join(workdir, PAIRS_DIR), exist_ok=True)
+  splits = {"train": world.train_pairs, **world.heldout_pairs}
+  files = {}
+  for split, pairs in splits.items():
+    files[split] = f"{PAIRS_DIR}/{split}_pairs.npy"
+    _save_pairs(os.path.join(workdir, files[split]), pairs)
   sets = {s["movie_id"]: s for s in data.action_sets}
   anchors = {}
   for d in data.descriptions:
@@ -361,9 +386,34 @@ def _write_world(world: World, path: str, ratings, data: build.EnvData) -> None:
       "profiles": {str(u): p for u, p in world.profiles.items()},
       "profile_source": {str(p["user_index"]): p["source"] for p in data.profiles},
       "user_ids": {str(u): int(ratings.user_ids[u]) for u in world.profiles},
-      "train_pairs": world.train_pairs.tolist(),
-      "heldout_pairs": {k: v.tolist() for k, v in world.heldout_pairs.items()},
+      "pair_files": files,
+      "pair_counts": {k: len(v) for k, v in splits.items()},
       "num_actions": world.num_actions, **world.info}
+  path = os.path.join(workdir, "world.json")
   with open(path + ".tmp", "w") as f:
     json.dump(record, f, indent=1)
   os.replace(path + ".tmp", path)
+
+
+def load_pairs(workdir: str) -> dict[str, np.ndarray]:
+  """The pairs ``write_world`` recorded: split ("train", "new_users", "new_anchors") -> [P, 2]
+  int32.
+
+  Raises:
+    ValueError: naming the file when a pair array is missing or not [P, 2] integers.
+  """
+  with open(os.path.join(workdir, "world.json")) as f:
+    record = json.load(f)
+  out = {}
+  for split, name in record["pair_files"].items():
+    path = os.path.join(workdir, name)
+    try:
+      pairs = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"{path}: cannot read the {split} pairs ({e})") from None
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.dtype.kind not in "iu" or (
+        len(pairs) != record["pair_counts"][split]):
+      raise ValueError(f"{path}: expected [{record['pair_counts'][split]}, 2] integers, got "
+                       f"{pairs.shape} {pairs.dtype}")
+    out[split] = pairs
+  return out

@@ -22,7 +22,13 @@ Durability:
   process, or a line that a killed process left half-written in the middle) and warns with the
   count. If the file does not end with a newline, a newline is appended before the next answer so
   the fragment can never swallow a good line.
-* A key is never written twice: ``put`` checks the in-memory index under a lock before appending.
+* Memory: every answer is kept in memory by default. ``max_entries=N`` keeps only the N most
+  recently used (least recently used dropped; loading keeps the last N distinct keys of the file,
+  read line by line): a paper-scale run's ~26M answers would not fit in host memory. A dropped
+  answer stays on disk; asked again, it is a miss, sampled again and appended again (the same text
+  for a deterministic environment; on load the first line of a key wins among those remembered).
+* A key is never written twice while it is remembered: ``put`` checks the in-memory index under a
+  lock before appending.
   One process should own a cache file; several writer processes on one file are not coordinated
   (each would only check its own index; duplicates are then dropped on load, first one wins).
 
@@ -33,6 +39,7 @@ the inner call returns.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -70,15 +77,19 @@ class ResponseCache:
   Args:
     path: the JSONL file (created with its parent folder if missing).
     fsync: "never" or "always".
+    max_entries: most answers kept in memory, least recently used dropped (0: all).
   """
 
-  def __init__(self, path: str | os.PathLike, *, fsync: str = "never"):
+  def __init__(self, path: str | os.PathLike, *, fsync: str = "never", max_entries: int = 0):
     if fsync not in ("never", "always"):
       raise ValueError(f"fsync: expected 'never' or 'always', got {fsync!r}")
+    if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 0:
+      raise ValueError(f"max_entries: expected an int >= 0 (0: all), got {max_entries!r}")
     self.path = pathlib.Path(path)
     self.fsync = fsync
+    self.max_entries = max_entries
     self._lock = threading.Lock()
-    self._entries: dict[str, Completion] = {}
+    self._entries: collections.OrderedDict[str, Completion] = collections.OrderedDict()
     self.skipped_lines = 0
     self.duplicate_lines = 0
     self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,35 +97,42 @@ class ResponseCache:
     self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
   def _load(self) -> bool:
-    """Reads the file; returns True when it ends without a newline (a killed writer)."""
+    """Reads the file line by line; returns True when it ends without a newline (a killed
+    writer)."""
     if not self.path.exists():
       return False
-    data = self.path.read_bytes()
-    lines = data.split(b"\n")
-    for number, line in enumerate(lines, start=1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-        key = rec["key"]
-        completion = Completion(text=rec["text"], finish_reason=rec.get("finish_reason", "length"),
-                                completion_tokens=rec.get("completion_tokens"))
-        if not isinstance(key, str) or not isinstance(completion.text, str):
-          raise TypeError("key/text")
-      except (ValueError, KeyError, TypeError):
-        self.skipped_lines += 1
-        last = number == len(lines)
-        logging.warning("%s:%d: skipping an unreadable cache line%s", self.path, number,
-                        " (truncated by a killed writer)" if last else "")
-        continue
-      if key in self._entries:
-        self.duplicate_lines += 1
-        continue
-      self._entries[key] = completion
+    number, line = 0, b""
+    with open(self.path, "rb") as f:
+      for number, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        try:
+          rec = json.loads(line)
+          key = rec["key"]
+          completion = Completion(text=rec["text"],
+                                  finish_reason=rec.get("finish_reason", "length"),
+                                  completion_tokens=rec.get("completion_tokens"))
+          if not isinstance(key, str) or not isinstance(completion.text, str):
+            raise TypeError("key/text")
+        except (ValueError, KeyError, TypeError):
+          self.skipped_lines += 1
+          last = not line.endswith(b"\n")
+          logging.warning("%s:%d: skipping an unreadable cache line%s", self.path, number,
+                          " (truncated by a killed writer)" if last else "")
+          continue
+        if key in self._entries:
+          self.duplicate_lines += 1
+          continue
+        self._remember(key, completion)
     if self.skipped_lines:
       logging.warning("%s: %d unreadable line(s) skipped, %d entries loaded", self.path,
                       self.skipped_lines, len(self._entries))
-    return bool(data) and not data.endswith(b"\n")
+    return number > 0 and not line.endswith(b"\n")
+
+  def _remember(self, key: str, completion: Completion) -> None:
+    self._entries[key] = completion
+    if self.max_entries and len(self._entries) > self.max_entries:
+      self._entries.popitem(last=False)
 
   def __len__(self) -> int:
     return len(self._entries)
@@ -123,7 +141,12 @@ class ResponseCache:
     return key in self._entries
 
   def get(self, key: str) -> Completion | None:
-    return self._entries.get(key)
+    c = self._entries.get(key)
+    if c is not None and self.max_entries:
+      with self._lock:
+        if key in self._entries:
+          self._entries.move_to_end(key)
+    return c
 
   def put(
       self, key: str, completion: Completion, *, model: str, prompt: Prompt,
@@ -149,7 +172,7 @@ class ResponseCache:
       if self.fsync == "always":
         os.fsync(self._fd)
       self._needs_newline = False
-      self._entries[key] = completion
+      self._remember(key, completion)
       return True
 
   def close(self) -> None:
@@ -204,16 +227,22 @@ class CachedClient(SamplingBackend):
           on_result(i, c)
     if todo:
       idx = list(todo.values())
+      waiting: dict[str, list[int]] = {}  # key -> the indices that wait for its answer
+      for i, (k, c) in enumerate(zip(keys, out)):
+        if c is None:
+          waiting.setdefault(k, []).append(i)
 
       def store(j: int, completion: Completion) -> None:
         # Written as soon as each answer arrives: an interrupted call keeps what it got.
         i = idx[j]
+        if out[i] is not None:
+          return
         self.cache.put(keys[i], completion, model=self.model_id, prompt=prompts[i],
                        params=params[i])
-        if on_result is not None:
-          for k in range(len(keys)):
-            if keys[k] == keys[i] and out[k] is None:
-              on_result(k, completion)
+        for k in waiting[keys[i]]:
+          out[k] = completion
+          if on_result is not None:
+            on_result(k, completion)
 
       answers = await self.inner.generate([prompts[i] for i in idx], [params[i] for i in idx],
                                           on_result=store)
@@ -221,11 +250,7 @@ class CachedClient(SamplingBackend):
         raise client_lib.SamplingError(
             f"{type(self.inner).__name__}.generate returned {len(answers)} answers for {len(idx)}")
       for j, c in enumerate(answers):
-        if keys[idx[j]] not in self.cache:  # an inner backend that did not call on_result
-          store(j, c)
-      for i, k in enumerate(keys):
-        if out[i] is None:
-          out[i] = self.cache.get(k)
+        store(j, c)  # an inner backend that did not call on_result (a no-op for those it did)
     return out  # type: ignore[return-value]
 
   async def aclose(self) -> None:

@@ -156,7 +156,7 @@ class LLMStack:
 
 def open_llm(llm, cache_path: str, *, sampler=None, model_file: str | os.PathLike | None = None,
              model_name: str | None = None, chat: bool = True,
-             field: str = "config.llm") -> LLMStack:
+             field: str = "config.llm", cache_memory: int = 0) -> LLMStack:
   """Builds the stack of a validated ``config.llm`` block (module docstring).
 
   Args:
@@ -169,6 +169,7 @@ def open_llm(llm, cache_path: str, *, sampler=None, model_file: str | os.PathLik
       random decoder: a hash of its config), instead of ``model_file``.
     chat: ``default_chat`` of the backend (string prompts rendered as one user turn).
     field: the block's path in errors.
+    cache_memory: most answers the response cache keeps in memory (0: all; ``ResponseCache``).
   """
   check_llm_config(llm, field)
   if llm.server_url:
@@ -193,5 +194,12 @@ def open_llm(llm, cache_path: str, *, sampler=None, model_file: str | os.PathLik
                                        chat_template=llm.chat_template or None)
     else:
       backend = LocalSampler(sampler, model_id=name, batch_buckets=buckets, chat=chat)
-  cached = cache_lib.CachedClient(backend, cache_lib.ResponseCache(cache_path))
+  return stack_over(backend, cache_path, cache_memory)
+
+
+def stack_over(backend: SamplingBackend, cache_path: str, cache_memory: int = 0) -> LLMStack:
+  """The client stack over a backend the caller built (``open_llm``'s last step; also how a
+  benchmark puts ``env.standin.StandInBackend`` under the real cache and batching layers)."""
+  cached = cache_lib.CachedClient(
+      backend, cache_lib.ResponseCache(cache_path, max_entries=int(cache_memory)))
   return LLMStack(BatchingClient(cached), cached, backend, backend.model_id)
