@@ -41,7 +41,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from eagle_jax import assets, training
+from eagle_jax import assets, paths, training
 from eagle_jax.agent.env import ContentGapEnv
 from eagle_jax.agent.features import DecoderPooler, TextFeatures
 from eagle_jax.data import catalog
@@ -173,7 +173,7 @@ def answer_progress(llm: stack.LLMStack, desc: str, total: int):
 def open_llm(config, workdir: str) -> stack.LLMStack:
   """The environment LLM of a run, behind ``<workdir>/env/cache.jsonl`` (one cache file per
   process on multi-host pods, each seeded from the shared one)."""
-  os.makedirs(os.path.join(workdir, "env"), exist_ok=True)
+  paths.makedirs(os.path.join(workdir, "env"))
   path = stack.process_cache_path(os.path.join(workdir, "env", "cache.jsonl"),
                                   jax.process_index(), jax.process_count())
   return stack.open_llm(config.llm, path)
@@ -186,7 +186,7 @@ def cache_stats(world: World) -> dict[str, int]:
 
 def _latent(config, workdir: str, ratings):
   emb_path = os.path.join(workdir, "wals", "embeddings.npz")
-  if not os.path.exists(emb_path):
+  if not paths.exists(emb_path):
     logging.info("world: training WALS into %s", os.path.dirname(emb_path))
     wals_train.run(config.wals, os.path.dirname(emb_path))
   latent = wals_train.load_npz(emb_path, item_ids=ratings.item_ids, user_ids=ratings.user_ids)
@@ -195,7 +195,7 @@ def _latent(config, workdir: str, ratings):
 
 def _encoder(config, workdir: str, emb_path: str, features: TextFeatures):
   enc_dir = os.path.join(workdir, "encoder")
-  if not os.path.exists(os.path.join(enc_dir, "report.json")):
+  if not paths.exists(os.path.join(enc_dir, "report.json")):
     logging.info("world: training E_D into %s", enc_dir)
     enc_cfg = config.encoder.copy_and_resolve_references()
     with enc_cfg.unlocked():
@@ -205,8 +205,8 @@ def _encoder(config, workdir: str, emb_path: str, features: TextFeatures):
   ed, meta = encoder_train.load_encoder(os.path.join(enc_dir, "checkpoints"),
                                         frozen_encode=features, minilm=config.encoder.minilm)
   try:
-    with open(os.path.join(enc_dir, "report.json")) as f:
-      meta = {**meta, "heldout_r2": float(json.load(f)["metrics"]["heldout_r2"])}
+    report = json.loads(paths.read_text(os.path.join(enc_dir, "report.json")))
+    meta = {**meta, "heldout_r2": float(report["metrics"]["heldout_r2"])}
   except (OSError, KeyError, ValueError):
     meta = {**meta, "heldout_r2": None}
   return ed, meta
@@ -363,6 +363,4 @@ def _write_world(world: World, path: str, ratings, data: build.EnvData) -> None:
       "train_pairs": world.train_pairs.tolist(),
       "heldout_pairs": {k: v.tolist() for k, v in world.heldout_pairs.items()},
       "num_actions": world.num_actions, **world.info}
-  with open(path + ".tmp", "w") as f:
-    json.dump(record, f, indent=1)
-  os.replace(path + ".tmp", path)
+  paths.write_text(path, json.dumps(record, indent=1))

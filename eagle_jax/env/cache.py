@@ -22,6 +22,9 @@ Durability:
   process, or a line that a killed process left half-written in the middle) and warns with the
   count. If the file does not end with a newline, a newline is appended before the next answer so
   the fragment can never swallow a good line.
+* On an object store (``gs://...``, through ``etils.epath``) there is no append: each answer
+  rewrites the object with the new line at its end (``paths.append_bytes``), so every answer is
+  kept as it arrives at the cost of one read and one upload of the whole file per answer.
 * A key is never written twice: ``put`` checks the in-memory index under a lock before appending.
   One process should own a cache file; several writer processes on one file are not coordinated
   (each would only check its own index; duplicates are then dropped on load, first one wins).
@@ -36,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pathlib
 import threading
 import time
 from collections.abc import Sequence
@@ -44,6 +46,7 @@ from typing import Any
 
 from absl import logging
 
+from eagle_jax import paths
 from eagle_jax.env import client as client_lib
 from eagle_jax.env.client import (
     Completion,
@@ -75,7 +78,7 @@ class ResponseCache:
   def __init__(self, path: str | os.PathLike, *, fsync: str = "never"):
     if fsync not in ("never", "always"):
       raise ValueError(f"fsync: expected 'never' or 'always', got {fsync!r}")
-    self.path = pathlib.Path(path)
+    self.path = paths.path(path)
     self.fsync = fsync
     self._lock = threading.Lock()
     self._entries: dict[str, Completion] = {}
@@ -83,7 +86,10 @@ class ResponseCache:
     self.duplicate_lines = 0
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self._needs_newline = self._load()
-    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # Locally one descriptor stays open (one os.write per answer); remote files are rewritten.
+    self._remote = not paths.is_local(path)
+    self._fd = -2 if self._remote else os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                                                0o644)
 
   def _load(self) -> bool:
     """Reads the file; returns True when it ends without a newline (a killed writer)."""
@@ -139,10 +145,15 @@ class ResponseCache:
     with self._lock:
       if key in self._entries:
         return False
-      if self._fd < 0:
+      if self._fd == -1:
         raise ValueError(f"ResponseCache({self.path}): closed")
       if self._needs_newline:
         line = b"\n" + line
+      if self._remote:
+        paths.append_bytes(self.path, line)
+        self._needs_newline = False
+        self._entries[key] = completion
+        return True
       written = os.write(self._fd, line)
       if written != len(line):
         raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes)")
@@ -156,7 +167,7 @@ class ResponseCache:
     with self._lock:
       if self._fd >= 0:
         os.close(self._fd)
-        self._fd = -1
+      self._fd = -1
 
   def __enter__(self):
     return self
