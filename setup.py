@@ -7,6 +7,7 @@ INSTALL_REQUIRES = [
     "flax>=0.12.8",
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
+    "etils[epath]>=1.7",  # workdirs on any filesystem epath knows (eagle_jax.paths).
     "tokenizers>=0.23.0",
     "numpy>=2.0",
     "pyarrow>=20.0",  # columnar CSV parsing of MovieLens 25M.
@@ -34,6 +35,9 @@ TFDS_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "tfds": TFDS_REQUIRES,
+    # --workdir=gs://...: gcsfs for etils.epath; google-cloud-storage for orbax (bucket settings)
+    # and tensorboardX's gs:// event files.
+    "gcs": ["etils[epath-gcs]>=1.7", "google-cloud-storage>=2.14"],
     "test": [
         "pytest>=8.0",
         "pytest-xdist>=3.5",
