@@ -147,7 +147,8 @@ def test_gs_workdir_goes_through_epath_and_never_becomes_a_local_folder(fake_gcs
 
 
 def _wals_end_to_end(run: str) -> None:
-  """The WALS job through ``launch.job.run`` on ``run``, then a rerun resuming from its checkpoint."""
+  """The WALS job through ``launch.job.run`` on ``run``, then a rerun resuming from its
+  checkpoint."""
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   config = wals_ml100k.get_config()
@@ -199,7 +200,8 @@ def _have_emulator() -> bool:
   return True
 
 
-@pytest.mark.skipif(_have_emulator(), reason="the emulated-bucket test runs the same job unreplaced")
+@pytest.mark.skipif(_have_emulator(),
+                    reason="the emulated-bucket test runs the same job unreplaced")
 def test_wals_job_end_to_end_on_a_memory_gs_workdir_and_resume(fake_gcs, tmp_path, monkeypatch):
   run = "gs://bucket/wals"
   local = tmp_path / "orbax"

@@ -2,7 +2,8 @@
 
 ``append_jsonl`` writes one ``os.write`` per line (O_APPEND), so a killed writer leaves every earlier
 record intact (on an object store, through ``etils.epath``, the object is rewritten with the new
-lines at its end, once per call); ``read_jsonl`` skips unreadable lines (a torn last line) with a warning.
+lines at its end, once per call); ``read_jsonl`` skips unreadable lines (a torn last line) with a
+warning.
 ``derive_seed`` turns a base seed and printable parts into a 31-bit seed that is stable across
 runs, platforms and subsets of the work (sha256 of the parts).
 """
