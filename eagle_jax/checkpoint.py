@@ -24,9 +24,7 @@ and are removed before the first save.
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from eagle_jax import paths
 
 PyTree = Any
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -160,7 +160,8 @@ class Checkpointer:
     """Opens (creating if needed) the checkpoint directory.
 
     Args:
-      directory: where the steps live.
+      directory: where the steps live: a local folder or any path orbax and ``etils.epath``
+        take (``gs://bucket/run/checkpoints``).
       max_to_keep: newest steps kept (``None``: all).
       save_interval_steps: ``save`` writes only steps that are multiples of this (unless forced).
       async_save: write in a background thread (call ``wait`` before reading the files).
@@ -169,7 +170,7 @@ class Checkpointer:
       raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = paths.absolute(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -215,9 +216,13 @@ class Checkpointer:
   def _prepare_for_writing(self) -> None:
     """Before the first save: removes interrupted saves' folders and moves damaged steps aside."""
     if jax.process_index() == 0:
-      for tmp in sorted(glob.glob(os.path.join(self.directory, f"*{TMP_MARKER}*"))):
+      root = paths.path(self.directory)
+      for tmp in sorted(root.glob(f"*{TMP_MARKER}*")) if root.exists() else ():
         logging.warning("checkpoint: removing %s, left by an interrupted save", tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+          tmp.rmtree()
+        except OSError as e:
+          logging.warning("checkpoint: could not remove %s: %s", tmp, e)
     self._quarantine_damaged()
 
   def _quarantine_damaged(self) -> None:
@@ -225,12 +230,12 @@ class Checkpointer:
       return
     if jax.process_index() == 0:
       dest_root = os.path.join(self.directory, DAMAGED_DIR)
-      os.makedirs(dest_root, exist_ok=True)
+      paths.makedirs(dest_root)
       for step in sorted(self._damaged):
         src = self.step_path(step)
-        if os.path.exists(src):
+        if paths.exists(src):
           dest = os.path.join(dest_root, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
-          os.replace(src, dest)
+          paths.path(src).replace(dest)
           logging.warning("checkpoint: moved damaged step %d to %s", step, dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # noqa: PLC0415
@@ -336,7 +341,7 @@ class Checkpointer:
         shardings = jax.tree.map(lambda x: getattr(x, "sharding", None) or default, target)
       state_args = ocp.args.StandardRestore(abstract_like(target, shardings))
     items = {"state": state_args}
-    has_digest = os.path.isdir(os.path.join(self.step_path(step), "digest"))
+    has_digest = paths.isdir(os.path.join(self.step_path(step), "digest"))
     if has_digest:  # (steps saved before fingerprints existed have none)
       items["digest"] = ocp.args.JsonRestore()
     out = self._manager.restore(step, args=ocp.args.Composite(**items))

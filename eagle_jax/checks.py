@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from eagle_jax import paths
+
 
 class InputError(ValueError):
   """Bad user input (config, flag, file or array); the message names it and what was expected."""
@@ -144,6 +146,13 @@ def check_input_path(path, field: str, *, kind: str = "file") -> str:
     ConfigError: ``field='path': no such file`` (or not a folder, not readable).
   """
   path = os.fspath(path)
+  if not paths.is_local(path):  # gs://... through etils.epath; permissions are the store's
+    p = paths.path(path)
+    if not p.exists():
+      raise ConfigError(f"{field}={path!r}: no such {'folder' if kind == 'dir' else 'file'}")
+    if p.is_dir() != (kind == "dir"):
+      raise ConfigError(f"{field}={path!r}: expected a {'folder' if kind == 'dir' else 'file'}")
+    return path
   if not os.path.exists(path):
     raise ConfigError(f"{field}={path!r}: no such {'folder' if kind == 'dir' else 'file'}")
   if kind == "dir" and not os.path.isdir(path):

@@ -30,7 +30,7 @@ import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from eagle_jax import training
+from eagle_jax import paths, training
 
 RECORD = "config.json"
 CHANGES = "config_changes.jsonl"
@@ -106,11 +106,10 @@ def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> dict
 def read(workdir: str) -> dict[str, Any] | None:
   """The record of ``workdir`` (``None`` before the first run)."""
   path = os.path.join(workdir, RECORD)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      record = json.load(f)
+    record = json.loads(paths.read_text(path))
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
       raise ValueError("expected an object with a 'config' object")
   except (OSError, ValueError) as e:
@@ -120,12 +119,9 @@ def read(workdir: str) -> dict[str, Any] | None:
 
 
 def _write(workdir: str, config: dict[str, Any]) -> None:
-  path = os.path.join(workdir, RECORD)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"config": config, "code_version": code_version(),
-               "written": datetime.datetime.now(datetime.timezone.utc).isoformat()}, f, indent=2)
-  os.replace(tmp, path)
+  paths.write_text(os.path.join(workdir, RECORD), json.dumps(
+      {"config": config, "code_version": code_version(),
+       "written": datetime.datetime.now(datetime.timezone.utc).isoformat()}, indent=2))
 
 
 def check(config, workdir: str, *, allow: Iterable[str] = (), flag: str = "--allow_config_change"
@@ -145,7 +141,7 @@ def check(config, workdir: str, *, allow: Iterable[str] = (), flag: str = "--all
     training.ConfigError: a result-changing field differs and is not allowed.
   """
   current = to_dict(config)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   record = read(workdir)
   if record is None:
     _write(workdir, current)
@@ -165,10 +161,10 @@ def check(config, workdir: str, *, allow: Iterable[str] = (), flag: str = "--all
   kept = {f: v for f, v in diff.items() if "all" in allow or _matches(f, allow)}
   if kept:
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat()
-    with open(os.path.join(workdir, CHANGES), "a", encoding="utf-8") as f:
-      for field, (old, new) in kept.items():
-        f.write(json.dumps({"time": stamp, "field": field, "recorded": old, "now": new,
-                            "code_version": code_version()}) + "\n")
+    paths.append_bytes(os.path.join(workdir, CHANGES), "".join(
+        json.dumps({"time": stamp, "field": field, "recorded": old, "now": new,
+                    "code_version": code_version()}) + "\n"
+        for field, (old, new) in kept.items()).encode("utf-8"))
     # The allowed values become the record; evaluation-only differences stay beside it.
     merged, now = flatten(record["config"]), flatten(current)
     for f in kept:
@@ -208,24 +204,17 @@ def recorded(config, workdir: str, *, allow: Iterable[str] = (),
   """``check`` for the duration of a job: if the job then refuses its config (a
   ``training.ConfigError`` from its entry validation), the record and the change log are put back
   as they were, so an invalid config never becomes a workdir's record."""
-  paths = [os.path.join(workdir, RECORD), os.path.join(workdir, CHANGES)]
+  files = [os.path.join(workdir, RECORD), os.path.join(workdir, CHANGES)]
   before = {}
-  for path in paths:
-    try:
-      with open(path, "rb") as f:
-        before[path] = f.read()
-    except FileNotFoundError:
-      before[path] = None
+  for path in files:
+    before[path] = paths.path(path).read_bytes() if paths.exists(path) else None
   current = check(config, workdir, allow=allow, flag=flag)
   try:
     yield current
   except training.ConfigError:
     for path, data in before.items():
       if data is None:
-        with contextlib.suppress(FileNotFoundError):
-          os.remove(path)
+        paths.path(path).unlink(missing_ok=True)
       else:
-        with open(path + ".tmp", "wb") as f:
-          f.write(data)
-        os.replace(path + ".tmp", path)
+        paths.write_bytes(path, data)
     raise

@@ -31,9 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
-from eagle_jax import parallel
+from eagle_jax import parallel, paths
 from eagle_jax.checks import ConfigError
 
 PyTree = Any
@@ -46,18 +47,21 @@ PyTree = Any
 def check_workdir(path: str | None, flag: str = "--workdir") -> str:
   """Creates ``path`` if needed and checks it is a writable folder; returns it.
 
+  ``path`` may be local or on any filesystem ``etils.epath`` knows (``gs://bucket/run``); a remote
+  one is created through epath (never as a local folder) and its permissions are left to the store.
+
   Raises:
     ConfigError: naming ``flag`` when the path is empty, a file, or not writable.
   """
   if not path:
     raise ConfigError(f"{flag} is required")
-  if os.path.exists(path) and not os.path.isdir(path):
+  if paths.exists(path) and not paths.isdir(path):
     raise ConfigError(f"{flag}={path!r} exists and is not a folder")
   try:
-    os.makedirs(path, exist_ok=True)
+    paths.makedirs(path)
   except OSError as e:
-    raise ConfigError(f"{flag}={path!r} cannot be created: {e.strerror}") from e
-  if not os.access(path, os.W_OK | os.X_OK):
+    raise ConfigError(f"{flag}={path!r} cannot be created: {e.strerror or e}") from e
+  if paths.is_local(path) and not os.access(path, os.W_OK | os.X_OK):
     raise ConfigError(f"{flag}={path!r} is not writable by this user")
   return path
 
@@ -274,14 +278,17 @@ class MetricsWriter:
     self._tb = None
     if not self.primary:
       return
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     kept = [r for r in read_metrics(self.path)
             if resume_step is not None and r["step"] <= resume_step]
-    with open(self.path + ".tmp", "w") as f:
-      for r in kept:
-        f.write(json.dumps(r) + "\n")
-    os.replace(self.path + ".tmp", self.path)
-    if tensorboard:
+    paths.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    scheme = os.fspath(workdir).partition("://")[0] if not paths.is_local(workdir) else None
+    if tensorboard and scheme not in (None, "gs", "s3"):
+      # tensorboardX writes local folders, gs:// and s3:// only; anything else would become a
+      # local folder named like the scheme.
+      logging.warning("metrics: no TensorBoard events for %s (tensorboardX cannot write %s://)",
+                      workdir, scheme)
+    elif tensorboard:
       from tensorboardX import SummaryWriter  # noqa: PLC0415 (optional heavy import)
 
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=(
@@ -291,8 +298,7 @@ class MetricsWriter:
     record = {"step": int(step), "phase": phase,
               **{k: _scalar(v) for k, v in metrics.items()}}
     if self.primary:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      paths.append_bytes(self.path, (json.dumps(record) + "\n").encode("utf-8"))
       if self._tb is not None:
         for k, v in record.items():
           if k not in ("step", "phase") and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -307,15 +313,14 @@ class MetricsWriter:
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
   """The records of a ``metrics.jsonl`` (empty if missing; a torn last line is ignored)."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return []
   out = []
-  with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        break
+  for line in paths.read_text(path).splitlines():
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:
+      break
   return out
 
 

@@ -11,6 +11,10 @@ both hold the same workdir). Multi-process jobs (``distributed=True``) lock
 the same processes is refused. flock over NFS is emulated with POSIX locks by Linux; on filesystems
 without locks (some FUSE mounts) ``flock`` fails with ``OSError``, reported as a ``WorkdirLocked``
 too.
+
+A workdir on an object store (``gs://``, ``s3://``: any ``scheme://`` path) cannot be flocked and
+its objects have no owner process to outlive; ``hold`` takes no lock there (it logs so and yields
+``None``), and one live run per remote workdir is left to the scheduler that starts the jobs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+
+from absl import logging
+
+from eagle_jax import paths
 
 LOCK_NAME = ".eagle_jax.lock"
 
@@ -50,12 +58,20 @@ def _owner(path: str) -> str:
 
 
 @contextlib.contextmanager
-def hold(workdir: str, *, distributed: bool = False, process: int = 0) -> Iterator[str]:
+def hold(workdir: str, *, distributed: bool = False, process: int = 0
+         ) -> Iterator[str | None]:
   """Holds the workdir's lock while the block runs; yields the lock file's path.
+
+  A remote workdir (``scheme://``) is not locked: see the module docstring; yields ``None``.
 
   Raises:
     WorkdirLocked: another live process holds it (or the filesystem cannot lock).
   """
+  if not paths.is_local(workdir):
+    logging.info("workdir %s is remote: no lock (one live run per workdir is up to the "
+                 "scheduler)", workdir)
+    yield None
+    return
   os.makedirs(workdir, exist_ok=True)
   path = lock_path(workdir, distributed=distributed, process=process)
   if path in _held:

@@ -21,7 +21,7 @@ import time
 
 from absl import app, flags
 
-from eagle_jax import checks, cli, data
+from eagle_jax import checks, cli, data, paths
 from eagle_jax.data import catalog
 from eagle_jax.env import build, stack
 from eagle_jax.models.text_encoder import SentenceEncoder
@@ -71,8 +71,7 @@ def _build(config, workdir: str, ratings) -> None:
   result = asyncio.run(run())
   report = {"config": config.to_dict(), "model": llm.model_name, **result.report,
             "seconds_total": time.perf_counter() - t0}
-  with open(os.path.join(workdir, "build_report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  paths.write_text(os.path.join(workdir, "build_report.json"), json.dumps(report, indent=2))
   print(json.dumps(report["stages"], indent=2))
 
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from eagle_jax import assets, cli, training
+from eagle_jax import assets, cli, paths, training
 from eagle_jax.agent import trainer
 from eagle_jax.agent.world import build_world
 from eagle_jax.evaluation import agent_eval
@@ -48,8 +48,8 @@ def run(config, workdir: str) -> dict:
   out = {"wall_seconds": time.perf_counter() - t0, "train": summary,
          "headline": {s: r["headline"] for s, r in report["splits"].items()},
          "env": report["env"]}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(out, f, indent=2, default=float)
+  paths.write_text(os.path.join(workdir, "summary.json"),
+                   json.dumps(out, indent=2, default=float))
   print(f"[main] done in {out['wall_seconds']:.0f} s; summary in "
         f"{os.path.join(workdir, 'summary.json')}", flush=True)
   return out

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from eagle_jax import checkpoint, checks, hosts, preemption, run_config, training
+from eagle_jax import checkpoint, checks, hosts, paths, preemption, run_config, training
 from eagle_jax.agent import agent_model, reference, rollout
 from eagle_jax.agent.learner import Learner
 from eagle_jax.agent.world import World, cache_stats
@@ -245,7 +245,7 @@ class AgentTrainer:
   async def _train(self) -> dict[str, Any]:
     job = self.job
     name = self.kind.name
-    os.makedirs(self.workdir, exist_ok=True)
+    paths.makedirs(self.workdir)
     ckpt = checkpoint.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                    max_to_keep=job.max_to_keep)
     resumed = ckpt.latest_step() is not None
@@ -403,6 +403,6 @@ def run(config, workdir: str, *, world: World | None = None) -> dict[str, Any]:
   summary["env_parse_failures"] = hosts.total(world.env.parse_failures)
   summary["seconds"] = time.perf_counter() - t0
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "train_summary.json"), "w") as f:
-      json.dump(summary, f, indent=2, default=float)
+    paths.write_text(os.path.join(workdir, "train_summary.json"),
+                     json.dumps(summary, indent=2, default=float))
   return summary

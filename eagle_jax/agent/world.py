@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -43,7 +44,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from eagle_jax import assets, training
+from eagle_jax import assets, paths, training
 from eagle_jax.agent.env import ContentGapEnv
 from eagle_jax.agent.features import DecoderPooler, TextFeatures
 from eagle_jax.data import catalog
@@ -180,7 +181,7 @@ def answer_progress(llm: stack.LLMStack, desc: str, total: int):
 def open_llm(config, workdir: str) -> stack.LLMStack:
   """The environment LLM of a run, behind ``<workdir>/env/cache.jsonl`` (one cache file per
   process on multi-host pods, each seeded from the shared one)."""
-  os.makedirs(os.path.join(workdir, "env"), exist_ok=True)
+  paths.makedirs(os.path.join(workdir, "env"))
   path = stack.process_cache_path(os.path.join(workdir, "env", "cache.jsonl"),
                                   jax.process_index(), jax.process_count())
   return stack.open_llm(config.llm, path, cache_memory=int(config.env.get("cache_memory", 0)))
@@ -193,7 +194,7 @@ def cache_stats(world: World) -> dict[str, int]:
 
 def _latent(config, workdir: str, ratings):
   emb_path = os.path.join(workdir, "wals", "embeddings.npz")
-  if not os.path.exists(emb_path):
+  if not paths.exists(emb_path):
     logging.info("world: training WALS into %s", os.path.dirname(emb_path))
     wals_train.run(config.wals, os.path.dirname(emb_path))
   latent = wals_train.load_npz(emb_path, item_ids=ratings.item_ids, user_ids=ratings.user_ids)
@@ -202,7 +203,7 @@ def _latent(config, workdir: str, ratings):
 
 def _encoder(config, workdir: str, emb_path: str, features: TextFeatures):
   enc_dir = os.path.join(workdir, "encoder")
-  if not os.path.exists(os.path.join(enc_dir, "report.json")):
+  if not paths.exists(os.path.join(enc_dir, "report.json")):
     logging.info("world: training E_D into %s", enc_dir)
     enc_cfg = config.encoder.copy_and_resolve_references()
     with enc_cfg.unlocked():
@@ -212,8 +213,8 @@ def _encoder(config, workdir: str, emb_path: str, features: TextFeatures):
   ed, meta = encoder_train.load_encoder(os.path.join(enc_dir, "checkpoints"),
                                         frozen_encode=features, minilm=config.encoder.minilm)
   try:
-    with open(os.path.join(enc_dir, "report.json")) as f:
-      meta = {**meta, "heldout_r2": float(json.load(f)["metrics"]["heldout_r2"])}
+    report = json.loads(paths.read_text(os.path.join(enc_dir, "report.json")))
+    meta = {**meta, "heldout_r2": float(report["metrics"]["heldout_r2"])}
   except (OSError, KeyError, ValueError):
     meta = {**meta, "heldout_r2": None}
   return ed, meta
@@ -360,14 +361,14 @@ PAIRS_DIR = "world"
 
 
 def _save_pairs(path: str, pairs: np.ndarray) -> None:
-  with open(path + ".tmp", "wb") as f:
-    np.save(f, np.asarray(pairs, np.int32), allow_pickle=False)
-  os.replace(path + ".tmp", path)
+  buf = io.BytesIO()
+  np.save(buf, np.asarray(pairs, np.int32), allow_pickle=False)
+  paths.write_bytes(path, buf.getvalue())
 
 
 def write_world(world: World, workdir: str, ratings, data: build.EnvData) -> None:
   """``<workdir>/world.json`` (metadata) and ``<workdir>/world/<split>_pairs.npy`` (the pairs)."""
-  os.makedirs(os.path.join(workdir, PAIRS_DIR), exist_ok=True)
+  paths.makedirs(os.path.join(workdir, PAIRS_DIR))
   splits = {"train": world.train_pairs, **world.heldout_pairs}
   files = {}
   for split, pairs in splits.items():
@@ -389,10 +390,7 @@ def write_world(world: World, workdir: str, ratings, data: build.EnvData) -> Non
       "pair_files": files,
       "pair_counts": {k: len(v) for k, v in splits.items()},
       "num_actions": world.num_actions, **world.info}
-  path = os.path.join(workdir, "world.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(record, f, indent=1)
-  os.replace(path + ".tmp", path)
+  paths.write_text(os.path.join(workdir, "world.json"), json.dumps(record, indent=1))
 
 
 def load_pairs(workdir: str) -> dict[str, np.ndarray]:
@@ -402,13 +400,13 @@ def load_pairs(workdir: str) -> dict[str, np.ndarray]:
   Raises:
     ValueError: naming the file when a pair array is missing or not [P, 2] integers.
   """
-  with open(os.path.join(workdir, "world.json")) as f:
-    record = json.load(f)
+  record = json.loads(paths.read_text(os.path.join(workdir, "world.json")))
   out = {}
   for split, name in record["pair_files"].items():
     path = os.path.join(workdir, name)
     try:
-      pairs = np.load(path, allow_pickle=False)
+      with paths.open_file(path, "rb") as f:
+        pairs = np.load(f, allow_pickle=False)
     except (OSError, ValueError) as e:
       raise ValueError(f"{path}: cannot read the {split} pairs ({e})") from None
     if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.dtype.kind not in "iu" or (

@@ -1,7 +1,9 @@
 """Append-only JSONL records and stable seeds, shared by every job that writes provenance.
 
 ``append_jsonl`` writes one ``os.write`` per line (O_APPEND), so a killed writer leaves every earlier
-record intact; ``read_jsonl`` skips unreadable lines (a torn last line) with a warning.
+record intact (on an object store, through ``etils.epath``, the object is rewritten with the new
+lines at its end, once per call); ``read_jsonl`` skips unreadable lines (a torn last line) with a
+warning.
 ``derive_seed`` turns a base seed and printable parts into a 31-bit seed that is stable across
 runs, platforms and subsets of the work (sha256 of the parts).
 """
@@ -11,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from absl import logging
+
+from eagle_jax import paths
 
 _MAX_SEED = 2**31 - 1
 
@@ -28,11 +31,19 @@ def derive_seed(base: int, *parts: Any) -> int:
 
 def append_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
   """Appends records, one ``os.write`` per line (O_APPEND). Returns the number written."""
-  path = pathlib.Path(path)
+  path = paths.path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  needs_newline = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(
+  needs_newline = path.exists() and path.stat().length > 0 and not path.read_bytes().endswith(
       b"\n")
   n = 0
+  if not paths.is_local(path):
+    lines = []
+    for rec in records:
+      lines.append(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n")
+    if lines:
+      paths.append_bytes(path, ("\n" if needs_newline else "").encode("utf-8")
+                         + "".join(lines).encode("utf-8"))
+    return len(lines)
   fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
   try:
     for rec in records:
@@ -55,7 +66,7 @@ def read_jsonl(path: str | os.PathLike, *, key: str | None = None) -> list[dict[
     key: if given, records lacking this field are skipped too, and only the first record of each
       value is kept.
   """
-  path = pathlib.Path(path)
+  path = paths.path(path)
   if not path.exists():
     return []
   out, seen, skipped = [], set(), 0

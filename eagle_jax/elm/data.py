@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from eagle_jax import training
+from eagle_jax import paths, training
 from eagle_jax.data import catalog
 from eagle_jax.elm import adapter as adapter_lib
 from eagle_jax.elm import tasks as tasks_lib
@@ -46,11 +46,11 @@ def load_encoder(encoder_dir: str, encoder_config, workdir: str):
   directory = encoder_dir
   if not directory:
     directory = os.path.join(workdir, "encoder")
-    if not os.path.isdir(os.path.join(directory, "checkpoints")):
+    if not paths.isdir(os.path.join(directory, "checkpoints")):
       logging.info("no encoder_dir: training E_D into %s", directory)
       encoder_train.run(encoder_config, directory)
   ckpt_dir = os.path.join(directory, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  if not paths.isdir(ckpt_dir):
     raise ConfigError(f"config.encoder_dir: {directory!r} has no checkpoints/ (not an E_D run)")
   ed, meta = encoder_train.load_encoder(ckpt_dir, minilm=encoder_config.minilm or None)
   if meta.get("target") != "augmented":
@@ -62,9 +62,9 @@ def load_encoder(encoder_dir: str, encoder_config, workdir: str):
 def encoder_heldout(directory: str, num_items: int) -> np.ndarray:
   """[I] bool: the movies E_D never saw in training (``split.npz`` of its run folder)."""
   path = os.path.join(directory, "split.npz")
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise ConfigError(f"config.encoder_dir: {directory!r} has no split.npz (E_D's held-out movies)")
-  with np.load(path, allow_pickle=False) as z:
+  with paths.open_file(path, "rb") as f, np.load(f, allow_pickle=False) as z:
     held = np.asarray(z["heldout_item"], bool)
   if held.shape != (num_items,):
     raise ConfigError(f"config.encoder_dir: {path} covers {held.shape[0]} items, the ratings "

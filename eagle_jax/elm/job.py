@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from eagle_jax import checkpoint, checks, training
+from eagle_jax import checkpoint, checks, paths, training
 from eagle_jax.elm import data as data_lib
 from eagle_jax.elm import evaluation, train_loop
 from eagle_jax.elm import model as model_lib
@@ -173,10 +173,10 @@ def run(config, workdir: str, *, open_env: OpenEnv) -> dict[str, Any]:
   finally:
     asyncio.run(env.aclose())
   seconds["targets"] = time.perf_counter() - t0
-  with open(os.path.join(workdir, "examples.jsonl"), "w") as f:
-    for e in examples + split["reference"]:
-      f.write(json.dumps({"task": e.task, "slots": list(e.slots), "target": e.target,
-                          "split": "train" if e in examples else "reference"}) + "\n")
+  paths.write_text(os.path.join(workdir, "examples.jsonl"), "".join(
+      json.dumps({"task": e.task, "slots": list(e.slots), "target": e.target,
+                  "split": "train" if e in examples else "reference"}) + "\n"
+      for e in examples + split["reference"]))
   failures = sum(not r["parsed"] for r in records)
   logging.info("%d training examples (%d env answers, %d unparsable; cache hits %d, misses %d)",
                len(examples), len(records), failures, client.hits, client.misses)
@@ -221,8 +221,8 @@ def run(config, workdir: str, *, open_env: OpenEnv) -> dict[str, Any]:
   seconds["total"] = time.perf_counter() - t_start
   report["seconds"] = seconds
   report["config"] = config.to_dict()
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2, default=float)
+  paths.write_text(os.path.join(workdir, "report.json"),
+                   json.dumps(report, indent=2, default=float))
   return report
 
 

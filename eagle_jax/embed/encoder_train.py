@@ -66,7 +66,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from eagle_jax import assets, checkpoint, checks, training
+from eagle_jax import assets, checkpoint, checks, paths, training
 from eagle_jax.data import records
 from eagle_jax.embed import decoder_encoder, encoder, wals_train
 
@@ -362,7 +362,7 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
   emb_path = config.embeddings
   if not emb_path:
     emb_path = os.path.join(workdir, "wals", "embeddings.npz")
-    if not os.path.exists(emb_path):
+    if not paths.exists(emb_path):
       logging.info("no embeddings given: training WALS into %s", os.path.dirname(emb_path))
       wals_train.run(config.wals, os.path.dirname(emb_path))
   y_items = load_targets(emb_path, np.asarray(ratings.item_ids), config.target)
@@ -456,11 +456,11 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
   metrics["genre_baseline_r2"] = metrics["metadata"]["genre_ridge"]["r2"]
   metrics["beats_genre_baseline"] = bool(metrics["heldout_r2"] > metrics["genre_baseline_r2"])
 
-  np.savez(os.path.join(workdir, "split.npz"), item_of_row=item_of_row, heldout_row=held,
-           kind=kind, heldout_item=held_item, validation_item=val_item)
-  with open(os.path.join(workdir, "texts.jsonl"), "w") as f:
-    for t in texts:
-      f.write(json.dumps(t, ensure_ascii=False) + "\n")
+  with paths.open_file(os.path.join(workdir, "split.npz"), "wb") as f:
+    np.savez(f, item_of_row=item_of_row, heldout_row=held, kind=kind, heldout_item=held_item,
+             validation_item=val_item)
+  paths.write_text(os.path.join(workdir, "texts.jsonl"),
+                   "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts))
   report = {
       "data": {"source": ratings.source, "num_items": num_items, "rows": len(texts),
                "description_rows": described, "heldout_items": int(held_item.sum()),
@@ -471,8 +471,7 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
       "seconds": {"encode": encode_seconds, "train": train_seconds,
                   "total": time.perf_counter() - t_start},
       "config": config.to_dict()}
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  paths.write_text(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
   logging.info("E_D held-out R^2 %.4f (genre ridge %.4f)", metrics["heldout_r2"],
                metrics["genre_baseline_r2"])
   return report

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from eagle_jax import checkpoint, checks, data, parallel, preemption, training
+from eagle_jax import checkpoint, checks, data, parallel, paths, preemption, training
 from eagle_jax.embed import wals, wals_metrics
 
 
@@ -126,8 +126,9 @@ def evaluate(factors: wals.WALSFactors, train: data.RatingsData, test: data.Rati
 
 def export_npz(path: str, factors: wals.WALSFactors, ratings: data.RatingsData) -> None:
   arrays = {k: np.asarray(v) for k, v in factors.to_dict().items()}
-  np.savez(path, user_ids=np.asarray(ratings.user_ids), item_ids=np.asarray(ratings.item_ids),
-           **arrays)
+  with paths.open_file(path, "wb") as f:  # a file object: gs://... through etils.epath too
+    np.savez(f, user_ids=np.asarray(ratings.user_ids), item_ids=np.asarray(ratings.item_ids),
+             **arrays)
 
 
 def _rows(path: str, arrays: dict, kind: str, ids: np.ndarray, names: tuple[str, ...]
@@ -157,7 +158,7 @@ def load_npz(path: str, *, item_ids: np.ndarray | None = None, user_ids: np.ndar
   """
   checks.check_input_path(path, "WALS embeddings")
   try:
-    with np.load(path, allow_pickle=False) as z:
+    with paths.open_file(path, "rb") as f, np.load(f, allow_pickle=False) as z:
       arrays = {k: z[k] for k in z.files}
   except (OSError, ValueError, EOFError) as e:
     raise checks.ConfigError(f"{path}: not a readable .npz file ({e})") from None
@@ -246,7 +247,7 @@ def run(config, workdir: str) -> dict:
       "plan_bytes": model.user_plan.nbytes + model.item_plan.nbytes,
       "peak_rss_bytes": peak_rss_bytes(),
   }
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2, default=float)
+  paths.write_text(os.path.join(workdir, "report.json"),
+                   json.dumps(report, indent=2, default=float))
   logging.info("report: %s", json.dumps(metrics))
   return report

@@ -27,6 +27,9 @@ Durability:
   read line by line): a paper-scale run's ~26M answers would not fit in host memory. A dropped
   answer stays on disk; asked again, it is a miss, sampled again and appended again (the same text
   for a deterministic environment; on load the first line of a key wins among those remembered).
+* On an object store (``gs://...``, through ``etils.epath``) there is no append: each answer
+  rewrites the object with the new line at its end (``paths.append_bytes``), so every answer is
+  kept as it arrives at the cost of one read and one upload of the whole file per answer.
 * A key is never written twice while it is remembered: ``put`` checks the in-memory index under a
   lock before appending.
   One process should own a cache file; several writer processes on one file are not coordinated
@@ -43,7 +46,6 @@ import collections
 import hashlib
 import json
 import os
-import pathlib
 import threading
 import time
 from collections.abc import Sequence
@@ -51,6 +53,7 @@ from typing import Any
 
 from absl import logging
 
+from eagle_jax import paths
 from eagle_jax.env import client as client_lib
 from eagle_jax.env.client import (
     Completion,
@@ -85,7 +88,7 @@ class ResponseCache:
       raise ValueError(f"fsync: expected 'never' or 'always', got {fsync!r}")
     if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 0:
       raise ValueError(f"max_entries: expected an int >= 0 (0: all), got {max_entries!r}")
-    self.path = pathlib.Path(path)
+    self.path = paths.path(path)
     self.fsync = fsync
     self.max_entries = max_entries
     self._lock = threading.Lock()
@@ -94,7 +97,10 @@ class ResponseCache:
     self.duplicate_lines = 0
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self._needs_newline = self._load()
-    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # Locally one descriptor stays open (one os.write per answer); remote files are rewritten.
+    self._remote = not paths.is_local(path)
+    self._fd = -2 if self._remote else os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                                                0o644)
 
   def _load(self) -> bool:
     """Reads the file line by line; returns True when it ends without a newline (a killed
@@ -102,7 +108,7 @@ class ResponseCache:
     if not self.path.exists():
       return False
     number, line = 0, b""
-    with open(self.path, "rb") as f:
+    with paths.open_file(self.path, "rb") as f:
       for number, line in enumerate(f, start=1):
         if not line.strip():
           continue
@@ -162,10 +168,15 @@ class ResponseCache:
     with self._lock:
       if key in self._entries:
         return False
-      if self._fd < 0:
+      if self._fd == -1:
         raise ValueError(f"ResponseCache({self.path}): closed")
       if self._needs_newline:
         line = b"\n" + line
+      if self._remote:
+        paths.append_bytes(self.path, line)
+        self._needs_newline = False
+        self._entries[key] = completion
+        return True
       written = os.write(self._fd, line)
       if written != len(line):
         raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes)")
@@ -179,7 +190,7 @@ class ResponseCache:
     with self._lock:
       if self._fd >= 0:
         os.close(self._fd)
-        self._fd = -1
+      self._fd = -1
 
   def __enter__(self):
     return self

@@ -34,10 +34,9 @@ import functools
 import hashlib
 import os
 import pathlib
-import shutil
 from collections.abc import Sequence
 
-from eagle_jax import assets
+from eagle_jax import assets, paths
 from eagle_jax.env import cache as cache_lib
 from eagle_jax.env.batching import BatchingClient
 from eagle_jax.env.client import SamplingBackend
@@ -114,12 +113,11 @@ def process_cache_path(path: str, process_index: int, process_count: int) -> str
   ``<stem>.<index>.jsonl`` seeded from the shared file (no concurrent appends to one file)."""
   if process_count <= 1:
     return path
-  p = pathlib.Path(path)
+  p = paths.path(path)
   own = p.with_name(f"{p.stem}.{process_index}{p.suffix}")
   if not own.exists() and p.exists():
-    shutil.copyfile(p, str(own) + ".tmp")
-    os.replace(str(own) + ".tmp", own)
-  return str(own)
+    paths.write_bytes(own, p.read_bytes())
+  return os.fspath(own)
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from eagle_jax import checks, run_config, training
+from eagle_jax import checks, paths, run_config, training
 from eagle_jax.agent import agent_model, rollout
 from eagle_jax.agent.trainer import AgentTrainer, Job, validate
 from eagle_jax.agent.world import World, build_world
@@ -167,12 +167,11 @@ def _load_elm(config, world: World):
 
   path = config.eval.elm_workdir
   report = os.path.join(path, "encoder", "report.json")
-  if not os.path.exists(report):
+  if not paths.exists(report):
     raise training.ConfigError(f"config.eval.elm_workdir={path!r}: no ELM run there "
                                f"({report} missing)")
-  with open(report) as f:
-    emb = json.load(f)["embeddings"]
-  with np.load(emb, allow_pickle=False) as z:
+  emb = json.loads(paths.read_text(report))["embeddings"]
+  with paths.open_file(emb, "rb") as f, np.load(f, allow_pickle=False) as z:
     theirs = np.asarray(z["item_factors"])
   ours = np.asarray(world.env.item_table)[:, : theirs.shape[1]]
   if theirs.shape[0] != ours.shape[0] or not np.allclose(theirs, ours, atol=1e-4):
@@ -247,7 +246,7 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
   key = jax.random.key(ev.seed)
   world = sample_heldout(world, ev)
   out_dir = run_config.eval_dir(config, workdir)
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   tcfg = transfer.TransferConfig.from_config(config.eval.transfer)
   rcfg = rater_lib.RaterConfig.from_config(config.eval.rater)
   steps: dict[str, int] = {}
@@ -312,9 +311,7 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
   if rcfg.enabled:
     report["rater"] = rate(config, rcfg, world, episodes, ev, workdir)
   report_path = os.path.join(out_dir, "report.json")
-  with open(report_path + ".tmp", "w") as f:
-    json.dump(report, f, indent=2)
-  os.replace(report_path + ".tmp", report_path)
+  paths.write_text(report_path, json.dumps(report, indent=2))
   report["path"] = report_path
   for split in SPLITS:
     _plots(splits[split]["policies"], out_dir, split)
@@ -407,7 +404,8 @@ def _plots(results: dict[str, Any], out_dir: str, split: str) -> None:
   ax.axvline(0.0, color="black", lw=0.8)
   ax.set_xlabel(f"utility gain over the anchor (held-out pairs: {split})")
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, f"gain_{split}.png"), dpi=120)
+  with paths.open_file(os.path.join(out_dir, f"gain_{split}.png"), "wb") as f:
+    fig.savefig(f, format="png", dpi=120)
   plt.close(fig)
   fig, ax = plt.subplots(figsize=(6, 4))
   for n in names:
@@ -416,13 +414,14 @@ def _plots(results: dict[str, Any], out_dir: str, split: str) -> None:
   ax.set_ylabel("mean utility U(E_D(x_t))")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, f"utility_by_step_{split}.png"), dpi=120)
+  with paths.open_file(os.path.join(out_dir, f"utility_by_step_{split}.png"), "wb") as f:
+    fig.savefig(f, format="png", dpi=120)
   plt.close(fig)
 
 
 def run(config, workdir: str, world=None) -> dict:
   """Evaluates the agents of ``workdir`` (``world``: reuse an already built world)."""
-  if not workdir or not os.path.isdir(os.path.join(workdir, "agents")):
+  if not workdir or not paths.isdir(os.path.join(workdir, "agents")):
     raise training.ConfigError(f"--workdir={workdir!r} holds no trained agents (agents/ missing)")
   mesh = training.build_mesh(config.mesh)
   job = validate(config, mesh)
