@@ -33,6 +33,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.distributed = False
   # Mesh over ("data", "fsdp", "tensor"); -1 takes the remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1))
+  # Persistent XLA compilation cache folder ("" off): reruns and every host reuse compiled steps.
+  config.compilation_cache = ""
+  # jax.profiler trace of RL steps [start, start + steps) into <workdir>/agents/<kind>/profile
+  # (TensorBoard's profile plugin / Perfetto); start = -1: no trace.
+  config.profile = ml_collections.ConfigDict(dict(start=-1, steps=3))
 
   # Behavioural latent space: the paper's implicit-feedback WALS on ML-100K (rank 4, time split).
   config.wals = wals_ml100k.get_config("implicit")

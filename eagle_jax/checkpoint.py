@@ -328,10 +328,11 @@ class Checkpointer:
     meta = self._read_meta(step)[2]
     if callable(target):
       target = target(meta)
-    if target is None and jax.process_count() > 1:
-      # The saved placement names the writer's devices, which may belong to another process:
-      # every process restores its own copy on its first local device.
-      saved = self._manager.item_metadata(step)["state"]
+    if target is None:
+      # The saved placement names the writer's devices, which may not exist here (another
+      # process's, or a run on another mesh): restore the saved structure on this process.
+      saved = ocp.StandardCheckpointHandler().metadata(
+          paths.path(self.step_path(step)) / "state").tree
       target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
     if target is None:
       state_args = ocp.args.StandardRestore()

@@ -82,7 +82,7 @@ def gather_rows(x: np.ndarray, rows: slice, n: int) -> np.ndarray:
   x = np.asarray(x)
   if not is_multiprocess() or rows.indices(n)[:2] == (0, n):  # one process, or rows run by all
     return x
-  blocks = np.asarray(multihost_utils.process_allgather(x[None]))  # [P, rows, ...]
+  blocks = np.asarray(multihost_utils.process_allgather(x))  # [P, rows, ...]
   starts = np.asarray(multihost_utils.process_allgather(np.int64(rows.start)))
   out = np.empty((n, *x.shape[1:]), x.dtype)
   for start, block in zip(starts.reshape(-1), blocks):

@@ -35,7 +35,8 @@ from eagle_jax import paths, training
 RECORD = "config.json"
 CHANGES = "config_changes.jsonl"
 # Dotted-path prefixes (at any depth) that never change a result.
-OPERATIONAL = ("mesh", "distributed", "tensorboard", "checkpoint.every", "checkpoint.max_to_keep",
+OPERATIONAL = ("mesh", "distributed", "tensorboard", "compilation_cache", "profile",
+               "checkpoint.every", "checkpoint.max_to_keep",
                "llm.server_url", "llm.api_key_env", "llm.concurrency", "llm.timeout_s",
                "llm.retries")
 EVAL_BLOCK = "eval"

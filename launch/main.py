@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Sequence
 
+import jax
 from absl import app, flags
 
 from eagle_jax import assets, cli, paths, training
@@ -40,6 +41,7 @@ def run(config, workdir: str) -> dict:
   trainer.validate(config, training.build_mesh(config.mesh))
   agent_eval.EvalConfig.from_config(config.eval)  # evaluation runs last: check its fields first
   assets.fetch_all(progress=lambda msg: print(msg, flush=True))
+  trainer.check_prepared(workdir)
   world = build_world(config, workdir)
   print(f"[main] world ready in {time.perf_counter() - t0:.0f} s; training agents for "
         f"{list(config.reference.kinds)}", flush=True)
@@ -48,8 +50,9 @@ def run(config, workdir: str) -> dict:
   out = {"wall_seconds": time.perf_counter() - t0, "train": summary,
          "headline": {s: r["headline"] for s, r in report["splits"].items()},
          "env": report["env"]}
-  paths.write_text(os.path.join(workdir, "summary.json"),
-                   json.dumps(out, indent=2, default=float))
+  if jax.process_index() == 0:
+    paths.write_text(os.path.join(workdir, "summary.json"),
+                     json.dumps(out, indent=2, default=float))
   print(f"[main] done in {out['wall_seconds']:.0f} s; summary in "
         f"{os.path.join(workdir, 'summary.json')}", flush=True)
   return out

@@ -9,7 +9,8 @@ status 75), is restarted, killed with SIGKILL mid-RL (so it resumes from the pha
 checkpoint, 10+ steps back) and restarted again; every metric and the final parameters must equal
 A's bit for bit. B's world differs from A's in one way that once broke this: A encoded its movie
 texts while training E_D, B reads E_D from disk, so B's memoised features were computed in other
-batches.
+batches. Run C restarts from A's world as two CPU processes (``jax.distributed`` on loopback), each
+collecting its half of every batch; its metrics and parameters equal A's up to float reassociation.
 """
 
 import json
@@ -51,6 +52,7 @@ def test_quickstart_job_then_sigkill_resume(tmp_path):
                  check=True, timeout=900)
   _check_report(quickstart)
   _check_sigkill_resume(quickstart, str(tmp_path / "b"))
+  _check_two_processes(quickstart, str(tmp_path / "mp"))
   # The language-model agent's SIGKILL resume adds three launches (about 4 minutes), which the
   # 30-minute CI budget does not hold: it runs with EAGLE_JAX_LM_RESUME=1.
   if os.environ.get("EAGLE_JAX_LM_RESUME") == "1":
@@ -158,6 +160,62 @@ def _check_lm_sigkill_resume(quickstart, tmp_path):
   # Only the adapters and the value head are checkpointed (the base is reloaded from its file).
   names = {str(p[-1]) for p, _ in jax.tree_util.tree_flatten_with_path(_final(c)["params"])[0]}
   assert any("lora" in n for n in names) and "embedding" not in str(names)
+
+
+def _free_port():
+  import socket  # noqa: PLC0415
+
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+# Parameters after 120 steps: Adam rescales each gradient entry by its running RMS, so the last-bit
+# differences of the cross-process sums grow to about 1e-4 where gradients are tiny (learning rates
+# 5e-4 and 2e-4; the weights are ~1e-2 to 1).
+PARAM_ATOL = 5e-4
+
+
+def _check_two_processes(quickstart, workdir):
+  """Two CPU processes (4 devices each, ``jax.distributed`` over loopback, gloo collectives) on
+  the same global batch and mesh (data = 8) as run A's one process of 8 devices: each process
+  collects its half of every episode batch; metrics and final parameters equal A's (to float
+  reassociation: the cross-process reductions sum in another order)."""
+  _copy_world(quickstart, workdir)
+  for name in ("world.json", "config.json"):
+    shutil.copy(os.path.join(quickstart, name), os.path.join(workdir, name))
+  port = _free_port()
+  env = dict(tiny_run.env(), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen(
+      _cmd("launch.train", workdir, f"--coordinator_address=127.0.0.1:{port}",
+           "--num_processes=2", f"--process_id={i}"),
+      cwd=tiny_run.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  errs = [p.communicate(timeout=900)[1] for p in procs]
+  for p, err in zip(procs, errs):
+    assert p.returncode == 0, err[-3000:]
+  _close_runs(quickstart, workdir)
+  # One lock file per process.
+  assert len([f for f in os.listdir(workdir) if f.startswith(".eagle_jax.lock.")]) == 2
+
+
+def _close_runs(a, b):
+  """Metrics (but timings and cache counters) and final parameters equal up to reassociation."""
+  ma = training.read_metrics(os.path.join(a, "agents", "g_optimal", "metrics.jsonl"))
+  mb = training.read_metrics(os.path.join(b, "agents", "g_optimal", "metrics.jsonl"))
+  assert [m["step"] for m in mb] == [m["step"] for m in ma]  # one writer: process 0
+  for ra, rb in zip(ma, mb):
+    assert set(ra) == set(rb)
+    for k in set(ra) - VOLATILE:
+      if isinstance(ra[k], float):
+        np.testing.assert_allclose(rb[k], ra[k], rtol=1e-4, atol=1e-5, err_msg=f"{ra['step']} {k}")
+      else:
+        assert rb[k] == ra[k], (ra["step"], k)
+  fa, fb = _final(a), _final(b)
+  assert jax.tree.structure(fa) == jax.tree.structure(fb)
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(fa)[0], jax.tree.leaves(fb)):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-3, atol=PARAM_ATOL,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def _check_sigkill_resume(quickstart, b):

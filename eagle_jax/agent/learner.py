@@ -94,7 +94,8 @@ class Learner:
     return {"params": params, "ref_params": self._copy(params),
             "behaviour_params": self._copy(params),
             "opt_state": jax.jit(self.tx_ref.init, out_shardings=self.opt_shardings)(params),
-            "rng": jax.random.key_data(jax.random.key(self.job.seed))}
+            "rng": jax.device_put(np.asarray(jax.random.key_data(jax.random.key(self.job.seed))),
+                                  parallel.replicated(self.mesh))}
 
   def abstract_state(self) -> dict[str, Any]:
     """``ShapeDtypeStruct`` pytree (with shardings) of ``init_state``: restore target, AOT input."""

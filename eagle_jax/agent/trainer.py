@@ -114,6 +114,8 @@ class Job:
     rl: the RL phase (``config.rl``).
     checkpoint_every, max_to_keep: ``config.checkpoint``.
     tensorboard: also write TensorBoard events.
+    profile_start, profile_steps: the RL steps ``[start, start + steps)`` traced by
+      ``jax.profiler`` (``config.profile``; start -1: none).
   """
 
   kinds: tuple[reference.ReferenceKind, ...]
@@ -130,6 +132,8 @@ class Job:
   checkpoint_every: int
   max_to_keep: int
   tensorboard: bool
+  profile_start: int = -1
+  profile_steps: int = 0
 
 
 def validate(config, mesh: jax.sharding.Mesh, inputs: bool = True) -> Job:
@@ -165,6 +169,8 @@ def validate(config, mesh: jax.sharding.Mesh, inputs: bool = True) -> Job:
       ("policy.hidden", dict(integer=True, lo=1)),
       ("checkpoint.every", dict(integer=True, lo=1)),
       ("checkpoint.max_to_keep", dict(integer=True, lo=1)),
+      ("profile.start", dict(integer=True, lo=-1)),
+      ("profile.steps", dict(integer=True, lo=1)),
   ])
   checks.check_optimizer(config, "rl.optim")
   checks.check_optimizer(config, "reference.optim")
@@ -194,7 +200,8 @@ def validate(config, mesh: jax.sharding.Mesh, inputs: bool = True) -> Job:
                   value_coef=float(rl.value_coef), entropy_coef=float(rl.entropy_coef),
                   overlap=bool(rl.overlap), microbatches=int(rl.microbatches)),
       checkpoint_every=int(config.checkpoint.every),
-      max_to_keep=int(config.checkpoint.max_to_keep), tensorboard=bool(config.tensorboard))
+      max_to_keep=int(config.checkpoint.max_to_keep), tensorboard=bool(config.tensorboard),
+      profile_start=int(config.profile.start), profile_steps=int(config.profile.steps))
 
 
 class AgentTrainer:
@@ -343,7 +350,12 @@ class AgentTrainer:
     if i >= self.rl_steps:
       return state, step, last
     pending = asyncio.ensure_future(self._collect(i, state["behaviour_params"], key))
+    trace = range(self.job.profile_start, self.job.profile_start + self.job.profile_steps)
+    tracing = False
     while i < self.rl_steps:
+      if i == trace.start:
+        jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
+        tracing = True
       t0 = time.perf_counter()
       episodes = await pending
       t_env = time.perf_counter() - t0
@@ -369,9 +381,28 @@ class AgentTrainer:
           "env_transitions": hosts.total(self.world.env.steps),
           **{k: hosts.total(v) for k, v in cache_stats(self.world).items()}}, phase="rl")
       progress.update(1, {**last, "loss": last["total"]})
+      if tracing and (i not in trace or i == self.rl_steps):
+        jax.profiler.stop_trace()
+        tracing = False
+        logging.info("agent %s: profile of RL steps %s in %s/profile", self.kind.name,
+                     list(trace), self.workdir)
       save(step, state)
       stop_if_preempted(step, state, pending)
     return state, step, last
+
+
+def check_prepared(workdir: str) -> None:
+  """A multi-process run restores a prepared world: every process would otherwise train WALS and
+  E_D into the same folders at once.
+
+  Raises:
+    ConfigError: several processes and no ``<workdir>/world.json``.
+  """
+  if hosts.is_multiprocess() and not paths.exists(os.path.join(workdir, "world.json")):
+    raise training.ConfigError(
+        f"{workdir}: a multi-process run restores a prepared world, and this workdir has none "
+        "(no world.json); build it once on one process with `python -m launch.train "
+        "--prepare_only` and the same --config and --workdir, then start every process")
 
 
 def run(config, workdir: str, *, world: World | None = None) -> dict[str, Any]:
@@ -383,15 +414,12 @@ def run(config, workdir: str, *, world: World | None = None) -> dict[str, Any]:
   training.check_workdir(workdir)
   if config.distributed:
     hosts.initialize()  # a no-op when the launcher started it (its coordinator flags)
+  if config.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", str(config.compilation_cache))
   mesh = training.build_mesh(config.mesh)
   job = validate(config, mesh)
-  if world is None and hosts.is_multiprocess() and not os.path.exists(
-      os.path.join(workdir, "world.json")):
-    # Every process would otherwise train WALS and E_D into the same folders at once.
-    raise training.ConfigError(
-        f"{workdir}: a multi-process run restores a prepared world, and this workdir has none "
-        "(no world.json); build it once on one process with `python -m launch.train "
-        "--prepare_only` and the same --config and --workdir, then start every process")
+  if world is None:
+    check_prepared(workdir)
   t0 = time.perf_counter()
   world = world or build_world(config, workdir)
   world_seconds = time.perf_counter() - t0

@@ -311,10 +311,12 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
   if rcfg.enabled:
     report["rater"] = rate(config, rcfg, world, episodes, ev, workdir)
   report_path = os.path.join(out_dir, "report.json")
-  paths.write_text(report_path, json.dumps(report, indent=2))
   report["path"] = report_path
-  for split in SPLITS:
-    _plots(splits[split]["policies"], out_dir, split)
+  if jax.process_index() == 0:  # every process of a multi-process run computes the same report
+    paths.write_text(report_path, json.dumps({k: v for k, v in report.items() if k != "path"},
+                                             indent=2))
+    for split in SPLITS:
+      _plots(splits[split]["policies"], out_dir, split)
   return report
 
 
