@@ -2,6 +2,7 @@
 
 import asyncio
 import hashlib
+import json
 
 import pytest
 
@@ -53,6 +54,25 @@ def test_process_cache_paths_are_seeded_from_the_shared_file(tmp_path):
     f.write('{"k": 2}\n')
   assert stack.process_cache_path(str(shared), 1, 2) == own  # never overwritten once there
   assert open(own).read().count("\n") == 2
+
+
+def test_one_process_merges_the_per_process_caches_of_a_multi_process_run(tmp_path):
+  from eagle_jax.env import cache as cache_lib  # noqa: PLC0415
+
+  def rec(key, text):
+    return json.dumps({"key": key, "text": text, "finish_reason": "stop"}) + "\n"
+
+  shared = tmp_path / "cache.jsonl"
+  shared.write_text(rec("a", "A") + rec("t", "torn")[:9])  # a killed writer's torn last line
+  (tmp_path / "cache.0.jsonl").write_text(rec("a", "A") + rec("b", "B"))
+  (tmp_path / "cache.1.jsonl").write_text(rec("c", "C") + "not json\n" + rec("b", "B2"))
+  (tmp_path / "cache.old.jsonl").write_text(rec("z", "Z"))  # not a process's file
+  assert stack.process_cache_path(str(shared), 0, 1) == str(shared)
+  loaded = cache_lib.ResponseCache(shared)
+  assert {k: loaded.get(k).text for k in "abcz" if k in loaded} == {"a": "A", "b": "B", "c": "C"}
+  loaded.close()
+  assert stack.process_cache_path(str(shared), 0, 1) == str(shared)  # idempotent
+  assert shared.read_text().count('"key": "b"') == 1
 
 
 def test_server_stack_names_the_served_model(tmp_path):

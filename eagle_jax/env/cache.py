@@ -48,7 +48,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from absl import logging
@@ -266,3 +266,34 @@ class CachedClient(SamplingBackend):
 
   async def aclose(self) -> None:
     await self.inner.aclose()
+
+
+def merge_into(path: str | os.PathLike, others: Sequence[str | os.PathLike]) -> int:
+  """Appends to the cache file ``path`` every answer of ``others`` (cache files) whose key it
+  lacks, first file first; unreadable lines are skipped. Returns how many were appended.
+
+  After a multi-process run, each process's ``cache.<i>.jsonl`` holds the answers it computed;
+  merged into the shared file, a later one-process job (evaluation, a rerun) replays all of them.
+  """
+  def records(p) -> Iterator[tuple[str, bytes]]:
+    for line in paths.path(p).read_bytes().splitlines():
+      try:
+        key = json.loads(line)["key"]
+      except (ValueError, KeyError, TypeError):
+        continue
+      if isinstance(key, str):
+        yield key, line
+
+  shared = paths.path(path)
+  data = shared.read_bytes() if shared.exists() else b""
+  have = {k for k, _ in records(path)} if data else set()
+  new = []
+  for other in others:
+    for key, line in records(other):
+      if key not in have:
+        have.add(key)
+        new.append(line)
+  if new:
+    lead = b"\n" if data and not data.endswith(b"\n") else b""  # a torn last line stays apart
+    paths.append_bytes(path, lead + b"\n".join(new) + b"\n")
+  return len(new)

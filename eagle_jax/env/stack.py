@@ -36,6 +36,8 @@ import os
 import pathlib
 from collections.abc import Sequence
 
+from absl import logging
+
 from eagle_jax import assets, paths
 from eagle_jax.env import cache as cache_lib
 from eagle_jax.env.batching import BatchingClient
@@ -109,11 +111,19 @@ def chat_template_id(chat_template: str) -> str:
 
 
 def process_cache_path(path: str, process_index: int, process_count: int) -> str:
-  """The response-cache file of one process: ``path`` itself on one process; on several,
+  """The response-cache file of one process: ``path`` itself on one process, after merging into
+  it the per-process files an earlier multi-process run left (``cache.merge_into``); on several,
   ``<stem>.<index>.jsonl`` seeded from the shared file (no concurrent appends to one file)."""
-  if process_count <= 1:
-    return path
   p = paths.path(path)
+  if process_count <= 1:
+    if p.parent.exists():
+      own = sorted(x for x in p.parent.glob(f"{p.stem}.*{p.suffix}")
+                   if x.name[len(p.stem) + 1:-len(p.suffix)].isdigit())
+      if own:
+        n = cache_lib.merge_into(path, own)
+        logging.info("response cache %s: %d answers merged from %s", path, n,
+                     [x.name for x in own])
+    return path
   own = p.with_name(f"{p.stem}.{process_index}{p.suffix}")
   if not own.exists() and p.exists():
     paths.write_bytes(own, p.read_bytes())
