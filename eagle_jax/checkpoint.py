@@ -334,14 +334,10 @@ class Checkpointer:
       saved = ocp.StandardCheckpointHandler().metadata(
           paths.path(self.step_path(step)) / "state").tree
       target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
-    if target is None:
-      state_args = ocp.args.StandardRestore()
-    else:
-      if shardings is None:  # keep the target's own placement, else the first local device
-        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda x: getattr(x, "sharding", None) or default, target)
-      state_args = ocp.args.StandardRestore(abstract_like(target, shardings))
-    items = {"state": state_args}
+    if shardings is None:  # keep the target's own placement, else the first local device
+      default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      shardings = jax.tree.map(lambda x: getattr(x, "sharding", None) or default, target)
+    items = {"state": ocp.args.StandardRestore(abstract_like(target, shardings))}
     has_digest = paths.isdir(os.path.join(self.step_path(step), "digest"))
     if has_digest:  # (steps saved before fingerprints existed have none)
       items["digest"] = ocp.args.JsonRestore()
