@@ -2,6 +2,7 @@ r"""Environment-LLM serving throughput: 8 concurrent client streams vs serial re
 
   python -m benchmarks.env_bench            # 32 new tokens, 16 serial + 48 concurrent requests
   python -m benchmarks.env_bench --quick    # 16 new tokens, 8 serial + 16 concurrent requests
+  python -m benchmarks.env_bench --tree     # EAGLE's S states x K actions (benchmarks/tree_bench)
 
 SmolLM2-135M-Instruct (the offline GGUF asset) runs in ``LocalSampler`` behind ``EnvServer`` on a
 loopback port; ``OpenAIClient`` drives it.
@@ -31,6 +32,13 @@ from eagle_jax.env.client import SamplingParams
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer requests and tokens.")
 _STREAMS = flags.DEFINE_integer("streams", 8, "Concurrent client streams.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Server decode batch limit.")
+_TREE = flags.DEFINE_bool("tree", False, "EAGLE's transition tree workload (tree_bench).")
+_STATES = flags.DEFINE_integer("states", 4, "--tree: states.")
+_K = flags.DEFINE_integer("k", 8, "--tree: actions per state.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "--tree: timed rounds (interleaved).")
+_BATCH = flags.DEFINE_integer("batch", 16, "--tree: decode batch of the unshared and torch runs.")
+_SLOTS = flags.DEFINE_integer("slots", 16, "--tree: continuous-batching rows.")
+_CHUNK = flags.DEFINE_integer("chunk", 8, "--tree: decode steps between admissions.")
 
 _TOPICS = ["a heist in Venice", "two rival chefs", "a lighthouse keeper", "a time-travelling cat",
            "a chess prodigy", "a haunted library", "a desert rally", "a jazz band on tour",
@@ -85,6 +93,12 @@ async def _run(backend: local.LocalSampler, n_serial: int, n_conc: int, max_toke
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  if _TREE.value:
+    from benchmarks import tree_bench  # noqa: PLC0415
+
+    tree_bench.run(_STATES.value, _K.value, _ROUNDS.value, _BATCH.value, _SLOTS.value,
+                   _CHUNK.value)
+    return
   quick = _QUICK.value
   max_tokens = 16 if quick else 32
   n_serial, n_conc = (8, 16) if quick else (16, 48)

@@ -38,6 +38,28 @@ def _best_time(fn, repeats: int) -> float:
   return best
 
 
+
+def torch_llama(config, hf):
+  """transformers' ``LlamaForCausalLM`` (float32, eval) holding the HF-named weights ``hf``."""
+  import torch
+  import transformers
+
+  tcfg = transformers.LlamaConfig(
+      vocab_size=config.vocab_size, hidden_size=config.hidden,
+      intermediate_size=config.intermediate, num_hidden_layers=config.layers,
+      num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
+      head_dim=config.head_dim, rope_theta=config.rope_theta, rms_norm_eps=config.rms_eps,
+      tie_word_embeddings=config.tie_embeddings, max_position_embeddings=config.max_len)
+  tmodel = transformers.LlamaForCausalLM(tcfg).eval().to(torch.float32)
+  state = {k: torch.from_numpy(np.array(v)) for k, v in hf.items()}
+  missing, unexpected = tmodel.load_state_dict(state, strict=False)
+  missing = [k for k in missing if k != "lm_head.weight"]
+  if missing or unexpected:
+    raise RuntimeError(f"torch state dict mismatch: missing {missing}, unexpected {unexpected}")
+  tmodel.tie_weights()
+  return tmodel
+
+
 def run(
     quick: bool = False,
     batches=(1, 8),
@@ -76,25 +98,12 @@ def run(
   results["jax_peak_rss_mib"] = _peak_rss_mib()
 
   import torch
-  import transformers
 
   if torch_threads:
     torch.set_num_threads(torch_threads)
 
-  tcfg = transformers.LlamaConfig(
-      vocab_size=config.vocab_size, hidden_size=config.hidden,
-      intermediate_size=config.intermediate, num_hidden_layers=config.layers,
-      num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
-      head_dim=config.head_dim, rope_theta=config.rope_theta, rms_norm_eps=config.rms_eps,
-      tie_word_embeddings=config.tie_embeddings, max_position_embeddings=config.max_len)
-  tmodel = transformers.LlamaForCausalLM(tcfg).eval().to(torch.float32)
-  state = {k: torch.from_numpy(np.array(v)) for k, v in hf.items()}
-  missing, unexpected = tmodel.load_state_dict(state, strict=False)
-  missing = [k for k in missing if k != "lm_head.weight"]
-  if missing or unexpected:
-    raise RuntimeError(f"torch state dict mismatch: missing {missing}, unexpected {unexpected}")
-  tmodel.tie_weights()
-  del hf, state
+  tmodel = torch_llama(config, hf)
+  del hf
   for b in batches:
     ids = torch.tensor([prompt] * b)
 

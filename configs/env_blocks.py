@@ -37,6 +37,16 @@ def llm_config(**overrides) -> ml_collections.ConfigDict:
   c.retries = 4
   # Decode batch sizes of the local sampler (each size compiles once; one size: fewest compiles).
   c.batch_buckets = (8,)
+  # Prefill token prefixes shared by a decode's rows once (a state's K transitions, the system
+  # prompt); same tokens as without, up to float reassociation (models/prefix.py).
+  c.share_prefix = False
+  # Continuous batching of the local sampler: prompts join free decode rows between chunks of
+  # decode steps instead of waiting for a whole batch (models/continuous.py).
+  c.continuous = False
+  # Decode rows of the continuous batcher.
+  c.slots = 16
+  # Decode steps between its admissions of waiting prompts.
+  c.chunk = 8
   c.update(overrides)
   return c
 

@@ -27,6 +27,11 @@ _PORT = flags.DEFINE_integer("port", 8000, "Port to bind (0: any free port).")
 _MODEL = flags.DEFINE_enum("model", "smollm2", ["smollm2"], "Offline model asset to serve.")
 _GGUF = flags.DEFINE_string("gguf", None, "A llama-architecture GGUF file instead of --model.")
 _MODEL_NAME = flags.DEFINE_string("model_name", "smollm2-135m-instruct", "Served model name.")
+_SHARE = flags.DEFINE_bool("share_prefix", False, "Prefill prefixes shared by a decode's rows once.")
+_CONTINUOUS = flags.DEFINE_bool(
+    "continuous", False, "Continuous batching: requests join free decode rows every --chunk steps.")
+_SLOTS = flags.DEFINE_integer("slots", 16, "Decode rows of the continuous batcher.")
+_CHUNK = flags.DEFINE_integer("chunk", 8, "Decode steps between admissions (continuous batching).")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Most prompts per decode batch.")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 256, "Most queued prompts before 503.")
 _BATCH_WAIT_MS = flags.DEFINE_float("batch_wait_ms", 5.0, "Idle wait for more prompts (ms).")
@@ -58,6 +63,9 @@ async def _serve(backend, sock: socket.socket) -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  for flag in (_SLOTS, _CHUNK):
+    if flag.value < 1:
+      raise app.UsageError(f"--{flag.name}: expected >= 1, got {flag.value}")
   if _MAX_BATCH.value < 1:
     raise app.UsageError(f"--max_batch: expected >= 1, got {_MAX_BATCH.value}")
   if _GGUF.value is not None:
@@ -70,8 +78,10 @@ def main(argv: Sequence[str]) -> None:
              "stop the other server or pick another port")
   from eagle_jax.env import local  # after the port check: imports JAX and the model code
 
-  backend = local.LocalSampler.from_gguf(_GGUF.value, model_id=_MODEL_NAME.value,
-                                         batch_buckets=_buckets(_MAX_BATCH.value))
+  backend = local.LocalSampler.from_gguf(
+      _GGUF.value, model_id=_MODEL_NAME.value, batch_buckets=_buckets(_MAX_BATCH.value),
+      share_prefix=_SHARE.value, continuous=_CONTINUOUS.value, slots=_SLOTS.value,
+      chunk=_CHUNK.value)
   if _WARMUP.value > 0:
     backend.warmup(_WARMUP.value)
   asyncio.run(_serve(backend, sock))

@@ -24,6 +24,12 @@ so rows with a common prefix land in the same chunk.
 Model calls run on one worker thread, so the asyncio loop (e.g. the HTTP server's) stays responsive
 and calls never overlap on the device.
 
+Continuous batching (``continuous=True``): instead of decoding each call's chunks to the end, every
+prompt goes to a ``models.continuous.ContinuousBatcher`` of ``slots`` rows, whose worker admits
+waiting prompts (of this call or of any call made meanwhile, e.g. the server's next requests) at
+every ``chunk``-step boundary and answers each as soon as it is done; each answer is what a batch of
+one gives (same tokens up to float reassociation).
+
 Stop strings: a stop string that is a single token of the vocabulary is added to the decode's stop
 ids (the row ends early); every answer is also cut before the first occurrence of any stop string,
 which is exact for multi-token strings (later tokens cannot change earlier text).
@@ -76,6 +82,9 @@ class LocalSampler(SamplingBackend):
     max_len: longest prompt + max_tokens accepted (default: the model config's ``max_len``).
     share_prefix: prefill prefixes shared by the rows of a decode call once (see above); None:
       the sampler's ``share_prefix`` (off by default).
+    continuous: continuous batching (see above) instead of per-call decode batches.
+    slots: decode rows of the continuous batcher.
+    chunk: decode steps between its admissions.
   """
 
   reports_logprobs = True  # answers are TokenCompletions (the server's ``logprobs``)
@@ -89,6 +98,9 @@ class LocalSampler(SamplingBackend):
       chat: bool = False,
       max_len: int | None = None,
       share_prefix: bool | None = None,
+      continuous: bool = False,
+      slots: int = 16,
+      chunk: int = 8,
   ):
     if sampler.tokenizer is None:
       raise ValueError("sampler: LocalSampler needs a Sampler built with a tokenizer")
@@ -104,6 +116,12 @@ class LocalSampler(SamplingBackend):
     self.share_prefix = sampler.share_prefix if share_prefix is None else bool(share_prefix)
     self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="local-sampler")
     self.decode_calls = 0  # number of jitted decode calls (tests check batching with it)
+    self.continuous = bool(continuous)
+    self.batcher = None
+    if self.continuous:
+      from eagle_jax.models.continuous import ContinuousBatcher  # noqa: PLC0415
+      self.batcher = ContinuousBatcher(sampler, slots=slots, chunk=chunk,
+                                       share_prefix=self.share_prefix)
 
   @classmethod
   def from_gguf(
@@ -162,23 +180,25 @@ class LocalSampler(SamplingBackend):
     out = self.sampler.generate_ids(
         ids, params.replace(stop_ids=stop), seeds=seeds, share_prefix=self.share_prefix)
     self.decode_calls += 1
-    out_tokens, out_mask = out.tokens[:n], out.mask[:n]
-    results = []
-    for row, live, logp, plen in zip(out_tokens.tolist(), out_mask.tolist(),
-                                     out.logprobs[:n].tolist(), prompt_lens):
-      gen = [t for t, m in zip(row, live) if m]
-      stopped = bool(gen) and gen[-1] in stop
-      text = self.tokenizer.decode([t for t in gen if t not in stop])
-      cut = [text.find(s) for s in params.stop if s in text]
-      if cut:
-        text = text[: min(cut)]
-        stopped = True
-      results.append(TokenCompletion(
-          text=text, finish_reason="stop" if stopped else "length", completion_tokens=len(gen),
-          prompt_tokens=plen,
-          tokens=tuple(self.tokenizer.decode([t], skip_special_tokens=False) for t in gen),
-          token_logprobs=tuple(lp for lp, m in zip(logp, live) if m)))
-    return results
+    return [self._completion([t for t, m in zip(row, live) if m],
+                             [lp for lp, m in zip(logp, live) if m], plen, params, stop)
+            for row, live, logp, plen in zip(out.tokens[:n].tolist(), out.mask[:n].tolist(),
+                                             out.logprobs[:n].tolist(), prompt_lens)]
+
+  def _completion(self, gen: list[int], logprobs: list[float], prompt_len: int,
+                  params: SamplingParams, stop: Sequence[int]) -> TokenCompletion:
+    """A row's generated tokens (stop token included) -> its ``TokenCompletion``."""
+    stopped = bool(gen) and gen[-1] in stop
+    text = self.tokenizer.decode([t for t in gen if t not in stop])
+    cut = [text.find(s) for s in params.stop if s in text]
+    if cut:
+      text = text[: min(cut)]
+      stopped = True
+    return TokenCompletion(
+        text=text, finish_reason="stop" if stopped else "length", completion_tokens=len(gen),
+        prompt_tokens=prompt_len,
+        tokens=tuple(self.tokenizer.decode([t], skip_special_tokens=False) for t in gen),
+        token_logprobs=tuple(logprobs))
 
   def generate_sync(
       self,
@@ -187,21 +207,21 @@ class LocalSampler(SamplingBackend):
       on_result: ResultCallback | None = None,
   ) -> list[Completion]:
     """Blocking ``generate`` (runs on the caller's thread)."""
-    client_lib.check_generate_args(prompts, params)
-    encoded = []
-    for i, (p, q) in enumerate(zip(prompts, params)):
-      ids = self.encode(client_lib.canonical_prompt(p, f"prompts[{i}]"), q)
-      if not ids:
-        raise ValueError(f"prompts[{i}]: empty prompt (no tokens)")
-      if len(ids) + q.max_tokens > self.max_len:
-        raise ValueError(
-            f"prompts[{i}]: {len(ids)} prompt tokens + max_tokens={q.max_tokens} exceed the "
-            f"model's max_len={self.max_len}")
-      encoded.append(ids)
+    encoded = self._encode_all(prompts, params)
+    if self.batcher is not None:
+      futures = self._submit(encoded, params)
+      out: list[Completion | None] = [None] * len(prompts)
+      where = {f: i for i, f in enumerate(futures)}
+      for f in concurrent.futures.as_completed(futures):
+        i = where[f]
+        out[i] = self._answer(f.result(), encoded[i], params[i])
+        if on_result is not None:
+          on_result(i, out[i])
+      return out  # type: ignore[return-value]
     groups: dict[SamplingParams, list[int]] = {}
     for i, q in enumerate(params):
       groups.setdefault(q.replace(seed=0), []).append(i)
-    out: list[Completion | None] = [None] * len(prompts)
+    out = [None] * len(prompts)
     step = self.batch_buckets[-1]
     for group_params, rows in groups.items():
       # Similar lengths together keep the prompt bucket (and padding work) small; with prefix
@@ -218,6 +238,38 @@ class LocalSampler(SamplingBackend):
             on_result(i, c)
     return out  # type: ignore[return-value]
 
+  def _submit(self, encoded: list[list[int]], params: Sequence[SamplingParams]) -> list:
+    """Queues every prompt in the continuous batcher (sorted by token ids with prefix sharing,
+    so prompts with a common prefix are admitted together): one future per prompt."""
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i]) if self.share_prefix else (
+        range(len(encoded)))
+    futures = [None] * len(encoded)
+    for i in order:
+      q = params[i]
+      futures[i] = self.batcher.submit(encoded[i], q.replace(stop_ids=self._stop_ids(q)), q.seed)
+    return futures
+
+  def _answer(self, answer, ids: list[int], params: SamplingParams) -> TokenCompletion:
+    """A batcher ``Answer`` -> its ``TokenCompletion``."""
+    return self._completion(answer.tokens, answer.logprobs, len(ids), params,
+                            self._stop_ids(params))
+
+  def _encode_all(self, prompts: Sequence[Prompt],
+                  params: Sequence[SamplingParams]) -> list[list[int]]:
+    """Token ids of every prompt (checked against the model's length)."""
+    client_lib.check_generate_args(prompts, params)
+    encoded = []
+    for i, (p, q) in enumerate(zip(prompts, params)):
+      ids = self.encode(client_lib.canonical_prompt(p, f"prompts[{i}]"), q)
+      if not ids:
+        raise ValueError(f"prompts[{i}]: empty prompt (no tokens)")
+      if len(ids) + q.max_tokens > self.max_len:
+        raise ValueError(
+            f"prompts[{i}]: {len(ids)} prompt tokens + max_tokens={q.max_tokens} exceed the "
+            f"model's max_len={self.max_len}")
+      encoded.append(ids)
+    return encoded
+
   async def generate(
       self,
       prompts: Sequence[Prompt],
@@ -226,6 +278,18 @@ class LocalSampler(SamplingBackend):
       on_result: ResultCallback | None = None,
   ) -> list[Completion]:
     loop = asyncio.get_running_loop()
+    if self.batcher is not None:  # answered by the batcher's worker; the loop only waits
+      prompts, params = list(prompts), list(params)
+      encoded = self._encode_all(prompts, params)
+      futures = self._submit(encoded, params)
+
+      async def one(i: int) -> Completion:
+        c = self._answer(await asyncio.wrap_future(futures[i]), encoded[i], params[i])
+        if on_result is not None:
+          on_result(i, c)
+        return c
+
+      return list(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
     if on_result is not None:
       callback = on_result
       on_result = lambda i, c: loop.call_soon_threadsafe(callback, i, c)
@@ -243,3 +307,5 @@ class LocalSampler(SamplingBackend):
 
   async def aclose(self) -> None:
     self._executor.shutdown(wait=False)
+    if self.batcher is not None:
+      self.batcher.close()

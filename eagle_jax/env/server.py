@@ -8,7 +8,9 @@ A single batching task takes the first waiting prompt, then keeps collecting unt
 the backend as **one** ``generate`` call (``LocalSampler`` then decodes rows with equal sampling
 parameters together). While the backend works, new requests queue up, so under load every batch is
 full without any waiting; the wait window only delays a lone request on an idle server. This is what
-makes 8 concurrent client streams several times faster than serial requests.
+makes 8 concurrent client streams several times faster than serial requests. A backend with
+``continuous = True`` (``LocalSampler(continuous=True)``) gets each batch at once, without waiting
+for the previous one's answers: its batcher admits the prompts at its next decode-chunk boundary.
 
 Backend errors: if a batch fails, its prompts are rerun one by one so that one bad prompt does not
 fail its neighbours; a ``ValueError`` from the backend (e.g. prompt + max_tokens longer than the
@@ -134,6 +136,7 @@ class EnvServer:
     self.batch_sizes: list[int] = []  # prompts per backend call (monitoring, tests)
     self._queue: asyncio.Queue[_Item] | None = None
     self._worker: asyncio.Task | None = None
+    self._tasks: set[asyncio.Task] = set()  # batches handed to a continuous backend
     self._runner: web.AppRunner | None = None
     self.port: int | None = None
 
@@ -164,20 +167,30 @@ class EnvServer:
       if not batch:
         continue
       self.batch_sizes.append(len(batch))
-      try:
-        answers = await self.backend.generate([it.prompt for it in batch],
-                                              [it.params for it in batch])
-      except Exception:  # noqa: BLE001
-        # One bad prompt (e.g. too long for the model) must not fail its batch neighbours:
-        # rerun one by one so each caller gets its own answer or its own error.
-        logging.warning("backend.generate failed for a batch of %d; retrying one by one",
-                        len(batch))
-        for it in batch:
-          await self._run_one(it)
-        continue
-      for it, answer in zip(batch, answers):
-        if not it.future.done():
-          it.future.set_result(answer)
+      if getattr(self.backend, "continuous", False):
+        # A continuously batching backend admits these prompts at its next chunk boundary while
+        # earlier ones decode: hand them over now, do not wait for the earlier answers.
+        task = loop.create_task(self._dispatch(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+      else:
+        await self._dispatch(batch)
+
+  async def _dispatch(self, batch: list[_Item]) -> None:
+    try:
+      answers = await self.backend.generate([it.prompt for it in batch],
+                                            [it.params for it in batch])
+    except Exception:  # noqa: BLE001
+      # One bad prompt (e.g. too long for the model) must not fail its batch neighbours:
+      # rerun one by one so each caller gets its own answer or its own error.
+      logging.warning("backend.generate failed for a batch of %d; retrying one by one",
+                      len(batch))
+      for it in batch:
+        await self._run_one(it)
+      return
+    for it, answer in zip(batch, answers):
+      if not it.future.done():
+        it.future.set_result(answer)
 
   async def _run_one(self, it: _Item) -> None:
     if it.future.done():
@@ -282,11 +295,12 @@ class EnvServer:
       self._queue = asyncio.Queue(maxsize=self.max_queue)
       self._worker = asyncio.create_task(self._batch_loop())
       yield
-      self._worker.cancel()
-      try:
-        await self._worker
-      except asyncio.CancelledError:
-        pass
+      for task in [self._worker, *self._tasks]:
+        task.cancel()
+        try:
+          await task
+        except asyncio.CancelledError:
+          pass
 
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -25,6 +25,9 @@ name is asked for that name.
   timeout_s: per-request timeout in seconds.
   retries: retries of a failed request (connection errors, 429, 5xx).
   batch_buckets: decode batch sizes of the local sampler (each size compiles once).
+  share_prefix: the local sampler prefills token prefixes shared by a decode's rows once.
+  continuous: the local sampler batches continuously (``models.continuous``) in ``slots`` rows,
+    admitting waiting prompts every ``chunk`` decode steps.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import functools
 import hashlib
 import os
 import pathlib
-from collections.abc import Sequence
 
 from absl import logging
 
@@ -45,7 +47,7 @@ from eagle_jax.env.client import SamplingBackend
 from eagle_jax.models.sampling_params import check_int
 
 FIELDS = ("gguf", "chat_template", "server_url", "served_model", "api_key_env", "concurrency",
-          "timeout_s", "retries", "batch_buckets")
+          "timeout_s", "retries", "batch_buckets", "share_prefix", "continuous", "slots", "chunk")
 
 
 def check_llm_config(llm, field: str = "config.llm") -> None:
@@ -72,7 +74,10 @@ def check_llm_config(llm, field: str = "config.llm") -> None:
   elif llm.gguf and not assets.is_gguf_asset(llm.gguf) and not os.path.isfile(llm.gguf):
     raise ValueError(f"{field}.gguf: no such file {llm.gguf!r} (nor a pinned asset's name: "
                      f"{sorted(assets.GGUF_ASSETS)})")
-  for name, lo in (("concurrency", 1), ("retries", 0)):
+  for name in ("share_prefix", "continuous"):
+    if not isinstance(llm[name], bool):
+      raise ValueError(f"{field}.{name}: expected a bool, got {llm[name]!r}")
+  for name, lo in (("concurrency", 1), ("retries", 0), ("slots", 1), ("chunk", 1)):
     check_int(f"{field}.{name}", llm[name], lo)
   if isinstance(llm.timeout_s, bool) or not isinstance(llm.timeout_s, (int, float)) or not (
       llm.timeout_s > 0):
@@ -196,12 +201,13 @@ def open_llm(llm, cache_path: str, *, sampler=None, model_file: str | os.PathLik
     else:
       path = model_file or assets.resolve_gguf(llm.gguf)
       name = local_model_name(path) + chat_template_id(llm.chat_template)
-    buckets: Sequence[int] = tuple(int(b) for b in llm.batch_buckets)
+    options = dict(model_id=name, batch_buckets=tuple(int(b) for b in llm.batch_buckets),
+                   chat=chat, share_prefix=llm.share_prefix, continuous=llm.continuous,
+                   slots=int(llm.slots), chunk=int(llm.chunk))
     if sampler is None:
-      backend = LocalSampler.from_gguf(path, model_id=name, batch_buckets=buckets, chat=chat,
-                                       chat_template=llm.chat_template or None)
+      backend = LocalSampler.from_gguf(path, chat_template=llm.chat_template or None, **options)
     else:
-      backend = LocalSampler(sampler, model_id=name, batch_buckets=buckets, chat=chat)
+      backend = LocalSampler(sampler, **options)
   return stack_over(backend, cache_path, cache_memory)
 
 

@@ -104,6 +104,31 @@ def bucket(n: int, minimum: int = 16) -> int:
   return three_quarters if p >= 4 and three_quarters >= n else p
 
 
+
+def mode_and_knobs(params: SamplingParams, stop: Sequence[int]) -> tuple[logits_lib.Mode,
+                                                                         logits_lib.Knobs]:
+  """The static ``Mode`` and traced ``Knobs`` of ``params`` with stop ids ``stop``."""
+  mode = logits_lib.Mode(
+      greedy=params.temperature == 0.0,
+      top_k=params.top_k > 0 and params.temperature > 0,
+      top_p=params.top_p < 1.0 and params.temperature > 0,
+      penalty=params.repetition_penalty != 1.0,
+      ngram=int(params.no_repeat_ngram),
+  )
+  # Padded with -1 (never a token) to a multiple of 4 so a few more stop ids do not recompile.
+  stop_arr = np.full((max(4, -(-len(stop) // 4) * 4),), -1, np.int32)
+  stop_arr[: len(stop)] = stop
+  knobs = logits_lib.Knobs(
+      temperature=jnp.float32(params.temperature or 1.0),
+      top_k=jnp.int32(params.top_k),
+      top_p=jnp.float32(params.top_p),
+      penalty=jnp.float32(params.repetition_penalty),
+      stop_ids=jnp.asarray(stop_arr),
+      max_new=jnp.int32(params.max_tokens),
+  )
+  return mode, knobs
+
+
 def _generate_impl(
     graphdef,
     state,
@@ -374,24 +399,7 @@ class Sampler:
     if stop is None:
       stop = self.tokenizer.stop_ids if self.tokenizer is not None else ()
     n_bucket = bucket(params.max_tokens, self.min_bucket)
-    mode = logits_lib.Mode(
-        greedy=params.temperature == 0.0,
-        top_k=params.top_k > 0 and params.temperature > 0,
-        top_p=params.top_p < 1.0 and params.temperature > 0,
-        penalty=params.repetition_penalty != 1.0,
-        ngram=int(params.no_repeat_ngram),
-    )
-    # Padded with -1 (never a token) to a multiple of 4 so a few more stop ids do not recompile.
-    stop_arr = np.full((max(4, -(-len(stop) // 4) * 4),), -1, np.int32)
-    stop_arr[: len(stop)] = stop
-    knobs = logits_lib.Knobs(
-        temperature=jnp.float32(params.temperature or 1.0),
-        top_k=jnp.int32(params.top_k),
-        top_p=jnp.float32(params.top_p),
-        penalty=jnp.float32(params.repetition_penalty),
-        stop_ids=jnp.asarray(stop_arr),
-        max_new=jnp.int32(params.max_tokens),
-    )
+    mode, knobs = mode_and_knobs(params, stop)
     extra = {} if embeddings is None else {"embeddings": embeddings}
     if shared is not None:
       extra["shared"] = shared
