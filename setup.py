@@ -64,6 +64,9 @@ EXTRAS_REQUIRE = {
         "threadpoolctl>=3.1",  # pins BLAS threads of the numpy/implicit references.
         "scikit-surprise>=1.1.4",  # independent rating models for wals_quality_bench.
     ],
+    # llama.cpp's OpenAI-compatible server, a reference of `env_bench --tree` (builds from source
+    # on the package index: about 10 minutes on 2 cores).
+    "llamacpp": ["llama-cpp-python[server]==0.3.36"],
 }
 
 setuptools.setup(

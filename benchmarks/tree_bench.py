@@ -189,7 +189,7 @@ def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int) ->
   if server is not None:
     runners["llama.cpp server (llama-cpp-python)"] = lambda: (server.run(msgs), None)
   else:
-    print("llama.cpp server: not installed (pip install 'llama-cpp-python[server]', ~15 min)")
+    print("llama.cpp server: not installed (pip install -e '.[llamacpp]', about 10 min)")
   try:
     for fn in runners.values():  # compile / warm up, untimed
       fn()
@@ -225,6 +225,7 @@ def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int) ->
   same = sum(a == b for a, b in zip(texts[names[0]], texts[names[1]]))
   print(f"\nmatmul rate {rate / 1e9:.0f} GFLOP/s; {params_count / 1e6:.1f}M parameters; "
         f"{prefilled} prefilled tokens shared ({sum(map(len, ids))} unshared)")
-  print(f"ours vs today: {same}/{n} answers identical; compiles {fast.batcher.compile_counts()}; "
+  print(f"ours vs today: {same}/{n} answers identical; {fast.batcher.stats()}; compiles "
+        f"{fast.batcher.compile_counts()}; "
         f"load at end {_load()}")
   fast.batcher.close()

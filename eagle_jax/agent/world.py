@@ -313,6 +313,9 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
   if int(config.env.prefetch_depth) > 0:
     n = asyncio.run(prefetch_tree(world, sorted(world.anchors), int(config.env.prefetch_depth)))
     logging.info("world: %d states prefetched to depth %d", n, config.env.prefetch_depth)
+    local = llm.local
+    if local is not None and local.batcher is not None:  # how much prefix sharing found
+      logging.info("world: continuous batching %s", local.batcher.stats())
     world.info["prefetched_states"] = n
   if jax.process_index() == 0:  # every process of a multi-process run restores the same world
     write_world(world, workdir, ratings, data)

@@ -30,7 +30,8 @@ against batches of one.
 the oldest request's group; requests of another group, or longer than the running ``P_cap`` /
 ``N_cap``, wait until the slots drain, and no more requests are admitted meanwhile. Programs
 compile once per (admission bucket, prompt bucket) for prefills, per ``W`` for inserts, shifts and
-decode chunks, and per mode; ``compile_counts`` reports them.
+decode chunks, and per mode; a group keeps the last caps of its mode when they are at most twice
+its own, so alternating groups do not recompile. ``compile_counts`` reports them.
 """
 
 from __future__ import annotations
@@ -235,7 +236,10 @@ class ContinuousBatcher:
     self.chunks = 0  # decode chunks run (stats)
     self.admissions = 0  # prefill calls
     self.compactions = 0  # cache shifts
+    self.admitted = 0  # requests admitted
+    self.shared_rows = 0  # of which prefilled on top of a prefix shared with others
     self._queue: collections.deque[_Request] = collections.deque()
+    self._caps: dict[logits_lib.Mode, tuple[int, int]] = {}  # last (P_cap, N_cap) per mode
     self._taken: list[_Request] = []  # out of the queue, not answered yet (failed on an error)
     self._cv = threading.Condition()
     self._closed = False
@@ -249,6 +253,12 @@ class ContinuousBatcher:
                         static_argnames=("mode", "steps", "pad_id", "p_cap"))
     self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
     self._thread.start()
+
+  def stats(self) -> dict[str, int]:
+    """Counters: decode chunks, admissions (prefill calls), requests admitted, of which prefilled
+    on a shared prefix, and cache shifts."""
+    return {"chunks": self.chunks, "admissions": self.admissions, "admitted": self.admitted,
+            "shared_rows": self.shared_rows, "compactions": self.compactions}
 
   def compile_counts(self) -> dict[str, int]:
     """Compiled programs so far, per jitted function."""
@@ -328,6 +338,13 @@ class ContinuousBatcher:
     p_cap = sampling_lib.bucket(max(len(r.ids) for r in same), s.min_bucket)
     n_cap = sampling_lib.bucket(max(r.params.max_tokens for r in same), s.min_bucket)
     mode, knobs = sampling_lib.mode_and_knobs(group, group.stop_ids)
+    # The last caps of this mode when they cover these and are at most twice as wide: the
+    # programs of that width are compiled already (a SmolLM2 decode compile takes ~20 s on 2
+    # cores; attention over a wider cache costs less than that for a group or two).
+    last = self._caps.get(mode)
+    if last is not None and p_cap <= last[0] <= 2 * p_cap and n_cap <= last[1] <= 2 * n_cap:
+      p_cap, n_cap = last
+    self._caps[mode] = (p_cap, n_cap)
     b, w = self.slots, p_cap + n_cap + self.chunk
     cfg = s.config
     cache = llama_lib.KVCache.init(cfg, b, w)
@@ -389,6 +406,9 @@ class ContinuousBatcher:
     shared = None if plan is None else prefix_lib.SharedInputs(*map(jnp.asarray, plan.inputs))
     logits, pcache = s._run(self._prefill, s.state, jnp.asarray(tokens), jnp.asarray(mask), shared)
     self.admissions += 1
+    self.admitted += n
+    if plan is not None:
+      self.shared_rows += int(np.sum(plan.inputs.row_shared[:n]))
     rows = np.full((nb,), self.slots, np.int32)
     rows[:n] = free[:n]
     keys = jax.vmap(jax.random.key)(jnp.asarray([r.seed for r in new] + [0] * (nb - n), jnp.uint32))
