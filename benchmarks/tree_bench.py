@@ -2,9 +2,12 @@ r"""EAGLE's environment workload: S states x K actions of transitions, five ways
 
   python -m benchmarks.env_bench --tree                 # 4 states x 8 actions, 40 new tokens
   python -m benchmarks.env_bench --tree --states=8 --k=8 --rounds=3
+  python -m benchmarks.env_bench --tree --reasons=5    # the paper's states: plot + 5 + 5 reasons
 
 The states are SmolLM2 plots of MovieLens-100K's most rated movies (written first, untimed, as
-the world's anchor plots are), the actions the project's template actions of each movie, the
+the world's anchor plots are) or, with ``--reasons=N``, their descriptions with N reasons to like
+and N to dislike each (``env.states="description"``, written by ``env.build.describe_movies``
+with the smoke config's description settings), the actions the project's template actions of each movie, the
 prompts ``prompts.transition_prompt`` in SmolLM2's chat template, and the sampling the smoke
 config's ``env.sampling`` (greedy, repetition penalty 1.2, no repeated 3-grams, 40 new tokens).
 Timed, interleaved over ``--rounds`` (the order rotates each round), median seconds:
@@ -34,9 +37,10 @@ import time
 import jax
 import numpy as np
 
+from configs import movielens_smoke
 from eagle_jax import assets, prompts
 from eagle_jax.data import catalog, movielens
-from eagle_jax.env import action_templates, local, openai
+from eagle_jax.env import action_templates, build, local, openai
 from eagle_jax.env.client import SamplingParams
 from eagle_jax.models import loading, prefix
 from eagle_jax.models.tokenizer import Tokenizer
@@ -45,17 +49,23 @@ SAMPLING = SamplingParams(max_tokens=40, temperature=0.0, repetition_penalty=1.2
                           no_repeat_ngram=3, chat=True)
 
 
-def workload(backend: local.LocalSampler, states: int, k: int) -> list:
+def workload(backend: local.LocalSampler, states: int, k: int, reasons: int = 0) -> list:
   """Transition prompts (chat messages), state-major: ``states * k``."""
   ratings = movielens.load_ml100k_assets()
   movies = catalog.movies_from_ratings(ratings, catalog.most_rated_items(ratings, states))
-  plots = backend.generate_sync([prompts.plot_prompt(m.title, m.genres, m.tags) for m in movies],
-                                [SAMPLING.replace(max_tokens=60)] * states)
+  if reasons:
+    cfg = movielens_smoke.get_config().descriptions
+    cfg.n_reasons = reasons
+    texts = [d["text"] for d in asyncio.run(build.describe_movies(backend, movies, cfg))]
+  else:
+    plots = backend.generate_sync([prompts.plot_prompt(m.title, m.genres, m.tags)
+                                   for m in movies], [SAMPLING.replace(max_tokens=60)] * states)
+    texts = [f"Plot: {p.text}" for p in plots]
   out = []
-  for m, plot in zip(movies, plots):
+  for m, text in zip(movies, texts):
     actions = action_templates.template_actions(m.genres, m.tags)
     step = max(1, len(actions) // k)
-    out += [prompts.transition_prompt(f"Plot: {plot.text}", a.text) for a in actions[::step][:k]]
+    out += [prompts.transition_prompt(text, a.text) for a in actions[::step][:k]]
   return out
 
 
@@ -160,18 +170,20 @@ class LlamaCpp:
     self.proc.wait()
 
 
-def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int) -> None:
+def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int,
+        reasons: int = 0) -> None:
   logging.getLogger("httpx").setLevel(logging.WARNING)
   path = assets.smollm2_gguf()
   plain = local.LocalSampler.from_gguf(path, batch_buckets=(batch,), chat=True)
   sampler = plain.sampler
   fast = local.LocalSampler(sampler, chat=True, share_prefix=True, continuous=True, slots=slots,
                             chunk=chunk)
-  msgs = workload(plain, states, k)
+  msgs = workload(plain, states, k, reasons)
   ids = [plain.encode(m, SAMPLING) for m in msgs]
   n = len(msgs)
   params = [SAMPLING.replace(seed=i) for i in range(n)]
-  print(f"{states} states x {k} actions = {n} transitions; prompts {min(map(len, ids))}.."
+  print(f"{states} states ({'plot' if not reasons else f'plot + {reasons} + {reasons} reasons'}) "
+        f"x {k} actions = {n} transitions; prompts {min(map(len, ids))}.."
         f"{max(map(len, ids))} tokens; {SAMPLING.max_tokens} new tokens; load {_load()}")
 
   def ours(backend):

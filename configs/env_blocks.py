@@ -78,15 +78,18 @@ def descriptions_config(sampling=None, **overrides) -> ml_collections.ConfigDict
 def profiles_config(**overrides) -> ml_collections.ConfigDict:
   """``config.profiles``: textual user profiles."""
   c = ml_collections.ConfigDict()
-  # "llm": written by the environment LLM from the user's best and worst rated titles;
-  # "template": "Loved: a; b. Disliked: c; d." (no LLM call).
+  # "llm": written by the environment LLM from the user's best and worst rated titles, one
+  # sentence per heading; "template": "Loved: a; b. Disliked: c; d." (no LLM call).
   c.kind = "llm"
+  # The profile's sections (the paper's headings, eagle_jax.prompts.PROFILE_HEADINGS); the first
+  # one must parse for a profile to exist.
+  c.headings = ("Overall", "Genre", "Director", "Aesthetic", "Other")
   # Best and worst rated titles of a user shown to the profile (each).
   c.titles = 5
   # Sampling of the profile request (kind "llm").
   c.sampling = _sampling(temperature=0.7, top_p=0.9, repetition_penalty=1.2, no_repeat_ngram=3)
-  # max_tokens of the profile request.
-  c.tokens = 64
+  # max_tokens of each section's request.
+  c.tokens = 32
   # Extra attempts (new seed) for an answer that does not parse.
   c.retries = 1
   # Base seed of the request seeds.
@@ -103,9 +106,17 @@ def actions_config(sampling=None, **overrides) -> ml_collections.ConfigDict:
   # LLM requests per set (categories in turn); the rest of K comes from the template grammar
   # (eagle_jax/env/actions.py), which alone reaches K = 100 for every MovieLens-100K movie.
   c.llm_calls = 4
-  # Personalise movie i's set to profile i % #profiles: half of its LLM requests carry the profile
-  # and about half of its templates name the user's favourite genres (the paper: 50 of 100).
+  # Personalise each movie's set to a randomly drawn profile: half of its LLM requests carry the
+  # profile and about half of its templates name the user's favourite genres (the paper: 50 of 100).
   c.personalised = True
+  # The action space of a state (the paper's Table 4, eagle_jax/env/actions.py:action_space):
+  # "default" (K single actions), "macro" (K tuples of macro_size actions applied in one step) or
+  # "combined" (K - macro_k single actions and macro_k macro actions).
+  c.space = "default"
+  # Actions per macro action (the Table 4 caption: three; the section 6 text says five).
+  c.macro_size = 3
+  # Macro actions among the K of the "combined" space.
+  c.macro_k = 0
   # Sampling of an action request (max_tokens included; varied candidates need temperature).
   c.sampling = _sampling(**(sampling or dict(max_tokens=40, temperature=0.7)))
   # MiniLM cosine similarity above which two actions are near-duplicates.

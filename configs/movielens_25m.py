@@ -62,10 +62,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.actions.k = 100
   # LLM-written candidates per anchor (the rest from templates).
   config.actions.llm_calls = 10
-  # Half of each action set personalised to a user profile (paper, App. C).
-  config.actions.personalised = True
-  # Profiles written by the environment LLM under the paper's headings.
-  config.profiles.kind = "llm"
+  # The paper's world: description states (plot, 5 + 5 reasons), LLM profiles under the paper's
+  # headings, half of each action set personalised to a random profile (App. C).
+  movielens_smoke.paper_world(config)
   config.profiles.titles = 5
   # Anchors and users.
   config.world.anchor_pool = 5000

@@ -11,6 +11,8 @@ the smoke keeps the transition tree small: K = 5 candidates, horizon H = 2 (the 
 computed up front (``env.prefetch_depth``) and replayed from the response cache by training.
 Every choice the papers leave open is recorded next to its field.
 
+``configs/movielens_smoke.py:paper`` builds the paper's world instead (descriptions with reasons,
+LLM-written profiles under the paper's headings, personalised action sets; ``paper_world``).
 ``configs/movielens_smoke.py:gemma3`` is the same run with Gemma 3 270M (base) as the environment
 LLM, e.g. for environment transfer in the other direction (``--config.eval.transfer.enabled=True``
 tests it with SmolLM2).
@@ -55,6 +57,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # Sentences kept of a rewritten plot (shorter states: shorter transition prompts; prefill
   # dominates on CPU).
   config.env.max_sentences = 2
+  # A state is the anchor's "plot" (fast) or, as in the paper, its "description": plot plus the
+  # descriptions block's reasons to like and dislike it (the environment rewrites the plot and keeps
+  # the reasons, eagle_jax/agent/env.py).
+  config.env.states = "plot"
   # Compute every state within this many steps of every anchor up front (0: lazily, as episodes
   # reach them). The smoke tree is small (K + K^2 per anchor); at scale leave it 0.
   config.env.prefetch_depth = 2
@@ -266,10 +272,25 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     _gemma3_environment(config)
   elif variant == "lm":
     _lm_agent(config)
+  elif variant == "paper":
+    paper_world(config)
   elif variant:
     raise ValueError(f"configs/movielens_smoke.py:{variant}: unknown variant; expected '', "
-                     "'gemma3' or 'lm'")
+                     "'gemma3', 'lm' or 'paper'")
   return config
+
+
+def paper_world(config: ml_collections.ConfigDict) -> None:
+  """The ``:paper`` variant (and ``movielens_study.py``'s world): the paper's world (PAPER_SPEC.md
+  1.5, 1.6) at the smoke size. States are descriptions (plot, five reasons to like, five to
+  dislike; sampled, since greedy decoding repeats one reason), profiles are LLM-written under the
+  paper's five headings, and half of each anchor's K actions are personalised to a randomly drawn
+  profile."""
+  config.env.states = "description"
+  config.descriptions.n_reasons = 5
+  config.descriptions.sampling.temperature = 0.7
+  config.profiles.kind = "llm"
+  config.actions.personalised = True
 
 
 def _lm_agent(config: ml_collections.ConfigDict) -> None:

@@ -35,6 +35,8 @@ ACTION_CATEGORIES = (
 )
 PROFILE_HEADINGS = ("Overall", "Genre", "Director", "Aesthetic", "Other")
 _SYSTEM = "You are a helpful assistant who writes short, concrete text about movies."
+_LIKES = "Reasons to like it:"
+_DISLIKES = "Reasons to dislike it:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +51,35 @@ class Description:
     """The text the encoder E_D and the agent read."""
     parts = [f"Plot: {self.plot.strip()}"]
     if self.likes:
-      parts.append("Reasons to like it:\n" + "\n".join(f"- {x}" for x in self.likes))
+      parts.append(_LIKES + "\n" + "\n".join(f"- {x}" for x in self.likes))
     if self.dislikes:
-      parts.append("Reasons to dislike it:\n" + "\n".join(f"- {x}" for x in self.dislikes))
+      parts.append(_DISLIKES + "\n" + "\n".join(f"- {x}" for x in self.dislikes))
     return "\n".join(parts)
+
+  @classmethod
+  def parse(cls, text: str) -> Description:
+    """The inverse of ``render`` (``parse(d.render()) == d`` for plots and reasons without line
+    breaks); a text that is not a rendered description is read as a bare plot.
+
+    Raises:
+      ParseError: a reasons heading appears but a line under it is not a ``- `` item.
+    """
+    lines = text.split("\n")
+    if not lines[0].startswith("Plot: "):
+      return cls(text.strip())
+    plot, likes, dislikes, into = lines[0][len("Plot: "):], [], [], None
+    for line in lines[1:]:
+      if line == _LIKES:
+        into = likes
+      elif line == _DISLIKES:
+        into = dislikes
+      elif into is not None and line.startswith("- "):
+        into.append(line[2:])
+      elif into is None:
+        plot += "\n" + line
+      else:
+        raise ParseError(f"description: expected a '- ' reason line, got {line!r}")
+    return cls(plot.strip(), tuple(likes), tuple(dislikes))
 
 
 def _chat(user: str) -> list[Message]:
@@ -79,10 +106,29 @@ def reason_prompt(title: str, plot: str, *, like: bool) -> list[Message]:
                "movie. Answer with one sentence.")
 
 
-def profile_prompt(liked: Sequence[str], disliked: Sequence[str]) -> list[Message]:
-  """A user profile from titles they rated highly and poorly."""
+_HEADING_ASKS = {
+    "Overall": "this viewer's overall movie taste",
+    "Genre": "the genres this viewer likes and dislikes",
+    "Director": "the kind of directors and filmmaking this viewer prefers",
+    "Aesthetic": "this viewer's aesthetic preferences (look, tone, pacing)",
+    "Other": "one other preference of this viewer",
+}
+
+
+def profile_prompt(liked: Sequence[str], disliked: Sequence[str],
+                   heading: str = "Overall") -> list[Message]:
+  """One section (``heading``, one of ``PROFILE_HEADINGS``) of a user profile, from titles the user
+  rated highly and poorly. One request per heading: a 135M model does not fill a five-part
+  template in one answer (as for the description's reasons)."""
+  if heading not in _HEADING_ASKS:
+    raise ValueError(f"profile heading {heading!r} is not one of {PROFILE_HEADINGS}")
   return _chat("A viewer loved these movies: " + "; ".join(liked) + ".\nThe viewer disliked: "
-               + "; ".join(disliked) + ".\n\nDescribe this viewer's movie taste in two sentences.")
+               + "; ".join(disliked) + f".\n\nDescribe {_HEADING_ASKS[heading]} in one sentence.")
+
+
+def render_profile(sections: Sequence[tuple[str, str]]) -> str:
+  """A profile under the paper's headings: one ``"Heading preferences: text"`` line per section."""
+  return "\n".join(f"{h} preferences: {t}" for h, t in sections)
 
 
 def action_prompt(description: str, category: str, profile: str | None = None) -> list[Message]:
@@ -197,10 +243,6 @@ def parse_list(text: str, *, min_words: int = 3) -> list[str]:
       except ParseError:
         continue
   return items
-
-
-def parse_profile(text: str) -> str:
-  return clean_paragraph(text, min_words=6, max_sentences=3)
 
 
 _CHOICE_START = re.compile(r"^\W*(?:(?:the\s+)?(?:answer|movie|option)\s*(?:is\s*)?:?\s*)?([AB])\b",

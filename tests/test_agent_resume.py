@@ -77,6 +77,15 @@ def _check_report(quickstart):
       assert 0.0 <= p["fraction_improved"] <= 1.0
       # The gain is the last step's utility over the anchor's.
       assert p["final_utility"] - p["anchor_utility"] == pytest.approx(per.mean(), abs=1e-4)
+    # Anchor-bootstrap intervals and the split by the anchors' mean rating (2 anchors per split).
+    boot = r["anchor_bootstrap"]["gain"]["agent[g_optimal]"]
+    assert boot["mean"] == pytest.approx(pol["agent[g_optimal]"]["gain"]["mean"], abs=1e-9)
+    assert r["anchors"] == boot["anchors"] == 1  # the tiny run: one anchor per split
+    halves = r["by_anchor_rating"]
+    low_high = [halves[h] for h in ("low", "high") if h in halves]
+    assert sum(h["pairs"] for h in low_high) == r["pairs"]
+    weighted = sum(h["pairs"] * h["gain"]["random"]["mean"] for h in low_high) / r["pairs"]
+    assert weighted == pytest.approx(pol["random"]["gain"]["mean"], abs=1e-6)
     diff = r["comparisons"]["agent[g_optimal] - random"]["mean"]
     assert diff == pytest.approx(pol["agent[g_optimal]"]["gain"]["mean"]
                                  - pol["random"]["gain"]["mean"], abs=1e-6)

@@ -96,7 +96,7 @@ def _tiny_world(k=4, d=3):
   backend = standin.StandInBackend()
   env = ContentGapEnv(backend, PARAMS, _hash_encoder(d), rng.normal(size=(9, d)),
                       rng.normal(size=(6, d)), lam=0.5, k=2, max_sentences=2, max_in_flight=5)
-  anchors = {i: types.SimpleNamespace(plot=f"Movie {i} has a plot.",
+  anchors = {i: types.SimpleNamespace(state=f"Movie {i} has a plot.",
                                       actions=[f"Change {j} of {i}" for j in range(k)])
              for i in (2, 5, 7)}
   users = np.array([0, 1, 3])
@@ -130,7 +130,7 @@ def test_per_anchor_targets_equal_numpy_and_the_visited_state_path():
   z_items = np.asarray(world.env.item_table)
   for n, (u, i) in enumerate(zip(users, items)):
     kids = [prompts.clean_paragraph(standin.answer(prompts.transition_prompt(
-        f"Plot: {world.anchors[i].plot}", a), PARAMS), max_sentences=2)
+        f"Plot: {world.anchors[i].state}", a), PARAMS), max_sentences=2)
             for a in world.anchors[i].actions]
     z = enc(kids)
     dist = np.sort(np.linalg.norm(z[:, None] - z_items[None], axis=-1), -1)[:, :2].sum(-1)
@@ -182,9 +182,11 @@ def test_world_record_streams_pairs_and_round_trips(tmp_path):
       heldout_pairs={"new_users": np.array([[1, 4]], np.int32),
                      "new_anchors": np.zeros((0, 2), np.int32)})
   data = types.SimpleNamespace(
-      descriptions=[{"movie_id": 40, "item_index": 4, "source": "llm"}],
-      action_sets=[{"movie_id": 40, "user_id": None, "actions": [{"text": "a"}, {"text": "b"}]}],
-      profiles=[{"user_index": 1, "source": "template"}])
+      descriptions=[{"movie_id": 40, "item_index": 4, "source": "llm", "plot": "A plot.",
+                     "likes": [], "dislikes": []}],
+      action_sets=[{"movie_id": 40, "user_id": 11, "actions": [
+          {"text": "a", "personalised": True}, {"text": "b", "personalised": False}]}],
+      profiles=[{"user_id": 11, "user_index": 1, "source": "template"}])
   world_lib.write_world(world, str(tmp_path), types.SimpleNamespace(user_ids=np.arange(5)), data)
   record = json.loads((tmp_path / "world.json").read_text())
   assert "train_pairs" not in record and record["pair_counts"]["train"] == 5000
@@ -193,6 +195,9 @@ def test_world_record_streams_pairs_and_round_trips(tmp_path):
   np.testing.assert_array_equal(pairs["train"], world.train_pairs)
   np.testing.assert_array_equal(pairs["new_users"], [[1, 4]])
   assert pairs["new_anchors"].shape == (0, 2) and record["anchors"]["4"]["title"] == "T"
+  a = record["anchors"]["4"]
+  assert (a["state"], a["personalised_actions"], a["personalised_share"]) == ("A plot.", 1, 0.5)
+  assert a["personalised_to_user"] == 11 and a["personalised_to_user_index"] == 1
   np.save(tmp_path / "world" / "train_pairs.npy", np.zeros((3, 3), np.int32))
   with pytest.raises(ValueError, match=r"train_pairs.npy: expected \[5000, 2\]"):
     world_lib.load_pairs(str(tmp_path))

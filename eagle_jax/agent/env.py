@@ -1,7 +1,9 @@
 """The EAGLE environment seen by the agent: LLM transitions and the content-gap utility.
 
-A state is a description (plot text) of a possibly hypothetical movie together with the user it is
-written for; an action is a textual change ("Turn it into a horror film"). ``step`` asks the frozen
+A state is a description of a possibly hypothetical movie together with the user it is written for:
+either its plot text (``reasons=False``) or, as in the paper, a rendered ``prompts.Description``
+(plot, reasons to like it, reasons to dislike it; ``reasons=True``). An action is a textual change
+("Turn it into a horror film"). ``step`` asks the frozen
 environment LLM to rewrite each description with its action (``prompts.transition_prompt``), all
 requests of a call in flight together (at most ``max_in_flight`` at once, ``env.inflight``) through
 the async sampling client, so a batching backend (the local sampler, our HTTP server, vLLM) runs
@@ -12,12 +14,19 @@ response cache: transitions are greedy with a fixed seed, hence a deterministic 
 ``embed`` is E_D (memoised per text): MiniLM, fine-tuned or frozen, through its regression head onto
 the behavioural latent space Z; ``utility`` is ``eagle_jax.utility.content_gap_utility``.
 
-Choice where the paper is silent: an answer that does not parse as a plot (too short) leaves the state
-unchanged (counted in ``parse_failures``), rather than ending the episode.
+Choices where the paper is silent (or where a small environment LLM cannot do what it does): an
+answer that does not parse as a plot (too short) leaves the state unchanged (counted in
+``parse_failures``), rather than ending the episode. With reasons, the environment sees the whole
+description but rewrites the plot only; the next state keeps the parent's reasons (the paper's
+environment LLM rewrites the whole description in one answer, which a 135M model cannot do: it does
+not write lists, DESIGN.md). The reasons are then context that every child of a state shares, which
+is also what makes the K transition prompts of a state share most of their tokens.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
@@ -52,6 +61,7 @@ class ContentGapEnv:
     lam: novelty weight of the utility.
     k: nearest existing items of the novelty term.
     max_sentences: sentences kept of a rewritten plot.
+    reasons: states are rendered descriptions with reasons (see the module docstring).
     max_in_flight: most transition requests outstanding at once (0: a call's all at once).
     memo_size: most texts whose E_D output is remembered (LRU; 0: all).
   """
@@ -59,7 +69,8 @@ class ContentGapEnv:
   def __init__(self, client, params: client_lib.SamplingParams,
                ed: Callable[[Sequence[str]], np.ndarray], item_table: np.ndarray,
                user_table: np.ndarray, *, lam: float, k: int = 3, max_sentences: int = 3,
-               max_in_flight: int = 0, memo_size: int = 0):
+               reasons: bool = False, max_in_flight: int = 0, memo_size: int = 0):
+    self.reasons = bool(reasons)
     self.client = client
     self.params = params
     self.item_table = jnp.asarray(check_finite(item_table, "item table Z"), jnp.float32)
@@ -74,6 +85,13 @@ class ContentGapEnv:
     self.steps = 0
     self.parse_failures = 0
 
+  def with_client(self, client) -> ContentGapEnv:
+    """This environment (transition sampling, state format, E_D and its memo, utility) answered by
+    another LLM client, with fresh step counters (environment transfer)."""
+    out = copy.copy(self)
+    out.client, out.steps, out.parse_failures = client, 0, 0
+    return out
+
   @property
   def dim(self) -> int:
     return int(self.item_table.shape[1])
@@ -84,16 +102,22 @@ class ContentGapEnv:
       raise ValueError(f"{len(descriptions)} descriptions but {len(actions)} actions")
     if not descriptions:
       return []
-    msgs = [prompts.transition_prompt(f"Plot: {d}", a) for d, a in zip(descriptions, actions)]
+    if self.reasons:
+      parsed = [prompts.Description.parse(d) for d in descriptions]
+      msgs = [prompts.transition_prompt(d, a) for d, a in zip(descriptions, actions)]
+    else:
+      msgs = [prompts.transition_prompt(f"Plot: {d}", a) for d, a in zip(descriptions, actions)]
     answers = await inflight.generate_bounded(self.client, msgs, [self.params] * len(msgs),
                                               self.max_in_flight)
     out = []
-    for d, c in zip(descriptions, answers):
+    for i, (d, c) in enumerate(zip(descriptions, answers)):
       try:
-        out.append(prompts.clean_paragraph(c.text, max_sentences=self.max_sentences))
+        plot = prompts.clean_paragraph(c.text, max_sentences=self.max_sentences)
       except prompts.ParseError:
         self.parse_failures += 1
         out.append(d)
+        continue
+      out.append(dataclasses.replace(parsed[i], plot=plot).render() if self.reasons else plot)
     self.steps += len(out)
     return out
 

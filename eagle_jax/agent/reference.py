@@ -332,7 +332,7 @@ def anchor_states(world: World, users_per_anchor: int, seed: int
     pick = rng.choice(c, size=min(users_per_anchor, c), replace=False)
     users.extend(pairs[order[s + np.sort(pick)], 0].tolist())
     items.extend([i] * len(pick))
-  texts = [world.anchors[i].plot for i in items]
+  texts = [world.anchors[i].state for i in items]
   return texts, np.asarray(users), np.asarray(items), np.zeros(len(items), np.int64)
 
 

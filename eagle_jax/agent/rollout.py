@@ -168,7 +168,7 @@ async def collect(world: World, featurizer: Featurizer, policy: PolicyFn | Write
   rows = slice(0, len(all_pairs)) if rows is None else rows
   pairs = all_pairs[rows]
   users, items = pairs[:, 0], pairs[:, 1]
-  texts = [[world.anchors[int(i)].plot] for i in items]
+  texts = [[world.anchors[int(i)].state] for i in items]
   all_feats, all_mask = featurizer.actions(all_pairs[:, 1])
   feats, mask = all_feats[rows], all_mask[rows]
   states, acts, logps, written = [], [], [], []

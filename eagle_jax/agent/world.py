@@ -24,7 +24,9 @@ Choices where the paper is silent (recorded in the configs):
   are train and held-out users. Two held-out splits: ``new_users`` (held-out users on the training
   anchors: pairs never trained on) and ``new_anchors`` (held-out users on held-out anchors: transfer
   to movies, and candidate actions, never seen).
-* A state is the anchor's plot; the K candidate actions of an episode are written once for its
+* A state is the anchor's plot (``env.states="plot"``) or, as in the paper, its description with
+  reasons to like and dislike it (``"description"``; ``agent.env`` says how transitions keep the
+  reasons); the K candidate actions of an episode are written once for its
   anchor and offered at every step (the paper writes new actions per state, which would cost K LLM
   calls per visited state here).
 """
@@ -47,8 +49,9 @@ from absl import logging
 from eagle_jax import assets, paths, training
 from eagle_jax.agent.env import ContentGapEnv
 from eagle_jax.agent.features import DecoderPooler, TextFeatures
-from eagle_jax.data import catalog
+from eagle_jax.data import catalog, records
 from eagle_jax.embed import encoder_train, wals_train
+from eagle_jax.env import actions as actions_lib
 from eagle_jax.env import build, stack
 from eagle_jax.env.client import SamplingParams
 from eagle_jax.models import loading
@@ -56,17 +59,23 @@ from eagle_jax.models.text_encoder import SentenceEncoder
 from eagle_jax.models.tokenizer import Tokenizer
 
 BACKBONES = ("minilm", "decoder")
+STATES = ("plot", "description")
 
 
 @dataclasses.dataclass
 class Anchor:
-  """An existing movie episodes start from."""
+  """An existing movie episodes start from.
+
+  ``state``: the episode's first state (``config.env.states``): the anchor's plot, or its rendered
+  description (plot and reasons, ``prompts.Description``).
+  """
 
   item: int
   title: str
-  plot: str
+  state: str
   actions: list[str]
   action_sources: list[str]
+  mean_rating: float = float("nan")  # its mean MovieLens rating (the evaluation's rating split)
 
 
 @dataclasses.dataclass
@@ -126,6 +135,8 @@ def check_config(config) -> None:
     _fail("utility.k", "an int >= 1", config.utility.k)
   if int(config.env.max_sentences) < 1:
     _fail("env.max_sentences", "an int >= 1", config.env.max_sentences)
+  if config.env.get("states", "plot") not in STATES:
+    _fail("env.states", f"one of {STATES}", config.env.get("states"))
   if int(config.env.prefetch_depth) < 0:
     _fail("env.prefetch_depth", "an int >= 0", config.env.prefetch_depth)
   try:
@@ -235,8 +246,11 @@ def _env_data(config, workdir: str, llm: stack.LLMStack, encode,
                                             stats=llm.counters))
 
 
-def _anchors(config, data: build.EnvData) -> dict[int, Anchor]:
+def _anchors(config, data: build.EnvData, ratings) -> dict[int, Anchor]:
   k = int(config.actions.k)
+  n_items = ratings.num_items
+  means = (np.bincount(ratings.item, weights=ratings.rating, minlength=n_items)
+           / np.maximum(np.bincount(ratings.item, minlength=n_items), 1))
   sets = {s["movie_id"]: s for s in data.action_sets}
   out = {}
   for d in data.descriptions:
@@ -246,9 +260,17 @@ def _anchors(config, data: build.EnvData) -> dict[int, Anchor]:
       raise training.ConfigError(
           f"config.actions.k={k}: only {n} distinct actions for {d['title']!r}; lower k or raise "
           "actions.llm_calls")
-    out[d["item_index"]] = Anchor(d["item_index"], d["title"], d["plot"],
-                                  [a["text"] for a in s["actions"]],
-                                  [f"{a['source']}:{a['category']}" for a in s["actions"]])
+    state = d["text"] if config.env.get("states", "plot") == "description" else d["plot"]
+    acts = s["actions"]
+    space = actions_lib.action_space(
+        [a["text"] for a in acts], config.actions.get("space", "default"), k=k,
+        macro_size=int(config.actions.get("macro_size", 3)),
+        macro_k=int(config.actions.get("macro_k", 0)),
+        seed=records.derive_seed(int(config.actions.seed), "macro", d["movie_id"]))
+    sources = [f"{acts[p[0]]['source']}:{acts[p[0]]['category']}" if len(p) == 1 else
+               "macro:" + ",".join(map(str, p)) for _, p in space]
+    out[d["item_index"]] = Anchor(d["item_index"], d["title"], state, [t for t, _ in space],
+                                  sources, float(means[d["item_index"]]))
   return out
 
 
@@ -298,10 +320,12 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
   env = ContentGapEnv(llm.client, transition_params(config), ed, z_items, z_users,
                       lam=float(config.utility.lam), k=int(config.utility.k),
                       max_sentences=int(config.env.max_sentences),
+                      reasons=config.env.get("states", "plot") == "description",
                       max_in_flight=int(config.env.get("max_in_flight", 0)), memo_size=memo)
   world = World(
       env=env, llm=llm, features=features,
-      policy_features=_policy_features(config, llm, features), anchors=_anchors(config, data),
+      policy_features=_policy_features(config, llm, features),
+      anchors=_anchors(config, data, ratings),
       profiles={p["user_index"]: p["profile"] for p in data.profiles},
       train_pairs=_pairs(train_users, train_items),
       heldout_pairs={"new_users": _pairs(held_users, train_items),
@@ -343,7 +367,7 @@ async def prefetch_tree(world: World, items: Sequence[int], depth: int) -> int:
   smoke config uses it so that training steps replay the environment from the cache instead of
   waiting on stragglers.
   """
-  level = [(world.anchors[int(i)].plot, int(i)) for i in items]
+  level = [(world.anchors[int(i)].state, int(i)) for i in items]
   seen = set(level)
   for d in range(depth):
     with answer_progress(world.llm, f"world: transitions at depth {d + 1}",
@@ -379,11 +403,16 @@ def write_world(world: World, workdir: str, ratings, data: build.EnvData) -> Non
     _save_pairs(os.path.join(workdir, files[split]), pairs)
   sets = {s["movie_id"]: s for s in data.action_sets}
   anchors = {}
+  user_index = {p["user_id"]: p["user_index"] for p in data.profiles}
   for d in data.descriptions:
     s = sets[d["movie_id"]]
+    personal = sum(bool(a["personalised"]) for a in s["actions"])
     anchors[str(d["item_index"])] = {
         **dataclasses.asdict(world.anchors[d["item_index"]]), "movie_id": d["movie_id"],
-        "description_source": d["source"], "personalised_to_user": s["user_id"],
+        "description_source": d["source"], "plot": d["plot"], "likes": d["likes"],
+        "dislikes": d["dislikes"], "personalised_to_user": s["user_id"],
+        "personalised_to_user_index": user_index.get(s["user_id"]),
+        "personalised_actions": personal, "personalised_share": personal / len(s["actions"]),
         "actions_detail": s["actions"]}
   record = {
       "anchors": anchors,

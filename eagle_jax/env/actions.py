@@ -268,3 +268,57 @@ async def build_action_set(
       rng=np.random.default_rng(seed), threshold=dedupe_threshold)
   stats.templates_used = sum(a.source == "template" for a in acts)
   return acts, stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# Action spaces of the paper's Table 4.
+
+ACTION_SPACES = ("default", "macro", "combined")
+
+
+def macro_text(parts: Sequence[str]) -> str:
+  """One macro action, a tuple of actions the environment applies in one step, as one action text
+  (the transition prompt then asks for all of them at once)."""
+  return "Make these changes together: " + " ".join(
+      f"({i + 1}) {p.strip().rstrip('.')}." for i, p in enumerate(parts))
+
+
+def action_space(actions: Sequence[str], space: str, *, k: int, macro_size: int, macro_k: int,
+                 seed: int) -> list[tuple[str, tuple[int, ...]]]:
+  """The K action texts of a state in action space ``space``, each with the indices (into
+  ``actions``, the state's default set) of the actions it is made of.
+
+  * ``"default"``: the first K default actions, one each;
+  * ``"macro"``: K macro actions (the paper's section 6), each an ordered tuple of ``macro_size``
+    distinct default actions drawn uniformly without repetition of a tuple;
+  * ``"combined"``: the first ``K - macro_k`` default actions and ``macro_k`` macro actions. The
+    set keeps K entries (the paper adds the macro actions to the default ones; here K stays the
+    policy's width, so every row of Table 4 scores the same number of candidates).
+
+  A pure function of its arguments (``np.random.default_rng(seed)`` draws the tuples).
+
+  Raises:
+    ValueError: unknown ``space``, or fewer distinct tuples (or default actions) than needed.
+  """
+  if space not in ACTION_SPACES:
+    raise ValueError(f"action space {space!r}: expected one of {ACTION_SPACES}")
+  n = len(actions)
+  n_macro = {"default": 0, "macro": k, "combined": macro_k}[space]
+  n_single = k - n_macro
+  if n_single > n:
+    raise ValueError(f"action space {space!r}: {n_single} default actions needed, {n} given")
+  out = [(actions[i], (i,)) for i in range(n_single)]
+  if n_macro:
+    if not 2 <= macro_size <= n:
+      raise ValueError(f"macro_size={macro_size}: expected 2..{n} (the default actions)")
+    possible = np.prod(np.arange(n - macro_size + 1, n + 1), dtype=np.float64)
+    if possible < n_macro:
+      raise ValueError(f"{n_macro} distinct macro actions of {macro_size} from {n} actions: only "
+                       f"{int(possible)} exist")
+    rng, seen = np.random.default_rng(seed), set()
+    while len(seen) < n_macro:
+      parts = tuple(int(i) for i in rng.choice(n, size=macro_size, replace=False))
+      if parts not in seen:
+        seen.add(parts)
+        out.append((macro_text([actions[i] for i in parts]), parts))
+  return out

@@ -9,11 +9,14 @@ validated once by ``check_config``:
   to like and to dislike each movie, each its own request (a 135M model cannot write a five-item
   list, DESIGN.md); an answer that does not parse is retried with a new seed ``retries`` times; a
   plot that never parses falls back to the movie's metadata when ``fallback`` is set.
-* ``profile_users`` (``config.profiles``): ``kind="llm"`` asks the LLM for a profile from the
-  user's best and worst rated titles; ``kind="template"`` writes "Loved: ...; Disliked: ...".
+* ``profile_users`` (``config.profiles``): ``kind="llm"`` asks the LLM for the sections of a
+  profile under the paper's headings (overall, genre, director, aesthetic, other preferences; one
+  request per heading, from the user's best and worst rated titles); ``kind="template"`` writes
+  "Loved: ...; Disliked: ...".
 * ``build_action_sets`` (``config.actions``): K candidate actions per described movie
-  (``actions.build_action_set``), personalised (``personalised=True``) to profile
-  ``i % len(profiles)`` for movie ``i``.
+  (``actions.build_action_set``), personalised (``personalised=True``) to one profile drawn at
+  random (seeded by the movie id) from the usable profiles, as the paper's App. C draws a random
+  user profile for the personalised half of each set.
 
 Every request carries an explicit seed ``records.derive_seed(block.seed, purpose, id, index,
 attempt)``, so a prompt's answer never depends on which other prompts were in flight and the
@@ -80,11 +83,25 @@ def check_config(config) -> None:
   if p.kind not in PROFILE_KINDS:
     raise ValueError(f"config.profiles.kind: expected one of {PROFILE_KINDS}, got {p.kind!r}")
   _positive(p, "config.profiles", ("titles", "tokens"))
+  heads = tuple(p.get("headings", ()))
+  if not heads or len(set(heads)) != len(heads) or not set(heads) <= set(
+      prompts_lib.PROFILE_HEADINGS):
+    raise ValueError(f"config.profiles.headings: expected distinct headings from "
+                     f"{prompts_lib.PROFILE_HEADINGS}, got {heads!r}")
   _positive(p, "config.profiles", ("retries", "seed"), lo=0)
   SamplingParams.from_config(p.sampling, "config.profiles.sampling")
   _positive(a, "config.actions", ("k",), lo=2)
   _positive(a, "config.actions", ("llm_calls", "seed"), lo=0)
   SamplingParams.from_config(a.sampling, "config.actions.sampling")
+  space = a.get("space", "default")
+  if space not in actions_lib.ACTION_SPACES:
+    raise ValueError(f"config.actions.space: expected one of {actions_lib.ACTION_SPACES}, got "
+                     f"{space!r}")
+  if space != "default" and int(a.get("macro_size", 0)) < 2:
+    raise ValueError(f"config.actions.macro_size: expected an int >= 2, got {a.get('macro_size')}")
+  if space == "combined" and not 1 <= int(a.get("macro_k", 0)) < int(a.k):
+    raise ValueError(f"config.actions.macro_k: expected 1 .. k - 1 = {int(a.k) - 1} for the "
+                     f"combined space, got {a.get('macro_k')}")
   if not 0.0 < float(a.dedupe_threshold) <= 1.0:
     raise ValueError(f"config.actions.dedupe_threshold: expected in (0, 1], got "
                      f"{a.dedupe_threshold}")
@@ -248,11 +265,17 @@ async def profile_users(client, users: Sequence[User], cfg,
     else:
       client = batching(client)
       params = _sampling(cfg, "config.profiles", max_tokens=int(cfg.tokens))
-      jobs = [_Job("profile", prompts_lib.profile_prompt(u.liked, u.disliked),
-                   ("profile", u.user_id), params, prompts_lib.parse_profile) for u in todo]
-      await _run_jobs(client, jobs, seed=int(cfg.seed), retries=int(cfg.retries))
-      texts = [j.result for j in jobs]
-      prov = [_provenance(client, [j]) for j in jobs]
+      heads = tuple(cfg.headings)
+      jobs = [[_Job(h, prompts_lib.profile_prompt(u.liked, u.disliked, h),
+                    ("profile", u.user_id, h), params, _parse_reason) for h in heads]
+              for u in todo]
+      await _run_jobs(client, [j for js in jobs for j in js], seed=int(cfg.seed),
+                      retries=int(cfg.retries))
+      # A profile needs its first section (the overall taste); a later one that never parsed is
+      # left out.
+      texts = [prompts_lib.render_profile([(j.purpose, j.result) for j in js if j.result])
+               if js[0].result else None for js in jobs]
+      prov = [_provenance(client, js) for js in jobs]
     new = [{"user_id": u.user_id, "user_index": u.user_index, "liked": list(u.liked),
             "disliked": list(u.disliked), "liked_genres": list(u.liked_genres),
             "ok": t is not None, "source": cfg.kind, "profile": t, "provenance": pv}
@@ -261,6 +284,13 @@ async def profile_users(client, users: Sequence[User], cfg,
       records.append_jsonl(out_path, new)
     done.update((r["user_id"], r) for r in new)
   return [done[u.user_id] for u in users]
+
+
+def profile_draw(seed: int, movie_id: int, n_profiles: int) -> int:
+  """The index of the profile a movie's action set is personalised to: uniform over
+  ``n_profiles``, a function of (seed, movie id) only (resumable, independent of the other movies)."""
+  return int(np.random.default_rng(records.derive_seed(seed, "profile", movie_id)).integers(
+      n_profiles))
 
 
 async def build_action_sets(
@@ -273,10 +303,9 @@ async def build_action_sets(
 ) -> list[dict[str, Any]]:
   """K candidate actions for each described movie (``actions.build_action_set``).
 
-  With ``cfg.personalised``, movie ``i`` (among the usable descriptions) is personalised to profile
-  ``i % len(profiles)``: half of its LLM requests carry the profile text, and about half of its
-  templates name the profile's ``liked_genres``. Otherwise (or with no usable profile) the set is
-  generic.
+  With ``cfg.personalised``, each movie's set is personalised to the profile ``profile_draw``
+  picks: half of its LLM requests carry the profile text, and about half of its templates name the
+  profile's ``liked_genres``. Otherwise (or with no usable profile) the set is generic.
 
   Args:
     client: a ``SamplingClient``.
@@ -298,7 +327,7 @@ async def build_action_sets(
   k, llm_calls = int(cfg.k), int(cfg.llm_calls)
 
   async def one(i: int, d: Mapping[str, Any]) -> dict[str, Any]:
-    user = users[i % len(users)] if users else None
+    user = users[profile_draw(int(cfg.seed), d["movie_id"], len(users))] if users else None
     seed = records.derive_seed(int(cfg.seed), "actions", d["movie_id"])
     profile = user["profile"] if user else None
     liked_genres = list(user.get("liked_genres", ())) if user else []
@@ -379,7 +408,7 @@ async def build_env_data(config, client, encode, movies: Sequence[Movie], users:
   d, p, a = config.descriptions, config.profiles, config.actions
   descs = await stage("descriptions", len(movies) * (1 + 2 * int(d.n_reasons)),
                       describe_movies(client, movies, d, out["descriptions"]))
-  profs = await stage("profiles", len(users) if p.kind == "llm" else 0,
+  profs = await stage("profiles", len(users) * len(p.headings) if p.kind == "llm" else 0,
                       profile_users(client, users, p, out["profiles"]))
   sets = await stage("actions", sum(bool(x["ok"]) for x in descs) * int(a.llm_calls),
                      build_action_sets(client, encode, descs, profs, a, out["actions"]))

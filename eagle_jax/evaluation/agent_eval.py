@@ -11,7 +11,14 @@ every policy the report gives, over a split's pairs:
 * ``final_distance``: summed distance of x_H to its 3 nearest existing items (novelty), and
   ``final_preference`` <z_u, E_D(x_H)>;
 * paired differences (same pairs) of each trained agent against the random-action baseline and
-  against its own untrained reference policy, with confidence intervals.
+  against its own untrained reference policy, with confidence intervals;
+* ``anchor_bootstrap``: the gains and the differences again with intervals from a bootstrap over
+  the split's anchors (``intervals.anchor_bootstrap``), the honest interval when few anchors are
+  evaluated;
+* ``by_anchor_rating``: the same over the pairs whose anchor's mean MovieLens rating is at most the
+  median of the split's anchors (``low``: the paper's poorly rated anchors) and above it
+  (``high``), with anchor-bootstrap intervals; ``final_utility`` (raw U(z) of x_H) sits beside
+  every gain.
 
 Policies: ``random`` (uniform over candidates), ``reference[kind]`` (the reference network before RL,
 sampled), ``agent[kind]`` (after RL, sampled) and ``agent[kind]/greedy``; with
@@ -26,7 +33,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import statistics
 from typing import Any
 
 import jax
@@ -37,15 +43,7 @@ from eagle_jax.agent import agent_model, rollout
 from eagle_jax.agent.trainer import AgentTrainer, Job, validate
 from eagle_jax.agent.world import World, build_world
 from eagle_jax.evaluation import rater as rater_lib
-
-
-def mean_ci(x: np.ndarray, confidence: float) -> dict[str, float]:
-  """Mean and normal-approximation interval of the mean of [N] values."""
-  x = np.asarray(x, np.float64)
-  z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
-  se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
-  m = float(x.mean())
-  return {"mean": m, "ci_low": m - z * se, "ci_high": m + z * se, "stderr": se, "n": int(len(x))}
+from eagle_jax.evaluation.intervals import anchor_bootstrap, mean_ci
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +139,7 @@ def elm_baseline(config, world: World, pairs: np.ndarray, elm) -> dict[str, Any]
                                                   steps=int(config.eval.elm_steps),
                                                   lr=float(config.eval.elm_lr))
   final = world.env.text_utility(texts, users)
-  start = world.env.text_utility([world.anchors[int(i)].plot for i in anchors], users)
+  start = world.env.text_utility([world.anchors[int(i)].state for i in anchors], users)
   gain = final["utility"] - start["utility"]
   latent = (baseline.utilities(z_star, zu, items, lam=lam, k=k)
             - baseline.utilities(items[anchors], zu, items, lam=lam, k=k))
@@ -181,23 +179,53 @@ def _load_elm(config, world: World):
   return elm_job.load_elm(path)
 
 
-def _split_report(job: Job, episodes: dict[str, rollout.Episodes], n_pairs: int, conf: float,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _split_report(job: Job, episodes: dict[str, rollout.Episodes], pairs: np.ndarray,
+                  conf: float, extra: dict[str, Any] | None = None,
+                  ratings: np.ndarray | None = None) -> dict[str, Any]:
+  """One split's report. pairs: [P, 2] (user, anchor item); ratings: [P] the mean rating of each
+  pair's anchor (None: no ``by_anchor_rating`` block)."""
+  n_pairs, items = len(pairs), np.asarray(pairs)[:, 1]
   results = {name: _summary(ep, n_pairs, conf) for name, ep in episodes.items()}
   results.update(extra or {})
-  comparisons = {}
+  gains = {name: np.asarray(r["gain_per_pair"]) for name, r in results.items()}
+  diffs = {}
   for kind in (k.name for k in job.kinds):
-    agent = np.asarray(results[f"agent[{kind}]"]["gain_per_pair"])
     for other in ("random", f"reference[{kind}]") + (("elm_baseline",) if extra else ()):
-      diff = agent - np.asarray(results[other]["gain_per_pair"])
-      comparisons[f"agent[{kind}] - {other}"] = mean_ci(diff, conf)
+      diffs[f"agent[{kind}] - {other}"] = gains[f"agent[{kind}]"] - gains[other]
+  comparisons = {name: mean_ci(d, conf) for name, d in diffs.items()}
+  boot = lambda x, mask=slice(None): anchor_bootstrap(x[mask], items[mask], conf)
   main = job.main.name
-  return {"pairs": n_pairs, "policies": results, "comparisons": comparisons, "headline": {
-      "agent_gain": results[f"agent[{main}]"]["gain"],
-      "random_gain": results["random"]["gain"],
-      "reference_gain": results[f"reference[{main}]"]["gain"],
-      "agent_minus_random": comparisons[f"agent[{main}] - random"],
-      "agent_minus_reference": comparisons[f"agent[{main}] - reference[{main}]"]}}
+  report = {"pairs": n_pairs, "anchors": int(len(np.unique(items))), "policies": results,
+            "comparisons": comparisons,
+            "anchor_bootstrap": {"gain": {n: boot(g) for n, g in gains.items()},
+                                 "comparisons": {n: boot(d) for n, d in diffs.items()}},
+            "headline": {
+                "agent_gain": results[f"agent[{main}]"]["gain"],
+                "random_gain": results["random"]["gain"],
+                "reference_gain": results[f"reference[{main}]"]["gain"],
+                "agent_minus_random": comparisons[f"agent[{main}] - random"],
+                "agent_minus_reference": comparisons[f"agent[{main}] - reference[{main}]"],
+                "agent_final_utility": results[f"agent[{main}]"]["final_utility"],
+                "random_final_utility": results["random"]["final_utility"],
+                "agent_minus_random_anchors": boot(diffs[f"agent[{main}] - random"]),
+                "agent_minus_reference_anchors": boot(diffs[f"agent[{main}] - reference[{main}]"]),
+            }}
+  if ratings is not None:
+    ratings = np.asarray(ratings, np.float64)
+    threshold = float(np.median(np.unique(np.stack([items, ratings], 1), axis=0)[:, 1]))
+    report["by_anchor_rating"] = {"threshold": threshold}
+    for half, mask in (("low", ratings <= threshold), ("high", ratings > threshold)):
+      if mask.any():
+        report["by_anchor_rating"][half] = {
+            "pairs": int(mask.sum()), "anchors": int(len(np.unique(items[mask]))),
+            "gain": {n: boot(g, mask) for n, g in gains.items()},
+            "comparisons": {n: boot(d, mask) for n, d in diffs.items()}}
+  return report
+
+
+def _ratings(world: World, pairs: np.ndarray) -> np.ndarray:
+  """[P] mean MovieLens rating of each pair's anchor."""
+  return np.asarray([world.anchors[int(i)].mean_rating for i in np.asarray(pairs)[:, 1]])
 
 
 async def _policy_episodes(world: World, job: Job, states: dict[str, Any], ev: EvalConfig,
@@ -274,16 +302,16 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
       test_world = transfer.open_world(config, tcfg, world, workdir)
       try:
         t_episodes = asyncio.run(_policy_episodes(test_world, job, states, ev, key, progress))
-        t_splits = {s: _split_report(job, t_episodes[s], len(world.heldout_pairs[s]),
-                                     ev.confidence) for s in SPLITS}
+        t_splits = {s: _split_report(job, t_episodes[s], world.heldout_pairs[s], ev.confidence)
+                    for s in SPLITS}
         transfer_report = transfer.report(world, test_world, episodes, t_episodes, t_splits,
                                           ev.confidence, mean_ci)
       finally:
         asyncio.run(test_world.llm.aclose())
   finally:
     progress.close()
-  splits = {s: _split_report(job, episodes[s], len(world.heldout_pairs[s]), ev.confidence,
-                             extra[s])
+  splits = {s: _split_report(job, episodes[s], world.heldout_pairs[s], ev.confidence, extra[s],
+                             _ratings(world, world.heldout_pairs[s]))
             for s in SPLITS}
   main = job.main.name
   trajectories = []

@@ -21,12 +21,10 @@ import dataclasses
 import os
 from typing import Any
 
-import numpy as np
 from absl import logging
 
 from eagle_jax import checks
 from eagle_jax.agent import world as world_lib
-from eagle_jax.agent.env import ContentGapEnv
 from eagle_jax.env import stack
 
 
@@ -56,10 +54,7 @@ def open_world(config, tcfg: TransferConfig, world: world_lib.World, workdir: st
     raise checks.ConfigError(
         f"config.eval.transfer.llm: the test environment is the training one ({llm.model_name}); "
         "set another gguf or server")
-  env = world.env
-  test_env = ContentGapEnv(llm.client, env.params, env.embed, np.asarray(env.item_table),
-                           env.user_table, lam=env.lam, k=env.k, max_sentences=env.max_sentences)
-  test = dataclasses.replace(world, env=test_env, llm=llm,
+  test = dataclasses.replace(world, env=world.env.with_client(llm.client), llm=llm,
                              info={**world.info, "env_model": llm.model_name})
   depth = int(config.env.prefetch_depth)
   if depth > 0:
