@@ -155,7 +155,7 @@ def build(config, workdir: str):
   env = ContentGapEnv(llm.client, world_lib.transition_params(config), ed_enc, z_items, z_users,
                       lam=float(config.utility.lam), k=int(config.utility.k),
                       max_sentences=int(config.env.max_sentences),
-                      reasons=config.env.states == "description",
+                      reasons=world_lib.description_states(config),
                       max_in_flight=int(config.env.max_in_flight), memo_size=memo)
   phi = TextFeatures(phi_enc, phi_enc.dim, max_entries=memo)
   world = world_lib.World(

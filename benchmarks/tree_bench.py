@@ -7,9 +7,10 @@ r"""EAGLE's environment workload: S states x K actions of transitions, five ways
 The states are SmolLM2 plots of MovieLens-100K's most rated movies (written first, untimed, as
 the world's anchor plots are) or, with ``--reasons=N``, their descriptions with N reasons to like
 and N to dislike each (``env.states="description"``, written by ``env.build.describe_movies``
-with the smoke config's description settings), the actions the project's template actions of each movie, the
-prompts ``prompts.transition_prompt`` in SmolLM2's chat template, and the sampling the smoke
-config's ``env.sampling`` (greedy, repetition penalty 1.2, no repeated 3-grams, 40 new tokens).
+with ``movielens_smoke.paper_world``'s description settings), the actions the project's
+template actions of each movie, the prompts ``prompts.transition_prompt`` in SmolLM2's chat
+template, and the sampling the smoke config's ``env.sampling`` (greedy, repetition penalty 1.2,
+no repeated 3-grams, 40 new tokens).
 Timed, interleaved over ``--rounds`` (the order rotates each round), median seconds:
 
 1. ``LocalSampler`` with prefix sharing and continuous batching (``--slots`` rows);
@@ -54,9 +55,13 @@ def workload(backend: local.LocalSampler, states: int, k: int, reasons: int = 0)
   ratings = movielens.load_ml100k_assets()
   movies = catalog.movies_from_ratings(ratings, catalog.most_rated_items(ratings, states))
   if reasons:
-    cfg = movielens_smoke.get_config().descriptions
-    cfg.n_reasons = reasons
-    texts = [d["text"] for d in asyncio.run(build.describe_movies(backend, movies, cfg))]
+    config = movielens_smoke.get_config()
+    movielens_smoke.paper_world(config)  # sampled reasons: greedy ones would all be the same
+    config.descriptions.n_reasons = reasons
+    recs = asyncio.run(build.describe_movies(backend, movies, config.descriptions))
+    print(f"reasons per state (to like + to dislike, after removing duplicates): "
+          f"{[len(d['likes']) + len(d['dislikes']) for d in recs]}")
+    texts = [d["text"] for d in recs]
   else:
     plots = backend.generate_sync([prompts.plot_prompt(m.title, m.genres, m.tags)
                                    for m in movies], [SAMPLING.replace(max_tokens=60)] * states)

@@ -33,7 +33,15 @@ ACTION_CATEGORIES = (
     "thematic exploration",
     "audience appeal adjustments",
 )
-PROFILE_HEADINGS = ("Overall", "Genre", "Director", "Aesthetic", "Other")
+# The paper's profile headings, each with what its one-sentence request asks for.
+_HEADING_ASKS = {
+    "Overall": "this viewer's overall movie taste",
+    "Genre": "the genres this viewer likes and dislikes",
+    "Director": "the kind of directors and filmmaking this viewer prefers",
+    "Aesthetic": "this viewer's aesthetic preferences (look, tone, pacing)",
+    "Other": "one other preference of this viewer",
+}
+PROFILE_HEADINGS = tuple(_HEADING_ASKS)
 _SYSTEM = "You are a helpful assistant who writes short, concrete text about movies."
 _LIKES = "Reasons to like it:"
 _DISLIKES = "Reasons to dislike it:"
@@ -104,15 +112,6 @@ def reason_prompt(title: str, plot: str, *, like: bool) -> list[Message]:
   kind = "might enjoy" if like else "might dislike"
   return _chat(f"Movie: {title}\nPlot: {plot}\n\nGive one short reason why someone {kind} this "
                "movie. Answer with one sentence.")
-
-
-_HEADING_ASKS = {
-    "Overall": "this viewer's overall movie taste",
-    "Genre": "the genres this viewer likes and dislikes",
-    "Director": "the kind of directors and filmmaking this viewer prefers",
-    "Aesthetic": "this viewer's aesthetic preferences (look, tone, pacing)",
-    "Other": "one other preference of this viewer",
-}
 
 
 def profile_prompt(liked: Sequence[str], disliked: Sequence[str],

@@ -147,6 +147,11 @@ def check_config(config) -> None:
     raise training.ConfigError(str(e)) from None
 
 
+def description_states(config) -> bool:
+  """Whether states are rendered descriptions with reasons (``config.env.states``)."""
+  return config.env.get("states", "plot") == "description"
+
+
 def transition_params(config) -> SamplingParams:
   """Sampling of every transition (``config.env.sampling``), rendered with the chat template."""
   return SamplingParams.from_config(config.env.sampling, "config.env.sampling", chat=True)
@@ -260,7 +265,7 @@ def _anchors(config, data: build.EnvData, ratings) -> dict[int, Anchor]:
       raise training.ConfigError(
           f"config.actions.k={k}: only {n} distinct actions for {d['title']!r}; lower k or raise "
           "actions.llm_calls")
-    state = d["text"] if config.env.get("states", "plot") == "description" else d["plot"]
+    state = d["text"] if description_states(config) else d["plot"]
     acts = s["actions"]
     space = actions_lib.action_space(
         [a["text"] for a in acts], config.actions.get("space", "default"), k=k,
@@ -320,7 +325,7 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
   env = ContentGapEnv(llm.client, transition_params(config), ed, z_items, z_users,
                       lam=float(config.utility.lam), k=int(config.utility.k),
                       max_sentences=int(config.env.max_sentences),
-                      reasons=config.env.get("states", "plot") == "description",
+                      reasons=description_states(config),
                       max_in_flight=int(config.env.get("max_in_flight", 0)), memo_size=memo)
   world = World(
       env=env, llm=llm, features=features,
