@@ -91,6 +91,14 @@ def _check_report(quickstart):
                                  - pol["random"]["gain"]["mean"], abs=1e-6)
     for png in (f"gain_{split}.png", f"utility_by_step_{split}.png"):
       assert os.path.getsize(os.path.join(quickstart, "eval", png)) > 1000
+  # Table 2 per split (evaluation/tables.py), in the report and in tables.md.
+  for split, r in report["splits"].items():
+    rows = report["tables"]["table2"][split]
+    assert [x["policy"] for x in rows] == ["random", "reference[g_optimal]", "agent[g_optimal]"]
+    assert rows[2]["gain"]["mean"] == pytest.approx(r["policies"]["agent[g_optimal]"]["gain"]["mean"],
+                                                    abs=1e-9)
+  with open(os.path.join(quickstart, "eval", "tables.md")) as f:
+    assert f.read().count("| agent[g_optimal] |") == 2
   traj = report["trajectories"][0]
   assert len(traj["steps"]) == 3 and traj["steps"][0]["action"]
   metrics = training.read_metrics(os.path.join(quickstart, "agents", "g_optimal",

@@ -102,3 +102,10 @@ def _check_paper_world(work):
     source = profiles[a["personalised_to_user"]]
     assert source["user_index"] == a["personalised_to_user_index"] and source["ok"]
     assert str(source["user_index"]) in world["profiles"]
+  # The paper's profile consistency check on the LLM profiles (env/profile_check.py): every user
+  # with a profile is counted on its side of the split, and the verdict is the recorded comparison.
+  pc = world["profile_check"]
+  with_profile = [r["user_index"] for r in profiles.values() if r["ok"]]
+  assert pc["users_train"] + pc["users_heldout"] == len(with_profile) and pc["users_heldout"] >= 1
+  assert pc["heldout_l2"] > 0 and pc["nearest_user_l2"] > 0 and pc["mean_user_l2"] > 0
+  assert pc["passed"] == (pc["heldout_l2"] < pc["nearest_user_l2"])

@@ -12,7 +12,9 @@ once (``check_config``) and composes phases that each call one library function:
    server, behind the response cache, so a rerun replays the environment from disk);
 4. environment data: ``env.build.build_env_data`` writes ``env/{descriptions,profiles,actions}.jsonl``
    (anchor plots, user profiles, K candidate actions per anchor, with provenance): the same
-   pipeline as ``launch.build_env_data``;
+   pipeline as ``launch.build_env_data``; the paper's profile consistency check on them
+   (``env.profile_check``: a ridge head from a profile to its user's vector, trained on the training
+   users, scored on the held-out ones);
 5. episodes: anchors and users drawn from ratings, train / held-out (user, anchor) pairs;
 6. optionally every state of the depth-``env.prefetch_depth`` transition tree (``prefetch_tree``);
 7. the world record, for inspection: ``world.json`` (anchors, action provenance, profiles, sizes)
@@ -52,7 +54,7 @@ from eagle_jax.agent.features import DecoderPooler, TextFeatures
 from eagle_jax.data import catalog, records
 from eagle_jax.embed import encoder_train, wals_train
 from eagle_jax.env import actions as actions_lib
-from eagle_jax.env import build, stack
+from eagle_jax.env import build, profile_check, stack
 from eagle_jax.env.client import SamplingParams
 from eagle_jax.models import loading
 from eagle_jax.models.text_encoder import SentenceEncoder
@@ -322,6 +324,9 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
   users = catalog.users_from_ratings(ratings, np.concatenate([train_users, held_users]),
                                      n_titles=int(config.profiles.titles))
   data = _env_data(config, workdir, llm, features, movies, users)
+  profiles = {p["user_index"]: p["profile"] for p in data.profiles}
+  consistency = profile_check.check(features, profiles, z_users, train_users, held_users)
+  logging.info("world: profile check %s", consistency)
   env = ContentGapEnv(llm.client, transition_params(config), ed, z_items, z_users,
                       lam=float(config.utility.lam), k=int(config.utility.k),
                       max_sentences=int(config.env.max_sentences),
@@ -331,14 +336,15 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
       env=env, llm=llm, features=features,
       policy_features=_policy_features(config, llm, features),
       anchors=_anchors(config, data, ratings),
-      profiles={p["user_index"]: p["profile"] for p in data.profiles},
+      profiles=profiles,
       train_pairs=_pairs(train_users, train_items),
       heldout_pairs={"new_users": _pairs(held_users, train_items),
                      "new_anchors": _pairs(held_users, held_items)},
       num_actions=int(config.actions.k),
       info={"encoder_heldout_r2": ed_meta["heldout_r2"], "latent_dim": int(z_items.shape[1]),
             "ed_target": ed_meta.get("target"), "ed_kind": ed_meta.get("kind", "head"),
-            "env_model": llm.model_name, "env_data": data.report})
+            "env_model": llm.model_name, "env_data": data.report,
+            "profile_check": consistency})
   if int(config.env.prefetch_depth) > 0:
     n = asyncio.run(prefetch_tree(world, sorted(world.anchors), int(config.env.prefetch_depth)))
     logging.info("world: %d states prefetched to depth %d", n, config.env.prefetch_depth)

@@ -18,7 +18,9 @@ every policy the report gives, over a split's pairs:
 * ``by_anchor_rating``: the same over the pairs whose anchor's mean MovieLens rating is at most the
   median of the split's anchors (``low``: the paper's poorly rated anchors) and above it
   (``high``), with anchor-bootstrap intervals; ``final_utility`` (raw U(z) of x_H) sits beside
-  every gain.
+  every gain;
+* ``tables``: the paper's Table 2 per split (``tables.table2``: random, references, agents, ELM
+  baseline, anchor-bootstrap intervals), also written as ``tables.md``.
 
 Policies: ``random`` (uniform over candidates), ``reference[kind]`` (the reference network before RL,
 sampled), ``agent[kind]`` (after RL, sampled) and ``agent[kind]/greedy``; with
@@ -43,6 +45,7 @@ from eagle_jax.agent import agent_model, rollout
 from eagle_jax.agent.trainer import AgentTrainer, Job, validate
 from eagle_jax.agent.world import World, build_world
 from eagle_jax.evaluation import rater as rater_lib
+from eagle_jax.evaluation import tables
 from eagle_jax.evaluation.intervals import anchor_bootstrap, mean_ci
 
 
@@ -330,6 +333,7 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
       "samples_per_pair": ev.samples, "confidence": ev.confidence,
       "checkpoint_steps": steps, "main_reference": main, "splits": splits,
       "trajectories": trajectories,
+      "tables": {"table2": {s: tables.table2(splits[s]) for s in SPLITS}},
       "env": {"model": world.llm.model_name, "transitions": world.env.steps,
               "parse_failures": world.env.parse_failures},
       "code_version": run_config.code_version(), "config": run_config.to_dict(config),
@@ -343,6 +347,9 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
   if jax.process_index() == 0:  # every process of a multi-process run computes the same report
     paths.write_text(report_path, json.dumps({k: v for k, v in report.items() if k != "path"},
                                              indent=2))
+    paths.write_text(os.path.join(out_dir, "tables.md"), "\n\n".join(
+        f"Table 2, {split} (anchor-bootstrap {ev.confidence:.0%} intervals)\n\n"
+        + tables.table2_markdown(splits[split]) for split in SPLITS) + "\n")
     for split in SPLITS:
       _plots(splits[split]["policies"], out_dir, split)
   return report
