@@ -47,6 +47,10 @@ def get_config(variant: str = "implicit") -> ml_collections.ConfigDict:
   config.wals = wals_ml100k.get_config("rating" if variant == "rating" else "implicit")
   # descriptions.jsonl of launch.build_env_data ("" = metadata text only).
   config.descriptions = ""
+  # Text of a description row: "with_metadata" (the movie's metadata line, then its description),
+  # "text" (the rendered description alone: what E_D reads in a world of description states) or
+  # "plot" (the plot alone: a world of plot states).
+  config.description_rows = "with_metadata"
   # MiniLM folder ("" = the pinned all-MiniLM-L6-v2 asset).
   config.minilm = ""
   # "augmented" ([y_i, 1, c_i, 1], the space of the utility) or "factors" (y_i).

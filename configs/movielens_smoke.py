@@ -93,6 +93,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.world.num_heldout_users = 16
   # Users need at least this many ratings to be drawn.
   config.world.min_user_ratings = 40
+  # E_D's description rows: 0 = E_D on metadata text only; N > 0 = the anchors' descriptions and
+  # N more movies' (about 20% of them in E_D's held-out movies), rows as the states read.
+  config.world.ed_descriptions = 0
   # Texts whose features each memo (policy features, E_D outputs) keeps; least recently used are
   # dropped and encoded again when met (0: keep all).
   config.world.feature_memo = 100_000
@@ -284,13 +287,14 @@ def paper_world(config: ml_collections.ConfigDict) -> None:
   """The ``:paper`` variant (and ``movielens_study.py``'s world): the paper's world (PAPER_SPEC.md
   1.5, 1.6) at the smoke size. States are descriptions (plot, five reasons to like, five to
   dislike; sampled, since greedy decoding repeats one reason), profiles are LLM-written under the
-  paper's five headings, and half of each anchor's K actions are personalised to a randomly drawn
-  profile."""
+  paper's five headings, half of each anchor's K actions are personalised to a randomly drawn
+  profile, and E_D trains on the anchors' descriptions and 24 more movies' as well as metadata."""
   config.env.states = "description"
   config.descriptions.n_reasons = 5
   config.descriptions.sampling.temperature = 0.7
   config.profiles.kind = "llm"
   config.actions.personalised = True
+  config.world.ed_descriptions = 24
 
 
 def _lm_agent(config: ml_collections.ConfigDict) -> None:

@@ -41,6 +41,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # The paper's world: description states with 5 + 5 reasons, LLM profiles under the paper's
   # headings, personalised action sets (movielens_smoke.paper_world).
   movielens_smoke.paper_world(config)
+  # E_D also trains on descriptions: the 52 anchors' and 60 more movies' (about 12 held out by E_D).
+  config.world.ed_descriptions = 60
   # K = 10 candidates per anchor, half personalised to a randomly drawn profile.
   config.actions.k = 10
   config.actions.llm_calls = 4

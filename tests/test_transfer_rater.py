@@ -15,7 +15,8 @@ TRAIN = ("--config.reference.steps=10", "--config.rl.steps=10", "--config.checkp
          "--config.env.states=description", "--config.descriptions.n_reasons=1",
          "--config.descriptions.reason_tokens=16", "--config.descriptions.sampling.temperature=0.7",
          "--config.profiles.kind=llm", "--config.profiles.headings=('Overall','Genre')",
-         "--config.profiles.tokens=16", "--config.actions.personalised=True")
+         "--config.profiles.tokens=16", "--config.actions.personalised=True",
+         "--config.world.ed_descriptions=3")
 EVAL = [
     "--config.eval.transfer.enabled=True", "--config.eval.rater.enabled=True",
     "--config.eval.rater.pairs=3",
@@ -109,3 +110,19 @@ def _check_paper_world(work):
   assert pc["users_train"] + pc["users_heldout"] == len(with_profile) and pc["users_heldout"] >= 1
   assert pc["heldout_l2"] > 0 and pc["nearest_user_l2"] > 0 and pc["mean_user_l2"] > 0
   assert pc["passed"] == (pc["heldout_l2"] < pc["nearest_user_l2"])
+  # E_D trained on the anchors' descriptions and 3 more movies', rows as the states read them.
+  with open(os.path.join(work, "env", "descriptions.jsonl")) as f:
+    descs = [json.loads(x) for x in f]
+  assert len(descs) == len(world["anchors"]) + 3
+  with open(os.path.join(work, "encoder", "texts.jsonl")) as f:
+    texts = [json.loads(x) for x in f]
+  ok = [d["text"] for d in descs if d["ok"]]
+  assert texts[-len(ok):] == ok and all(t.startswith("Plot: ") for t in ok)
+  split = np.load(os.path.join(work, "encoder", "split.npz"), allow_pickle=False)
+  held = int(np.sum(split["heldout_row"] & (split["kind"] == "description")))
+  assert world["encoder_description_rows"] == held
+  assert (world["encoder_description_r2"] is None) == (held < 2)  # R^2 of 0 or 1 row: None
+  # E_D on the anchors' states and their K = 2 cached next states each.
+  ed = world["ed_on_states"]
+  assert ed["anchors"] == len(world["anchors"]) and ed["next_states"] == 2 * ed["anchors"]
+  assert ed["r2_anchor_states"] < 1 and ed["mean_move_l2"] > 0

@@ -52,7 +52,7 @@ from eagle_jax import assets, paths, training
 from eagle_jax.agent.env import ContentGapEnv
 from eagle_jax.agent.features import DecoderPooler, TextFeatures
 from eagle_jax.data import catalog, records
-from eagle_jax.embed import encoder_train, wals_train
+from eagle_jax.embed import encoder, encoder_train, wals_train
 from eagle_jax.env import actions as actions_lib
 from eagle_jax.env import build, profile_check, stack
 from eagle_jax.env.client import SamplingParams
@@ -121,6 +121,9 @@ def check_config(config) -> None:
                "anchor_pool", "min_user_ratings"):
     if int(w[name]) < 1:
       _fail(f"world.{name}", "an int >= 1", w[name])
+  if int(w.get("ed_descriptions", 0)) < 0:
+    _fail("world.ed_descriptions", "an int >= 0 (0: E_D on metadata text only)",
+          w.ed_descriptions)
   if int(w.get("feature_memo", 0)) < 0:
     _fail("world.feature_memo", "an int >= 0 (0: unbounded)", w.feature_memo)
   for name in ("max_in_flight", "cache_memory"):
@@ -219,7 +222,28 @@ def _latent(config, workdir: str, ratings):
   return emb_path, latent["user_augmented"], latent["item_augmented"]
 
 
-def _encoder(config, workdir: str, emb_path: str, features: TextFeatures):
+def _ed_descriptions(config, workdir: str, llm: stack.LLMStack, ratings,
+                     anchors: np.ndarray) -> str:
+  """E_D's description rows (``config.world.ed_descriptions`` = N > 0): the anchors and N more
+  movies drawn (seeded) from the rest of the catalogue, described by the environment LLM into
+  ``env/descriptions.jsonl`` before E_D is trained (the anchors' records are then reused by phase 4).
+  About ``encoder.heldout_fraction`` of the N fall among E_D's held-out movies: its R^2 on held-out
+  descriptions. Returns the file ("" when N = 0: E_D on metadata text only)."""
+  n = int(config.world.get("ed_descriptions", 0))
+  if n == 0:
+    return ""
+  rest = np.setdiff1d(np.arange(ratings.num_items), anchors)
+  extra = np.random.default_rng(records.derive_seed(int(config.world.seed), "ed_descriptions")
+                                ).permutation(rest)[:n]
+  movies = catalog.movies_from_ratings(ratings, np.concatenate([anchors, np.sort(extra)]))
+  path = os.path.join(workdir, "env", "descriptions.jsonl")
+  total = len(movies) * (1 + 2 * int(config.descriptions.n_reasons))
+  with answer_progress(llm, "world: E_D descriptions", total):
+    asyncio.run(build.describe_movies(llm.client, movies, config.descriptions, path))
+  return path
+
+
+def _encoder(config, workdir: str, emb_path: str, features: TextFeatures, descriptions: str = ""):
   enc_dir = os.path.join(workdir, "encoder")
   if not paths.exists(os.path.join(enc_dir, "report.json")):
     logging.info("world: training E_D into %s", enc_dir)
@@ -227,15 +251,38 @@ def _encoder(config, workdir: str, emb_path: str, features: TextFeatures):
     with enc_cfg.unlocked():
       enc_cfg.embeddings = emb_path
       enc_cfg.wals = config.wals
+      if descriptions:  # rows as E_D will read the states
+        enc_cfg.descriptions = descriptions
+        enc_cfg.description_rows = "text" if description_states(config) else "plot"
     encoder_train.run(enc_cfg, enc_dir, encode=features)
   ed, meta = encoder_train.load_encoder(os.path.join(enc_dir, "checkpoints"),
                                         frozen_encode=features, minilm=config.encoder.minilm)
   try:
     report = json.loads(paths.read_text(os.path.join(enc_dir, "report.json")))
-    meta = {**meta, "heldout_r2": float(report["metrics"]["heldout_r2"])}
+    desc = report["metrics"]["description"]["head"]
+    meta = {**meta, "heldout_r2": float(report["metrics"]["heldout_r2"]),
+            "description_r2": desc["r2"], "description_rows": desc["rows"]}
   except (OSError, KeyError, ValueError):
     meta = {**meta, "heldout_r2": None}
   return ed, meta
+
+
+def ed_on_states(world: World, z_items: np.ndarray) -> dict[str, Any]:
+  """How E_D reads the anchors' states and their generated next states (depth 1, cached by the
+  prefetched tree): pooled R^2 (``encoder.r2_score``) of E_D(anchor state) against the anchors'
+  vectors, of E_D(next state) against its anchor's vector (how much of the movie E_D still reads
+  after one edit), and the mean l2 move of E_D from a state to its next states."""
+  items = np.asarray(sorted(world.anchors))
+  states = [world.anchors[int(i)].state for i in items]
+  nexts = asyncio.run(expand(world, states, items))
+  z0 = world.env.embed(states)
+  z1 = world.env.embed([t for ts in nexts for t in ts])
+  reps = np.repeat(np.arange(len(items)), [len(ts) for ts in nexts])
+  r2 = encoder.r2_score if len(items) > 1 else (lambda y, p: None)  # one anchor: no variance
+  return {"anchors": int(len(items)), "next_states": int(len(z1)),
+          "r2_anchor_states": r2(z_items[items], z0),
+          "r2_next_states": r2(z_items[items][reps], z1),
+          "mean_move_l2": float(np.mean(np.linalg.norm(z1 - z0[reps], axis=1)))}
 
 
 def _env_data(config, workdir: str, llm: stack.LLMStack, encode,
@@ -317,9 +364,11 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
     encoder = SentenceEncoder.from_pretrained(config.encoder.minilm or None)
   memo = int(config.world.get("feature_memo", 0))
   features = TextFeatures(encoder.encode, encoder.dim, max_entries=memo)
-  ed, ed_meta = _encoder(config, workdir, emb_path, features)
   llm = llm or open_llm(config, workdir)
   train_items, held_items, train_users, held_users = _select(config, ratings)
+  ed_rows = _ed_descriptions(config, workdir, llm, ratings, np.concatenate([train_items,
+                                                                            held_items]))
+  ed, ed_meta = _encoder(config, workdir, emb_path, features, ed_rows)
   movies = catalog.movies_from_ratings(ratings, np.concatenate([train_items, held_items]))
   users = catalog.users_from_ratings(ratings, np.concatenate([train_users, held_users]),
                                      n_titles=int(config.profiles.titles))
@@ -341,7 +390,10 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
       heldout_pairs={"new_users": _pairs(held_users, train_items),
                      "new_anchors": _pairs(held_users, held_items)},
       num_actions=int(config.actions.k),
-      info={"encoder_heldout_r2": ed_meta["heldout_r2"], "latent_dim": int(z_items.shape[1]),
+      info={"encoder_heldout_r2": ed_meta["heldout_r2"],
+            "encoder_description_r2": ed_meta.get("description_r2"),
+            "encoder_description_rows": ed_meta.get("description_rows"),
+            "latent_dim": int(z_items.shape[1]),
             "ed_target": ed_meta.get("target"), "ed_kind": ed_meta.get("kind", "head"),
             "env_model": llm.model_name, "env_data": data.report,
             "profile_check": consistency})
@@ -352,6 +404,8 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
     if local is not None and local.batcher is not None:  # how much prefix sharing found
       logging.info("world: continuous batching %s", local.batcher.stats())
     world.info["prefetched_states"] = n
+    world.info["ed_on_states"] = ed_on_states(world, z_items)
+    logging.info("world: E_D on states %s", world.info["ed_on_states"])
   if jax.process_index() == 0:  # every process of a multi-process run restores the same world
     write_world(world, workdir, ratings, data)
   return world

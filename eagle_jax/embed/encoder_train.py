@@ -12,8 +12,9 @@ the head learns them trivially. ``config.target = "factors"`` uses the raw ``y_i
 Training rows. The environment LLM describes only a small subset of movies on a CPU (24 by
 default), far too few rows to fit a 384 -> d head. So E_D is trained on a **metadata text for all
 movies** ("Title (year). Genres: A, B, C." plus tags when the data has them) **plus the LLM
-description** (metadata line followed by ``Description.render()``) for every described movie: one
-or two rows per movie, all with the movie's vector as target.
+description** for every described movie (``config.description_rows``: the metadata line followed
+by ``Description.render()``; or the rendered description alone, or the plot alone, as a world's
+states show them to E_D): one or two rows per movie, all with the movie's vector as target.
 
 Model. ``config.finetune.epochs > 0`` (the default): a fresh MiniLM and a linear head, warm-started
 at the ridge solution on the frozen embeddings, are fine-tuned end to end (``encoder.finetune``);
@@ -80,6 +81,7 @@ def metadata_text(title: str, genres: Sequence[str], tags: Sequence[str] = ()) -
 
 
 TARGETS = ("augmented", "factors")
+DESCRIPTION_ROWS = ("with_metadata", "text", "plot")
 BACKBONES = ("minilm", "decoder")
 
 
@@ -93,6 +95,9 @@ def check_config(config, field: str = "config", inputs: bool = True) -> None:
   """Validates an E_D job config (``configs/encoder_ml100k.py``; ``config.encoder`` of an EAGLE
   run) at the job's entry (``inputs``: input paths too); ConfigError naming ``<field>.<name>``."""
   checks.check_choice(config, "target", TARGETS, field)
+  if config.get("description_rows", "with_metadata") not in DESCRIPTION_ROWS:
+    raise checks.ConfigError(f"{field}.description_rows: expected one of {DESCRIPTION_ROWS}, got "
+                             f"{config.description_rows!r}")
   if _backbone(config, field) == "decoder":
     dec = decoder_encoder.DecoderEncoderConfig.from_config(config.decoder, f"{field}.decoder")
     if inputs and dec.shapes and not dec.source:
@@ -174,7 +179,8 @@ def _metrics(pred: np.ndarray, y: np.ndarray, index: np.ndarray, table: np.ndarr
              k: int) -> dict[str, float]:
   if len(index) == 0:
     return {"r2": None, f"recall@{k}": None, "rows": 0}
-  return {"r2": encoder.r2_score(y, pred),
+  # R^2 needs two rows (one row has no variance to explain).
+  return {"r2": encoder.r2_score(y, pred) if len(index) > 1 else None,
           f"recall@{k}": encoder.nn_recall_at_k(pred, index, table, k), "rows": int(len(index))}
 
 
@@ -375,13 +381,14 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
     item_of_row.append(i)
     kind.append("metadata")
   index_of_id = {int(m): i for i, m in enumerate(ratings.item_ids)}
-  described = 0
+  described, rows_as = 0, config.get("description_rows", "with_metadata")
   for path in description_paths(config):
     for rec in records.read_jsonl(path, key="movie_id"):
       if not rec.get("ok") or int(rec["movie_id"]) not in index_of_id:
         continue
       i = index_of_id[int(rec["movie_id"])]
-      texts.append(texts[i] + "\n" + rec["text"])
+      texts.append({"with_metadata": texts[i] + "\n" + rec["text"], "text": rec["text"],
+                    "plot": rec["plot"]}[rows_as])
       item_of_row.append(i)
       kind.append("description")
       described += 1
