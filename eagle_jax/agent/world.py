@@ -267,14 +267,15 @@ def _encoder(config, workdir: str, emb_path: str, features: TextFeatures, descri
   return ed, meta
 
 
-def ed_on_states(world: World, z_items: np.ndarray) -> dict[str, Any]:
-  """How E_D reads the anchors' states and their generated next states (depth 1, cached by the
-  prefetched tree): pooled R^2 (``encoder.r2_score``) of E_D(anchor state) against the anchors'
-  vectors, of E_D(next state) against its anchor's vector (how much of the movie E_D still reads
-  after one edit), and the mean l2 move of E_D from a state to its next states."""
+def ed_on_states(world: World, z_items: np.ndarray, nexts: Sequence[Sequence[str]]
+                 ) -> dict[str, Any]:
+  """How E_D reads the anchors' states and their generated next states (``nexts``: each anchor's
+  K, in sorted anchor order, from ``prefetch_tree``): pooled R^2 (``encoder.r2_score``) of
+  E_D(anchor state) against the anchors' vectors, of E_D(next state) against its anchor's vector
+  (how much of the movie E_D still reads after one edit), and the mean l2 move of E_D from a
+  state to its next states."""
   items = np.asarray(sorted(world.anchors))
   states = [world.anchors[int(i)].state for i in items]
-  nexts = asyncio.run(expand(world, states, items))
   z0 = world.env.embed(states)
   z1 = world.env.embed([t for ts in nexts for t in ts])
   reps = np.repeat(np.arange(len(items)), [len(ts) for ts in nexts])
@@ -398,13 +399,14 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
             "env_model": llm.model_name, "env_data": data.report,
             "profile_check": consistency})
   if int(config.env.prefetch_depth) > 0:
-    n = asyncio.run(prefetch_tree(world, sorted(world.anchors), int(config.env.prefetch_depth)))
+    n, children = asyncio.run(prefetch_tree(world, sorted(world.anchors),
+                                            int(config.env.prefetch_depth)))
     logging.info("world: %d states prefetched to depth %d", n, config.env.prefetch_depth)
     local = llm.local
     if local is not None and local.batcher is not None:  # how much prefix sharing found
       logging.info("world: continuous batching %s", local.batcher.stats())
     world.info["prefetched_states"] = n
-    world.info["ed_on_states"] = ed_on_states(world, z_items)
+    world.info["ed_on_states"] = ed_on_states(world, z_items, children)
     logging.info("world: E_D on states %s", world.info["ed_on_states"])
   if jax.process_index() == 0:  # every process of a multi-process run restores the same world
     write_world(world, workdir, ratings, data)
@@ -425,19 +427,22 @@ async def expand(world: World, texts: Sequence[str], items: np.ndarray) -> list[
   return [nxt[j * k:(j + 1) * k] for j in range(len(texts))]
 
 
-async def prefetch_tree(world: World, items: Sequence[int], depth: int) -> int:
+async def prefetch_tree(world: World, items: Sequence[int], depth: int
+                        ) -> tuple[int, list[list[str]]]:
   """Computes every state reachable from the anchors ``items`` in ``depth`` steps (and their E_D
   embeddings and policy features), level by level with all of a level's transitions in flight at
-  once; returns the number of distinct states. Small trees only (K + K^2 + ... per anchor): the
+  once; returns the number of distinct states and each anchor's K next states (depth 1; [] when
+  ``depth`` is 0). Small trees only (K + K^2 + ... per anchor): the
   smoke config uses it so that training steps replay the environment from the cache instead of
   waiting on stragglers.
   """
   level = [(world.anchors[int(i)].state, int(i)) for i in items]
-  seen = set(level)
+  seen, first = set(level), []
   for d in range(depth):
     with answer_progress(world.llm, f"world: transitions at depth {d + 1}",
                          len(level) * world.num_actions):
       children = await expand(world, [x for x, _ in level], np.asarray([i for _, i in level]))
+    first = first or children
     level = [(c, i) for (_, i), row in zip(level, children) for c in row if (c, i) not in seen]
     level = list(dict.fromkeys(level))
     seen.update(level)
@@ -446,7 +451,7 @@ async def prefetch_tree(world: World, items: Sequence[int], depth: int) -> int:
   states = sorted({x for x, _ in seen})
   world.env.embed(states)
   world.policy_features(states)
-  return len(seen)
+  return len(seen), first
 
 
 PAIRS_DIR = "world"

@@ -58,7 +58,7 @@ def open_world(config, tcfg: TransferConfig, world: world_lib.World, workdir: st
                              info={**world.info, "env_model": llm.model_name})
   depth = int(config.env.prefetch_depth)
   if depth > 0:
-    n = asyncio.run(world_lib.prefetch_tree(test, sorted(test.anchors), depth))
+    n, _ = asyncio.run(world_lib.prefetch_tree(test, sorted(test.anchors), depth))
     logging.info("transfer: %d states prefetched with %s", n, llm.model_name)
   return test
 
