@@ -387,8 +387,8 @@ def run(config, workdir: str, *, encode: Callable[[Sequence[str]], np.ndarray] |
       if not rec.get("ok") or int(rec["movie_id"]) not in index_of_id:
         continue
       i = index_of_id[int(rec["movie_id"])]
-      texts.append({"with_metadata": texts[i] + "\n" + rec["text"], "text": rec["text"],
-                    "plot": rec["plot"]}[rows_as])
+      texts.append(texts[i] + "\n" + rec["text"] if rows_as == "with_metadata" else
+                   rec[rows_as])  # "text" or "plot"
       item_of_row.append(i)
       kind.append("description")
       described += 1
