@@ -181,3 +181,19 @@ def test_study_configs_are_the_paper_world_and_pass_the_checks(variant):
   assert c.rl.horizon == (1 if variant == "macro" else 2)
   with pytest.raises(ValueError, match="unknown variant"):
     movielens_study.get_config("huge")
+
+
+def test_bad_world_and_encoder_row_fields_name_the_field():
+  from configs import movielens_smoke  # noqa: PLC0415
+  from eagle_jax.agent import world  # noqa: PLC0415
+  from eagle_jax.embed import encoder_train  # noqa: PLC0415
+
+  c = movielens_smoke.get_config("paper")
+  assert c.world.ed_descriptions > 0
+  c.world.ed_descriptions = -1
+  with pytest.raises(ValueError, match=r"world\.ed_descriptions"):
+    world.check_config(c)
+  enc = movielens_smoke.get_config().encoder
+  enc.description_rows = "summary"
+  with pytest.raises(ValueError, match=r"encoder\.description_rows: expected one of"):
+    encoder_train.check_config(enc, "config.encoder", inputs=False)
