@@ -7,9 +7,10 @@ once (``check_config``) and composes phases that each call one library function:
    space of ``WALSFactors.augmented``: <z_u, z_i> is the WALS prediction. With the smoke config's
    implicit-feedback WALS that is the rating where one was given and ~0 elsewhere, so it scores
    preference and exposure together, as the paper's Hu-Koren-Volinsky factors do;
-2. E_D: ``embed.encoder_train.run`` into ``encoder/`` (trained once, then restored);
-3. the environment LLM: ``env.stack.open_llm(config.llm, env/cache.jsonl)`` (local sampler or a
+2. the environment LLM: ``env.stack.open_llm(config.llm, env/cache.jsonl)`` (local sampler or a
    server, behind the response cache, so a rerun replays the environment from disk);
+3. E_D: ``embed.encoder_train.run`` into ``encoder/`` (trained once, then restored); with
+   ``world.ed_descriptions`` it also trains on descriptions the environment LLM writes first;
 4. environment data: ``env.build.build_env_data`` writes ``env/{descriptions,profiles,actions}.jsonl``
    (anchor plots, user profiles, K candidate actions per anchor, with provenance): the same
    pipeline as ``launch.build_env_data``; the paper's profile consistency check on them
