@@ -87,3 +87,26 @@ def test_tables_cli(tmp_path):
                        cwd=tiny_run.ROOT, capture_output=True, text=True)
   assert bad.returncode != 0 and "--runs x=" in bad.stderr and "found 0" in bad.stderr
   assert "Traceback" not in bad.stderr
+
+
+def test_rater_scores_become_columns():
+  split = _split()
+  rater = {"pairs": 3, "questions": {
+      "user": {"random": {"score": {"mean": 0.25, "ci_low": 0.1, "ci_high": 0.4, "n": 3}},
+               "agent[g_optimal]": {"score": {"mean": 0.75, "ci_low": 0.6, "ci_high": 0.9,
+                                              "n": 3}}},
+      "distance": {"agent[g_optimal]": {"score": {"mean": math.nan, "n": 0}}}}}
+  rows = {r["policy"]: r for r in tables.table2(split, rater)}
+  assert rows["agent[g_optimal]"]["rater_user"]["mean"] == 0.75
+  assert rows["random"]["rater_user"]["mean"] == 0.25 and rows["random"]["rater_distance"] is None
+  assert "rater_user" not in tables.table2(split)[0]
+  text = tables.table2_markdown(split, rater)
+  assert text.splitlines()[0].endswith("| rater_user | rater_distance |")
+  assert "| +0.750 [+0.600, +0.900] | +nan [n/a] |" in text
+  # Table 4: a run with a rater gets its main agent's scores; one without gets "-".
+  with_rater = _report()
+  with_rater["rater"] = {"splits": {"new_anchors": rater}}
+  rows4 = tables.table4({"a": with_rater, "b": _report()}, "new_anchors")
+  text4 = tables.table4_markdown(rows4)
+  assert rows4[0]["rater_user"]["mean"] == 0.75 and "rater_user" not in rows4[1]
+  assert text4.splitlines()[-1].endswith("| 3 | - | - |")

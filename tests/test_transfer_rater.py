@@ -69,6 +69,13 @@ def test_transfer_and_rater_sections(tmp_path):
         assert 0 <= row["parse_failures"] <= 6
         if row["score"]["n"]:
           assert 0.0 <= row["score"]["mean"] <= 1.0
+  # Table 2 carries the rater's scores of the rated policies as columns.
+  for split, block in r["splits"].items():
+    rows = {x["policy"]: x for x in report["tables"]["table2"][split]}
+    want = block["questions"]["user"]["agent[g_optimal]"]["score"]
+    got = rows["agent[g_optimal]"]["rater_user"]
+    assert got["n"] == want["n"] and (want["n"] == 0 or got["mean"] == want["mean"])
+    assert rows["reference[g_optimal]"]["rater_user"] is None  # not among the rated policies
   # A rerun replays both environments and the rater from the response caches: same report.
   _run("launch.evaluate", work, EVAL)
   with open(path) as f:

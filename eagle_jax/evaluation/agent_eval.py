@@ -20,7 +20,8 @@ every policy the report gives, over a split's pairs:
   (``high``), with anchor-bootstrap intervals; ``final_utility`` (raw U(z) of x_H) sits beside
   every gain;
 * ``tables``: the paper's Table 2 per split (``tables.table2``: random, references, agents, ELM
-  baseline, anchor-bootstrap intervals), also written as ``tables.md``.
+  baseline, anchor-bootstrap intervals; the AI rater's scores as columns when it ran), also
+  written as ``tables.md``.
 
 Policies: ``random`` (uniform over candidates), ``reference[kind]`` (the reference network before RL,
 sampled), ``agent[kind]`` (after RL, sampled) and ``agent[kind]/greedy``; with
@@ -333,7 +334,6 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
       "samples_per_pair": ev.samples, "confidence": ev.confidence,
       "checkpoint_steps": steps, "main_reference": main, "splits": splits,
       "trajectories": trajectories,
-      "tables": {"table2": {s: tables.table2(splits[s]) for s in SPLITS}},
       "env": {"model": world.llm.model_name, "transitions": world.env.steps,
               "parse_failures": world.env.parse_failures},
       "code_version": run_config.code_version(), "config": run_config.to_dict(config),
@@ -342,6 +342,8 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
     report["transfer"] = transfer_report
   if rcfg.enabled:
     report["rater"] = rate(config, rcfg, world, episodes, ev, workdir)
+  rater_splits = report.get("rater", {}).get("splits", {})
+  report["tables"] = {"table2": {s: tables.table2(splits[s], rater_splits.get(s)) for s in SPLITS}}
   report_path = os.path.join(out_dir, "report.json")
   report["path"] = report_path
   if jax.process_index() == 0:  # every process of a multi-process run computes the same report
@@ -349,7 +351,8 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
                                              indent=2))
     paths.write_text(os.path.join(out_dir, "tables.md"), "\n\n".join(
         f"Table 2, {split} (anchor-bootstrap {ev.confidence:.0%} intervals)\n\n"
-        + tables.table2_markdown(splits[split]) for split in SPLITS) + "\n")
+        + tables.table2_markdown(splits[split], rater_splits.get(split)) for split in SPLITS)
+        + "\n")
     for split in SPLITS:
       _plots(splits[split]["policies"], out_dir, split)
   return report

@@ -7,7 +7,9 @@ when the run has one. Table 4: one row per run whose world differs only in its a
 number comes from the report (``agent_eval._split_report``): the mean gain U(final) - U(anchor)
 over pairs with its interval from the bootstrap over anchors (the paper's question on new anchors
 is whether a result holds on other anchors), the mean final utility U(final), and for agents the
-paired differences to random actions and to their reference (also bootstrapped over anchors).
+paired differences to random actions and to their reference (also bootstrapped over anchors);
+with the AI rater (``eval.rater``), its scores per question as further columns (``rater_user``:
+the paper's User Utility, ``rater_distance``: its Distance Score; ``rater_overall``).
 """
 
 from __future__ import annotations
@@ -24,8 +26,24 @@ def _kinds(policies: Mapping[str, Any]) -> list[str]:
   return [n[len("agent["):-1] for n in policies if n.startswith("agent[") and n.endswith("]")]
 
 
-def table2(split: Mapping[str, Any]) -> list[dict[str, Any]]:
+def rater_scores(rater: Mapping[str, Any] | None, policy: str) -> dict[str, Any]:
+  """``{"rater_<question>": score}`` of ``policy`` in one split of a report's ``rater`` section
+  (the AI rater's share of items where it prefers the policy's description over the anchor, with
+  its interval; the paper's Table 2 columns User Utility and Distance Score), None where the
+  rater did not rate the policy; {} without a rater section."""
+  if not rater:
+    return {}
+  return {f"rater_{q}": by_policy.get(policy, {}).get("score")
+          for q, by_policy in rater["questions"].items()}
+
+
+def table2(split: Mapping[str, Any], rater: Mapping[str, Any] | None = None
+           ) -> list[dict[str, Any]]:
   """Table 2's rows of one split of a report (``report["splits"][name]``).
+
+  Args:
+    split: the split's report.
+    rater: the same split of the report's ``rater`` section, if any (adds ``rater_scores``).
 
   Returns:
     Rows ``{policy, gain, final_utility, fraction_improved, minus_random, minus_reference}`` in the
@@ -46,7 +64,8 @@ def table2(split: Mapping[str, Any]) -> list[dict[str, Any]]:
         "fraction_improved": p["fraction_improved"],
         "minus_random": boot["comparisons"].get(f"{name} - random") if agent else None,
         "minus_reference": (boot["comparisons"].get(f"{name} - reference[{agent}]")
-                            if agent else None)})
+                            if agent else None),
+        **rater_scores(rater, name)})
   return rows
 
 
@@ -85,7 +104,8 @@ def table4(reports: Mapping[str, Mapping[str, Any]], split: str) -> list[dict[st
         "minus_random": boot["comparisons"][f"{main} - random"],
         "minus_reference": boot["comparisons"][f"{main} - reference[{report['main_reference']}]"],
         "final_utility": s["policies"][main]["final_utility"], "anchors": s["anchors"],
-        "pairs": s["pairs"]})
+        "pairs": s["pairs"],
+        **rater_scores(report.get("rater", {}).get("splits", {}).get(split), main)})
   return rows
 
 
@@ -94,7 +114,7 @@ def interval(x: Mapping[str, Any] | None) -> str:
   than one anchor)."""
   if x is None:
     return "-"
-  lo, hi = x["ci_low"], x["ci_high"]
+  lo, hi = x.get("ci_low"), x.get("ci_high")
   if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
     return f"{x['mean']:+.3f} [n/a]"
   return f"{x['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
@@ -108,16 +128,21 @@ def markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+  lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
   return "\n".join(lines)
 
 
-def table2_markdown(split: Mapping[str, Any]) -> str:
-  """Table 2 of one split as markdown."""
-  return markdown(table2(split), _ROW_COLUMNS)
+def _rater_columns(rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+  return tuple(dict.fromkeys(c for r in rows for c in r if c.startswith("rater_")))
+
+
+def table2_markdown(split: Mapping[str, Any], rater: Mapping[str, Any] | None = None) -> str:
+  """Table 2 of one split as markdown (with the rater's columns when ``rater`` is given)."""
+  rows = table2(split, rater)
+  return markdown(rows, _ROW_COLUMNS + _rater_columns(rows))
 
 
 def table4_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-  """Table 4 (``table4``'s rows) as markdown."""
+  """Table 4 (``table4``'s rows) as markdown (with rater columns where a run has a rater)."""
   return markdown(rows, ("run", "action_space", "agent", "gain", "random_gain", "minus_random",
-                         "minus_reference", "final_utility", "anchors"))
+                         "minus_reference", "final_utility", "anchors") + _rater_columns(rows))
