@@ -9,9 +9,10 @@ training users' mean embedding (a profile that says nothing about its user score
 
 The encoder is the frozen sentence features of the world (MiniLM, as E_D's) with a ridge head (the
 paper fine-tunes a whole encoder; with tens of users a head is what the data can fit), its penalty
-chosen by the exact leave-one-out error on the training users. The leave-one-out residuals come in
-closed form from one SVD (``ridge_loo``); scikit-learn's ``RidgeCV`` does the same but is not a
-dependency of the package, and the closed form is a few lines.
+chosen by the exact leave-one-out error on the training users; the head is fitted by E_D's ridge
+(``encoder.ridge_weights``). The leave-one-out residuals come in closed form from one SVD
+(``ridge_loo``); scikit-learn's ``RidgeCV`` does the same but is not a dependency of the package,
+and the closed form is a few lines.
 
 Target: the user vectors' columns that vary across users (``z_u = [x_u, b_u, 1, mu]`` -> the
 factors and the bias; constant columns carry no information about a user).
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from eagle_jax import checks
+from eagle_jax.embed import encoder
 
 # Ridge penalties tried, relative to the mean squared singular value of the centred features.
 ALPHAS = tuple(float(a) for a in np.logspace(-3, 3, 13))
@@ -55,14 +57,6 @@ def ridge_loo(x: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> np.ndarr
     h = 1.0 / n + np.sum(u * u * shrink[None], 1)
     out.append(float(np.mean(np.sum((resid / (1.0 - h)[:, None]) ** 2, 1))))
   return np.asarray(out)
-
-
-def ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-  """``(w [e, d], b [d])`` of ridge with an unpenalised intercept (through the SVD of ``x``)."""
-  xm, ym = x.mean(0), y.mean(0)
-  u, s, vt = np.linalg.svd(x - xm, full_matrices=False)
-  w = vt.T @ ((s / (s * s + alpha))[:, None] * (u.T @ (y - ym)))
-  return w, ym - xm @ w
 
 
 def nearest_user_distance(z: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -108,7 +102,7 @@ def check(encode: Callable[[Sequence[str]], np.ndarray], profiles: Mapping[int, 
   scale = float(np.mean(np.linalg.svd(x_tr - x_tr.mean(0), compute_uv=False) ** 2))
   alphas = np.asarray(ALPHAS) * max(scale, 1e-12)
   alpha = float(alphas[int(np.argmin(ridge_loo(x_tr, z[tr], alphas)))])
-  w, b = ridge_fit(x_tr, z[tr], alpha)
+  w, b = encoder.ridge_weights(x_tr, z[tr], alpha)
   err = float(np.mean(np.linalg.norm(x_te @ w + b - z[te], axis=1)))
   mean_err = float(np.mean(np.linalg.norm(z[tr].mean(0) - z[te], axis=1)))
   nn = float(np.mean(nearest_user_distance(z, te)))
