@@ -13,7 +13,10 @@ template, and the sampling the smoke config's ``env.sampling`` (greedy, repetiti
 no repeated 3-grams, 40 new tokens).
 Timed, interleaved over ``--rounds`` (the order rotates each round), median seconds:
 
-1. ``LocalSampler`` with prefix sharing and continuous batching (``--slots`` rows);
+1. ``LocalSampler`` with prefix sharing and continuous batching (``--slots`` rows), and the same
+   with the previous grouping rule (a row that shares its prefix with no other row of its batch
+   prefilled whole, ``prefix._with_singles`` bypassed: what a batch cut inside a state's K rows
+   cost before);
 2. the same sampler without either (today's path: decode batches of ``--batch`` rows);
 3. transformers' PyTorch ``generate`` on the same weights (float32, 2 threads, batches of
    ``--batch`` left-padded prompts, greedy with the same penalty and n-gram ban);
@@ -195,10 +198,22 @@ def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int,
     out = backend.generate_sync(msgs, params)
     return sum(c.completion_tokens for c in out), [c.text for c in out]
 
+  before = local.LocalSampler(sampler, chat=True, share_prefix=True, continuous=True,
+                              slots=slots, chunk=chunk)
+
+  def lone_rows_unshared():
+    keep = prefix._with_singles
+    prefix._with_singles = lambda shared, singles, seqs: [shared]
+    try:
+      return ours(before)
+    finally:
+      prefix._with_singles = keep
+
   texts = {}
   runners = {
       "shared + continuous (ours)": lambda: ours(fast),
       f"unshared, batches of {batch} (today)": lambda: ours(plain),
+      "shared + continuous, lone rows unshared": lone_rows_unshared,
   }
   torch_gen = Torch(path, plain.tokenizer, batch)
   runners[f"PyTorch generate, batches of {batch}"] = lambda: (torch_gen.run(ids), None)
@@ -240,9 +255,12 @@ def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int,
   print(f"{'ceiling (matmul rate x FLOPs)':<40}{flops / rate:>9.2f}{ceiling:>9.2f}{'':>8}"
         f"{today / (flops / rate):>9.2f}x")
   same = sum(a == b for a, b in zip(texts[names[0]], texts[names[1]]))
+  same_before = sum(a == b for a, b in zip(texts[names[0]], texts[names[2]]))
   print(f"\nmatmul rate {rate / 1e9:.0f} GFLOP/s; {params_count / 1e6:.1f}M parameters; "
         f"{prefilled} prefilled tokens shared ({sum(map(len, ids))} unshared)")
-  print(f"ours vs today: {same}/{n} answers identical; {fast.batcher.stats()}; compiles "
+  print(f"ours vs today: {same}/{n} answers identical (vs lone rows unshared: {same_before}/{n}); "
+        f"{fast.batcher.stats()}; lone rows unshared: {before.batcher.stats()}; compiles "
         f"{fast.batcher.compile_counts()}; "
         f"load at end {_load()}")
   fast.batcher.close()
+  before.batcher.close()

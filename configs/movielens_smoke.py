@@ -288,13 +288,16 @@ def paper_world(config: ml_collections.ConfigDict) -> None:
   1.5, 1.6) at the smoke size. States are descriptions (plot, five reasons to like, five to
   dislike; sampled, since greedy decoding repeats one reason), profiles are LLM-written under the
   paper's five headings, half of each anchor's K actions are personalised to a randomly drawn
-  profile, and E_D trains on the anchors' descriptions and 24 more movies' as well as metadata."""
+  profile, and E_D trains on the anchors' descriptions and 24 more movies' as well as metadata.
+  The environment LLM prefills a state's shared prompt once (``llm.share_prefix``)."""
   config.env.states = "description"
   config.descriptions.n_reasons = 5
   config.descriptions.sampling.temperature = 0.7
   config.profiles.kind = "llm"
   config.actions.personalised = True
   config.world.ed_descriptions = 24
+  # A description state's K transition prompts share its 500-odd tokens: prefill them once.
+  config.llm.share_prefix = True
 
 
 def _lm_agent(config: ml_collections.ConfigDict) -> None:

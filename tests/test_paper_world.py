@@ -177,6 +177,7 @@ def test_study_configs_are_the_paper_world_and_pass_the_checks(variant):
   trainer.validate(c, training.build_mesh({"data": -1}))
   assert c.world.num_train_anchors >= 40 and c.world.num_heldout_anchors >= 12
   assert c.actions.k >= 10 and c.env.states == "description" and c.profiles.kind == "llm"
+  assert c.llm.share_prefix
   assert c.actions.personalised == (variant != "no_personal")
   assert c.rl.horizon == (1 if variant == "macro" else 2)
   with pytest.raises(ValueError, match="unknown variant"):

@@ -89,6 +89,43 @@ def test_plan_rules():
   assert prefix.supports(sliding.replace(layer_types=None)) and not prefix.supports(sliding)
 
 
+def lone_row_batch() -> list[list[int]]:
+  """Two states of 3 actions and a third state's lone action (a batch cut inside a state's K),
+  every prompt 83 tokens behind a 20-token system prompt."""
+  system = list(range(1, 21))
+  state = lambda s: system + [50 + s] * 60
+  return [state(s) + [90 + a, 3, 4] for s in range(2) for a in range(3)] + [state(2) + [93, 3, 4]]
+
+
+def test_plan_gives_a_lone_long_row_its_own_prefix():
+  rows = lone_row_batch()
+  plan = prefix.plan(rows, min_shared=16, min_bucket=16, pad_id=0, bucket=sampling.bucket)
+  assert plan.groups == ((0, 1, 2), (3, 4, 5), (6,)) and plan.prefix_lengths == (80, 80, 80)
+  # 3 prefixes of 80 tokens in [3, 96] and 7 suffixes of 3 in [7, 16]. Leaving the lone row
+  # unshared would push its 83 tokens into every suffix ([7, 96]: 2 * 96 + 7 * 96); the best
+  # such plan forks once at the system prompt: [1, 24] + [7, 64]. Unshared: [7, 96].
+  assert (plan.cost, plan.unshared_cost) == (3 * 96 + 7 * 16, 7 * 96)
+  assert 3 * 96 + 7 * 16 < 24 + 7 * 64
+  assert plan.inputs.row_shared.tolist() == [True] * 7
+  for i, row in enumerate(rows):
+    k = plan.inputs.row_prefix[i]
+    head = plan.inputs.prefix_tokens[k][plan.inputs.prefix_mask[k]].tolist()
+    assert head + plan.inputs.suffix_tokens[i][plan.inputs.suffix_mask[i]].tolist() == row, i
+  # A short lone row stays unshared (its own prefix would cost a prefix row for nothing).
+  short = prefix.plan(rows[:6] + [[7, 8, 9]], min_shared=16, min_bucket=16, pad_id=0,
+                      bucket=sampling.bucket)
+  assert short.groups == ((0, 1, 2), (3, 4, 5)) and not short.inputs.row_shared[6]
+
+
+def test_lone_row_prefix_decodes_like_pytorch(tiny):
+  tmodel, sampler = tiny
+  rows = lone_row_batch()
+  res = sampler.generate_ids(rows, GREEDY, share_prefix=True)
+  assert sampler.last_plan.groups[-1] == (6,)
+  for i, row in enumerate(rows):
+    assert res.tokens[i].tolist() == torch_greedy(tmodel, row), i
+
+
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED, HISTORY], ids=["greedy", "sampled",
                                                                      "penalty_ngram"])
 def test_shared_equals_unshared_tiny(tiny, params):

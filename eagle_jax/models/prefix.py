@@ -17,9 +17,12 @@ prefix length of sorted neighbours ``j`` and ``j + 1``, capped at both lengths m
 keeps at least one suffix token: its last prompt token gives the first logits). For a threshold
 ``t``, the groups are the maximal runs of sorted rows whose neighbour prefixes are all ``>= t``
 (single linkage); a group's shared prefix is the minimum ``a_j`` inside it (the common prefix of
-the whole group, since rows are sorted), and a run of one row shares nothing (its whole prompt is
-its suffix). Every ``t`` among the ``a_j >= min_shared`` is tried and the one with the smallest
-bucketed prefill cost ``bucket(G) * Pp + B * Ps`` (token slots pushed through the model) is kept;
+the whole group, since rows are sorted). A run of one row either shares nothing (its whole prompt
+is its suffix) or is a group of its own with a prefix of its own (``_with_singles``): a batch cut
+from a longer call often ends inside a state's K rows, and one long unshared row would widen every
+row's suffix bucket to a whole prompt. Every ``t`` among the ``a_j >= min_shared``, with each
+choice for the lone rows, is tried and the one with the smallest bucketed prefill cost
+``bucket(G) * Pp + B * Ps`` (token slots pushed through the model) is kept;
 if that is not below the unshared cost ``B * P``, ``plan`` returns None and the caller decodes
 unshared. A two-level batch (several states, each with K transitions, all behind one system
 prompt) thus forks per state rather than per system prompt when the state prefixes are longer.
@@ -74,7 +77,8 @@ class PrefixPlan:
 
   Attributes:
     inputs: the arrays for ``shared_prefill``.
-    groups: row indices of each group that shares a prefix (groups of two or more rows).
+    groups: row indices of each group prefilled from one prefix (a group of one row: a lone row
+      given a prefix of its own).
     prefix_lengths: shared prefix length of each group.
     cost: bucketed prefill cost ``bucket(G) * Pp + B * Ps``.
     unshared_cost: ``B * P`` of unshared decoding.
@@ -119,6 +123,22 @@ def _groups_at(order: list[int], adj: list[int], t: int) -> list[tuple[list[int]
   return runs
 
 
+def _with_singles(shared: list[tuple[list[int], int]], singles: list[int],
+                  seqs: list[list[int]]) -> list[list[tuple[list[int], int]]]:
+  """Candidate groupings for the rows that share with no other row (``singles``): left unshared
+  (their whole prompt is their suffix, which widens every row's suffix bucket to the longest), or
+  each prefilled as a group of its own whose prefix is as long as the longest shared one (or its
+  own prompt but one token) or leaves its suffix no longer than the shared rows' longest."""
+  out = [shared]
+  if not shared or not singles:
+    return out
+  longest = max(n for _, n in shared)
+  tail = max(len(seqs[i]) - n for rows, n in shared for i in rows)
+  for rule in (lambda m: min(m - 1, longest), lambda m: min(m - 1, max(1, m - tail))):
+    out.append(shared + [([i], rule(len(seqs[i]))) for i in singles])
+  return out
+
+
 def plan(
     prompts: Sequence[Sequence[int]],
     *,
@@ -151,11 +171,14 @@ def plan(
   for t in sorted({a for a in adj if a >= max(1, min_shared)}):
     runs = _groups_at(order, adj, t)
     shared = [(rows, n) for rows, n in runs if len(rows) > 1]
-    pp = bucket(max(n for _, n in shared), min_bucket)
-    suffix = max(len(seqs[i]) - n for rows, n in runs for i in rows)
-    cost = bucket(len(shared), 1) * pp + b * bucket(suffix, min_bucket)
-    if best is None or cost < best[0]:
-      best = (cost, shared)
+    for groups in _with_singles(shared, [rows[0] for rows, _ in runs if len(rows) == 1], seqs):
+      prefixed = {i for rows, _ in groups for i in rows}
+      pp = bucket(max(n for _, n in groups), min_bucket)
+      suffix = max([len(seqs[i]) - n for rows, n in groups for i in rows]
+                   + [len(seqs[i]) for i in range(b) if i not in prefixed])
+      cost = bucket(len(groups), 1) * pp + b * bucket(suffix, min_bucket)
+      if best is None or cost < best[0]:
+        best = (cost, groups)
   if best is None or best[0] >= unshared_cost:
     return None
   cost, shared = best
