@@ -67,7 +67,7 @@ def main(argv: Sequence[str]) -> None:
   except (KeyError, ValueError) as e:
     raise checks.ConfigError(f"--runs: {e}") from None
   first = next(iter(runs))
-  rater = runs[first].get("rater", {}).get("splits", {}).get(_SPLIT.value)
+  rater = tables.rater_split(runs[first], _SPLIT.value)
   text = (f"Table 4, {_SPLIT.value} (main agent per action space; anchor-bootstrap intervals)\n\n"
           f"{tables.table4_markdown(rows)}\n\nTable 2, {_SPLIT.value}, run {first!r}\n\n"
           f"{tables.table2_markdown(runs[first]['splits'][_SPLIT.value], rater)}\n")

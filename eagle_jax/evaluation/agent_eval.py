@@ -342,8 +342,8 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
     report["transfer"] = transfer_report
   if rcfg.enabled:
     report["rater"] = rate(config, rcfg, world, episodes, ev, workdir)
-  rater_splits = report.get("rater", {}).get("splits", {})
-  report["tables"] = {"table2": {s: tables.table2(splits[s], rater_splits.get(s)) for s in SPLITS}}
+  report["tables"] = {"table2": {s: tables.table2(splits[s], tables.rater_split(report, s))
+                                for s in SPLITS}}
   report_path = os.path.join(out_dir, "report.json")
   report["path"] = report_path
   if jax.process_index() == 0:  # every process of a multi-process run computes the same report
@@ -351,7 +351,8 @@ def evaluate(config, job: Job, ev: EvalConfig, workdir: str, world: World, *, me
                                              indent=2))
     paths.write_text(os.path.join(out_dir, "tables.md"), "\n\n".join(
         f"Table 2, {split} (anchor-bootstrap {ev.confidence:.0%} intervals)\n\n"
-        + tables.table2_markdown(splits[split], rater_splits.get(split)) for split in SPLITS)
+        + tables.table2_markdown(splits[split], tables.rater_split(report, split))
+        for split in SPLITS)
         + "\n")
     for split in SPLITS:
       _plots(splits[split]["policies"], out_dir, split)

@@ -37,6 +37,12 @@ def rater_scores(rater: Mapping[str, Any] | None, policy: str) -> dict[str, Any]
           for q, by_policy in rater["questions"].items()}
 
 
+def rater_split(report: Mapping[str, Any], split: str) -> Mapping[str, Any] | None:
+  """The ``split`` block of a report's ``rater`` section (what ``table2`` takes as ``rater``), or
+  None when the run had no rater."""
+  return report.get("rater", {}).get("splits", {}).get(split)
+
+
 def table2(split: Mapping[str, Any], rater: Mapping[str, Any] | None = None
            ) -> list[dict[str, Any]]:
   """Table 2's rows of one split of a report (``report["splits"][name]``).
@@ -105,7 +111,7 @@ def table4(reports: Mapping[str, Mapping[str, Any]], split: str) -> list[dict[st
         "minus_reference": boot["comparisons"][f"{main} - reference[{report['main_reference']}]"],
         "final_utility": s["policies"][main]["final_utility"], "anchors": s["anchors"],
         "pairs": s["pairs"],
-        **rater_scores(report.get("rater", {}).get("splits", {}).get(split), main)})
+        **rater_scores(rater_split(report, split), main)})
   return rows
 
 
