@@ -13,17 +13,18 @@ template, and the sampling the smoke config's ``env.sampling`` (greedy, repetiti
 no repeated 3-grams, 40 new tokens).
 Timed, interleaved over ``--rounds`` (the order rotates each round), median seconds:
 
-1. ``LocalSampler`` with prefix sharing and continuous batching (``--slots`` rows), and the same
-   with the previous grouping rule (a row that shares its prefix with no other row of its batch
-   prefilled whole, ``prefix._with_singles`` bypassed: what a batch cut inside a state's K rows
-   cost before);
-2. the same sampler without either (today's path: decode batches of ``--batch`` rows);
-3. transformers' PyTorch ``generate`` on the same weights (float32, 2 threads, batches of
+1. ``LocalSampler`` with prefix sharing and continuous batching (``--slots`` rows, each slot a
+   self-contained row: its prefix copied into its cache);
+2. the same sampler with sharing alone, decode batches of ``--batch`` rows (the paper world's
+   setting), whose decode steps read each shared prefix once for all its rows, and the same with
+   the prefix copied into every row's cache (``Sampler.copy_prefix``: the previous decode);
+3. the same sampler without either (today's path: decode batches of ``--batch`` rows);
+4. transformers' PyTorch ``generate`` on the same weights (float32, 2 threads, batches of
    ``--batch`` left-padded prompts, greedy with the same penalty and n-gram ban);
-4. llama.cpp's OpenAI-compatible server (``llama-cpp-python[server]``, when installed) serving the
+5. llama.cpp's OpenAI-compatible server (``llama-cpp-python[server]``, when installed) serving the
    same GGUF, reached through ``OpenAIClient``; it has no n-gram ban and takes the penalty as
    ``repeat_penalty`` over its last 64 tokens, so its answers differ (tokens/s is printed too);
-5. the ceiling: this machine's measured f32 matmul rate over the FLOPs of the shared workload
+6. the ceiling: this machine's measured f32 matmul rate over the FLOPs of the shared workload
    (2 x parameters per prefilled or generated token; attention not counted).
 """
 
@@ -198,22 +199,21 @@ def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int,
     out = backend.generate_sync(msgs, params)
     return sum(c.completion_tokens for c in out), [c.text for c in out]
 
-  before = local.LocalSampler(sampler, chat=True, share_prefix=True, continuous=True,
-                              slots=slots, chunk=chunk)
+  shared = local.LocalSampler(sampler, chat=True, share_prefix=True)
 
-  def lone_rows_unshared():
-    keep = prefix._with_singles
-    prefix._with_singles = lambda shared, singles, seqs: [shared]
+  def prefix_copied():
+    sampler.copy_prefix = True
     try:
-      return ours(before)
+      return ours(shared)
     finally:
-      prefix._with_singles = keep
+      sampler.copy_prefix = False
 
   texts = {}
   runners = {
       "shared + continuous (ours)": lambda: ours(fast),
       f"unshared, batches of {batch} (today)": lambda: ours(plain),
-      "shared + continuous, lone rows unshared": lone_rows_unshared,
+      f"shared, batches of {batch}": lambda: ours(shared),
+      f"shared, batches of {batch}, prefix copied": prefix_copied,
   }
   torch_gen = Torch(path, plain.tokenizer, batch)
   runners[f"PyTorch generate, batches of {batch}"] = lambda: (torch_gen.run(ids), None)
@@ -254,13 +254,11 @@ def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int,
     print(f"{name:<40}{sec:>9.2f}{n / sec:>9.2f}{tokens[name] / sec:>8.1f}{today / sec:>9.2f}x")
   print(f"{'ceiling (matmul rate x FLOPs)':<40}{flops / rate:>9.2f}{ceiling:>9.2f}{'':>8}"
         f"{today / (flops / rate):>9.2f}x")
-  same = sum(a == b for a, b in zip(texts[names[0]], texts[names[1]]))
-  same_before = sum(a == b for a, b in zip(texts[names[0]], texts[names[2]]))
+  same = [sum(a == b for a, b in zip(texts[names[1]], texts[name])) for name in names[:4]
+          if name != names[1]]
   print(f"\nmatmul rate {rate / 1e9:.0f} GFLOP/s; {params_count / 1e6:.1f}M parameters; "
         f"{prefilled} prefilled tokens shared ({sum(map(len, ids))} unshared)")
-  print(f"ours vs today: {same}/{n} answers identical (vs lone rows unshared: {same_before}/{n}); "
-        f"{fast.batcher.stats()}; lone rows unshared: {before.batcher.stats()}; compiles "
-        f"{fast.batcher.compile_counts()}; "
-        f"load at end {_load()}")
+  print(f"answers identical to today's (the three shared runs): {same} of {n}; "
+        f"{fast.batcher.stats()}; compiles {fast.batcher.compile_counts()}, "
+        f"{sampler.compile_count()} unshared or shared decode programs; load at end {_load()}")
   fast.batcher.close()
-  before.batcher.close()

@@ -7,13 +7,16 @@ token; none did in these tests (every comparison below is exact on tokens), and 
 to 1e-5 on the tiny model.
 """
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from decoder_fixtures import make_torch_llama, save_torch, smollm2_sampler
+from flax import nnx
 
 from eagle_jax.env import local
 from eagle_jax.models import loading, prefix, sampling
+from eagle_jax.models.attention import attend_shared_prefix
 from eagle_jax.models.llama import LlamaConfig
 
 NEW = 12
@@ -139,6 +142,13 @@ def test_shared_equals_unshared_tiny(tiny, params):
   np.testing.assert_array_equal(shared.tokens, plain.tokens)
   np.testing.assert_array_equal(shared.mask, plain.mask)
   np.testing.assert_allclose(shared.logprobs, plain.logprobs, atol=1e-5)
+  sampler.copy_prefix = True  # the decode on per-row copies of the prefix (continuous layout)
+  try:
+    copied = sampler.generate_ids(rows, params, seeds=seeds, share_prefix=True)
+  finally:
+    sampler.copy_prefix = False
+  np.testing.assert_array_equal(copied.tokens, plain.tokens)
+  np.testing.assert_allclose(copied.logprobs, plain.logprobs, atol=1e-5)
   if params is GREEDY:
     for i, row in enumerate(rows):
       assert shared.tokens[i].tolist() == torch_greedy(tmodel, row), i
@@ -248,3 +258,63 @@ def test_shared_equals_unshared_smollm2():
     np.testing.assert_allclose(answer.token_logprobs, plain.logprobs[i][plain.mask[i]], atol=1e-4)
   assert len({a.text for a in answers}) > 1
   assert sampler.compile_count() == compiled
+
+
+def _softmax_attention(q, k, v, allowed, scale):
+  """NumPy reference: q [T, H, hd], k/v [S, KVH, hd], allowed [T, S] -> [T, H, hd]."""
+  h, kvh = q.shape[1], k.shape[1]
+  out = np.zeros_like(q)
+  for head in range(h):
+    kk, vv = k[:, head // (h // kvh)], v[:, head // (h // kvh)]
+    s = np.where(allowed, q[:, head] @ kk.T * scale, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    out[:, head] = (p / p.sum(-1, keepdims=True)) @ vv
+  return out
+
+
+def test_attend_shared_prefix_equals_attention_over_prefix_and_own_slots():
+  """Uneven groups (3 rows, 1 row, an all-padding prefix), empty seats and a row without prefix,
+  against NumPy softmax attention over each row's real prefix tokens followed by its own slots."""
+  rng = np.random.default_rng(0)
+  b, t, s, h, kvh, hd, g, pp = 5, 2, 6, 4, 2, 8, 3, 7
+  q = rng.normal(size=(b, t, h, hd)).astype(np.float32)
+  k, v = (rng.normal(size=(b, s, kvh, hd)).astype(np.float32) for _ in range(2))
+  pk, pv = (rng.normal(size=(g, kvh, pp, hd)).astype(np.float32) for _ in range(2))
+  key_mask = np.ones((b, s), bool)
+  key_mask[:, :2] = False  # left padding of the own slots
+  key_mask[1, 2] = False
+  query_slots = np.array([4, 5], np.int32)
+  pmask = np.zeros((g, pp), bool)
+  pmask[0, 2:] = True
+  pmask[1, 4:] = True  # prefix 2: all padding (a bucketed group count)
+  row_prefix = np.array([0, 1, 0, 0, 0], np.int32)
+  row_shared = np.array([True, True, True, False, True])
+  seats = np.array([[0, 2, 4], [1, b, b], [b, b, b]], np.int32)
+  row_seat = np.array([0, 3, 1, 9, 2], np.int32)
+  out = np.asarray(attend_shared_prefix(q, k, v, key_mask, query_slots, pk, pv,
+                                        pmask[row_prefix] & row_shared[:, None], seats, row_seat,
+                                        0.3))
+  for i in range(b):
+    own_ok = key_mask[i][None, :] & (np.arange(s)[None, :] <= query_slots[:, None])
+    pre = pmask[row_prefix[i]] if row_shared[i] else np.zeros(pp, bool)
+    kk = np.concatenate([pk[row_prefix[i]].transpose(1, 0, 2), k[i]])
+    vv = np.concatenate([pv[row_prefix[i]].transpose(1, 0, 2), v[i]])
+    allowed = np.concatenate([np.broadcast_to(pre, (t, pp)), own_ok], axis=1)
+    np.testing.assert_allclose(out[i], _softmax_attention(q[i], kk, vv, allowed, 0.3),
+                               rtol=1e-5, atol=1e-5, err_msg=f"row {i}")
+
+
+def test_shared_decode_keeps_only_suffix_and_decode_slots_per_row(tiny):
+  """The plan seats each group's rows once; the rows' own cache is ``Ps + N`` slots wide."""
+  _, sampler = tiny
+  rows = batch(1)
+  plan = prefix.plan(rows, min_shared=sampler.min_shared, min_bucket=sampler.min_bucket,
+                     pad_id=sampler.pad_id, bucket=sampling.bucket)
+  seats = plan.inputs.seats
+  assert seats.shape == (2, 4)
+  assert [sorted(x for x in r if x < len(rows)) for r in seats.tolist()] == [[0, 1, 2, 3], [4, 5]]
+  model = nnx.merge(sampler.graphdef, sampler.state)
+  inputs = prefix.SharedInputs(*map(jnp.asarray, plan.inputs))
+  _, cache, shared = prefix.shared_prefill(model, inputs, 16)
+  assert cache.k.shape[2] == plan.inputs.suffix_tokens.shape[1] + 16
+  assert shared.k.shape[1:3] == (2, model.config.kv_heads)

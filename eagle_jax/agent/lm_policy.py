@@ -38,8 +38,8 @@ from flax import nnx
 
 from eagle_jax import checks, parallel
 from eagle_jax.checks import ConfigError
+from eagle_jax.models import attention, lora
 from eagle_jax.models import llama as llama_lib
-from eagle_jax.models import lora
 
 KINDS = ("lm_choice", "lm_generate")
 SCORES = ("sum", "mean")
@@ -63,7 +63,7 @@ class LMPolicyConfig:
       program compiles once and its memory (K copies of the prompt's KV cache) is bounded.
     compute_dtype: ``float32`` or ``bfloat16`` activations (parameters keep their dtype).
     prefix_attention: the candidates attend the prompt's cached keys through
-      ``attention.attend_with_prefix`` (read once per state) instead of K copies of the prompt's
+      ``attention.attend_shared_prefix`` (read once per state) instead of K copies of the prompt's
       KV cache: the same numbers up to float reassociation, K times less cache memory (accelerator
       configs with K = 100).
     candidate_chunk: candidates scored per pass (0: all K at once): the prompt is encoded once and
@@ -158,8 +158,11 @@ class AgentLM(nnx.Module):
     if self.prefix_attention:
       start = jnp.repeat(cache.positions_next, k)[:, None]
       positions = start + jnp.maximum(jnp.cumsum(amask, -1, dtype=jnp.int32) - 1, 0)
+      prefix = attention.SharedPrefix.from_cache(
+          cache, row_prefix=jnp.arange(n * k) // k, row_shared=jnp.ones((n * k,), bool),
+          seats=jnp.arange(n * k).reshape(n, k))
       hidden, _ = self.backbone.hidden_states(jnp.where(amask, flat, 0), positions,
-                                              attention_mask=amask, prefix=cache)
+                                              attention_mask=amask, prefix=prefix)
     else:
       rep = llama_lib.KVCache(k=jnp.repeat(cache.k, k, axis=1), v=jnp.repeat(cache.v, k, axis=1),
                               mask=jnp.repeat(cache.mask, k, axis=0), index=cache.index)

@@ -14,6 +14,8 @@ Pure functions of arrays (no parameters, no config object), used by ``llama.py``
   ``sliding_window_overlay``). Slot distance equals token distance because a row's real tokens
   occupy contiguous slots: prompts are left-padded and every later call appends at the same index
   for all rows (a finished row's padding comes after its last real token).
+* ``attend_shared_prefix`` with ``SharedPrefix``: the same attention for rows that continue one of
+  a few shared, cached prefixes, each prefix's keys and values read once for all of its rows.
 
 Gemma 3 interleaves local (sliding-window, own RoPE base) and global layers; ``layer_kind`` names
 the per-layer choice, with the Hugging Face ``layer_types`` spellings.
@@ -22,6 +24,7 @@ the per-layer choice, with the Hugging Face ``layer_types`` spellings.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,50 +133,114 @@ def attend(
   return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
 
 
-def attend_with_prefix(
+class SharedPrefix(NamedTuple):
+  """Cached keys and values of G distinct token prefixes that the rows of a batch continue.
+
+  Rows attend to their prefix through ``attention.attend_shared_prefix``, which reads each prefix
+  once for all of its rows (a state's prompt, once for its K candidate actions) instead of once
+  per row from a copy in the row's own cache; the rows' own cache holds only what follows.
+
+  Attributes:
+    k, v: [layers, G, kv_heads, Pp, head_dim] the prefixes' keys (after RoPE) and values.
+    mask: [G, Pp] bool, prefix slot holds a real token.
+    row_prefix: [B] int32 prefix of each row.
+    row_shared: [B] bool, the row continues its prefix (False: it attends to its own slots only).
+    seats: [G, R] int32 the rows that continue each prefix, ``B`` for an empty seat (every row
+      with ``row_shared`` sits in the seats of its ``row_prefix``, exactly once).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+  row_prefix: jax.Array
+  row_shared: jax.Array
+  seats: jax.Array
+
+  @classmethod
+  def from_cache(cls, cache, row_prefix, row_shared, seats) -> SharedPrefix:
+    """The prefix of a ``llama.KVCache`` of G rows (``[L, G, Pp, KVH, hd]`` ->
+    ``[L, G, KVH, Pp, hd]``, transposed once so that no decode step copies it)."""
+    return cls(k=cache.k.transpose(0, 1, 3, 2, 4), v=cache.v.transpose(0, 1, 3, 2, 4),
+               mask=cache.mask, row_prefix=jnp.asarray(row_prefix, jnp.int32),
+               row_shared=jnp.asarray(row_shared, bool), seats=jnp.asarray(seats, jnp.int32))
+
+  def row_mask(self) -> jax.Array:
+    """[B, Pp] bool: prefix slot is a real token of the row's prefix."""
+    return jnp.take(self.mask, self.row_prefix, axis=0) & self.row_shared[:, None]
+
+  def row_seat(self) -> jax.Array:
+    """[B] int32 flat seat of each row (``G * R``, no seat, for a row without prefix)."""
+    n, r = self.seats.shape
+    b = self.row_prefix.shape[0]
+    return jnp.full((b,), n * r, jnp.int32).at[self.seats.reshape(-1)].set(
+        jnp.arange(n * r, dtype=jnp.int32), mode="drop")
+
+
+def attend_shared_prefix(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     key_mask: jax.Array,
+    query_slots: jax.Array,
     prefix_k: jax.Array,
     prefix_v: jax.Array,
-    prefix_mask: jax.Array,
+    row_mask: jax.Array,
+    seats: jax.Array,
+    row_seat: jax.Array,
     scale: float,
 ) -> jax.Array:
-  """Attention of G continuations per row to one shared, cached prefix and to their own tokens.
+  """Attention of rows to their own slots and to a shared, cached prefix read once per prefix.
 
-  Row ``n``'s prefix (``prefix_k[n]``, e.g. a state's prompt) precedes each of its G continuations
-  (rows ``n * G .. n * G + G - 1`` of ``q``, e.g. its candidate actions). The prefix keys are read
-  once per row, not copied G times: the softmax over (prefix slots + own causal slots) is assembled
-  from the two score blocks with a shared maximum.
+  Rows continue one of ``G`` distinct prefixes (a state's prompt that its K candidate actions
+  extend). Attending to a copy of the prefix in every row reads its keys and values once per row;
+  here each prefix is read once for all its rows: the queries are gathered into *seats*, ``R`` per
+  prefix (``seats[n]``: the rows that continue prefix ``n``), the prefix scores are computed per
+  prefix in one batched product, and the softmax over (prefix slots + own slots) is assembled per
+  row with a shared maximum. Mathematically equal to attending to ``concat(prefix, own slots)``.
 
   Args:
-    q, k, v: [N * G, T, H | KVH, hd] the continuations' queries, keys and values (after RoPE).
-    key_mask: [N * G, T] bool, continuation token is real.
-    prefix_k, prefix_v: [N, S, KVH, hd] the prefixes' cached keys and values.
-    prefix_mask: [N, S] bool, prefix slot holds a real token.
+    q: [B, T, H, hd] queries (after RoPE).
+    k, v: [B, S, KVH, hd] the rows' own keys and values (after RoPE); ``H % KVH == 0``.
+    key_mask: [B, S] bool, own slot holds a real token.
+    query_slots: [T] int32 own slot of each query (causality: own key slot <= query slot; every
+      prefix slot precedes every own slot).
+    prefix_k, prefix_v: [G, KVH, Pp, hd] the prefixes' cached keys and values.
+    row_mask: [B, Pp] bool, prefix slot is a real token of the row's prefix (all False for a row
+      that continues none).
+    seats: [G, R] int32 row of each seat (``B``: an empty seat).
+    row_seat: [B] int32 flat seat ``n * R + r`` of each row (``G * R`` for a row without prefix:
+      its prefix output is zero).
     scale: logit scale.
 
   Returns:
-    [N * G, T, H, hd] attention output in q's dtype; scores and softmax in float32.
+    [B, T, H, hd] attention output in q's dtype; scores and softmax in float32.
   """
-  ng, t, h, hd = q.shape
-  n, s, kvh, _ = prefix_k.shape
-  g = ng // n
-  qg = q.reshape(ng, t, kvh, h // kvh, hd)
+  b, t, h, hd = q.shape
+  kvh = k.shape[2]
+  gq = h // kvh
+  n, r = seats.shape
+  qg = q.reshape(b, t, kvh, gq, hd)
   own = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  slots = jnp.arange(t, dtype=jnp.int32)
-  allowed = key_mask[:, None, :] & (slots[None, None, :] <= slots[None, :, None])
-  own = jnp.where(allowed[:, None, None], own, MASK_VALUE)  # [NG, KVH, g, T, T]
-  qp = qg.reshape(n, g * t, kvh, h // kvh, hd)
-  pre = jnp.einsum("bqkgd,bskd->bkgqs", qp, prefix_k, preferred_element_type=jnp.float32) * scale
-  pre = jnp.where(prefix_mask[:, None, None, None, :], pre, MASK_VALUE)  # [N, KVH, g, G*T, S]
-  pre = pre.reshape(n, kvh, h // kvh, g, t, s).transpose(0, 3, 1, 2, 4, 5).reshape(
-      ng, kvh, h // kvh, t, s)
+  slots = jnp.arange(k.shape[1], dtype=jnp.int32)
+  allowed = key_mask[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+  own = jnp.where(allowed[:, None, None], own, MASK_VALUE)  # [B, KVH, gq, T, S]
+
+  def to_seats(x):  # [B, ...] -> [G, R, ...], zeros in empty seats
+    x = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)], axis=0)
+    return jnp.take(x, seats, axis=0)
+
+  def to_rows(x):  # [G, R, ...] -> [B, ...], zeros for rows without a seat
+    return jnp.take(x.reshape((n * r,) + x.shape[2:]), row_seat, axis=0, mode="fill",
+                    fill_value=0)
+
+  pre = jnp.einsum("nrtkgd,nksd->nrtkgs", to_seats(qg), prefix_k,
+                   preferred_element_type=jnp.float32) * scale
+  pre = to_rows(pre).transpose(0, 2, 3, 1, 4)  # [B, KVH, gq, T, Pp]
+  pre = jnp.where(row_mask[:, None, None, None, :], pre, MASK_VALUE)
   m = jnp.maximum(own.max(-1, keepdims=True), pre.max(-1, keepdims=True))
   e_own, e_pre = jnp.exp(own - m), jnp.exp(pre - m)
   denom = e_own.sum(-1, keepdims=True) + e_pre.sum(-1, keepdims=True)
   out = jnp.einsum("bkgts,bskd->btkgd", (e_own / denom).astype(q.dtype), v)
-  e_pre = (e_pre / denom).astype(q.dtype).reshape(n, g, kvh, h // kvh, t, s)
-  out_pre = jnp.einsum("bjkgts,bskd->bjtkgd", e_pre, prefix_v).reshape(ng, t, kvh, h // kvh, hd)
-  return (out + out_pre).reshape(ng, t, h, hd)
+  p_pre = (e_pre / denom).astype(q.dtype).transpose(0, 3, 1, 2, 4)  # [B, T, KVH, gq, Pp]
+  out_pre = jnp.einsum("nrtkgs,nksd->nrtkgd", to_seats(p_pre), prefix_v)
+  return (out + to_rows(out_pre)).reshape(b, t, h, hd)

@@ -111,7 +111,8 @@ def _prefill(graphdef, state, tokens, mask, shared):
   """[n, P] left-padded prompts (or a prefix-shared plan) -> (logits [n, V], cache of P slots)."""
   model = nnx.merge(graphdef, state)
   if shared is not None:
-    return prefix_lib.shared_prefill(model, shared, 0)
+    logits, cache, prefix = prefix_lib.shared_prefill(model, shared, 0)
+    return logits, prefix_lib.forked_cache(prefix, cache)
   cache = llama_lib.KVCache.init(model.config, tokens.shape[0], tokens.shape[1])
   hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
   return model.logits(hidden[:, -1:])[:, 0], cache

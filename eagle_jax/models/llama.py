@@ -54,9 +54,10 @@ from flax import nnx
 from eagle_jax.models.attention import (
   LAYER_KINDS,
   SLIDING,
+  SharedPrefix,
   apply_rope,
   attend,
-  attend_with_prefix,
+  attend_shared_prefix,
   rms_norm,
 )
 from eagle_jax.parallel import constrain
@@ -260,8 +261,8 @@ class Attention(nnx.Module):
       query_slots: [T] int32 slot of each query (causality: key slot <= query slot).
       layer_cache: (k [L, B, S, KVH, hd], v [L, B, S, KVH, hd], index [], layer) or None: the
         whole stacked cache, updated in place at ``[layer, :, index:index + T]``.
-      prefix: (k [N, S, KVH, hd], v, mask [N, S]) of a shared cached prefix that each group of
-        ``B / N`` consecutive rows continues (``attention.attend_with_prefix``; no cache).
+      prefix: (k [G, KVH, Pp, hd], v, row_mask [B, Pp], seats [G, R], row_seat [B]) of this
+        layer's shared prefixes (``SharedPrefix``, ``attention.attend_shared_prefix``).
 
     Returns:
       ([B, T, D] output, (k, v) updated stacked cache or None).
@@ -287,8 +288,9 @@ class Attention(nnx.Module):
       k, v = ck[layer].astype(dt), cv[layer].astype(dt)
     scale = c.query_scale if c.query_scale is not None else c.head_dim**-0.5
     if prefix is not None:
-      out = attend_with_prefix(q, k, v, key_mask, prefix[0].astype(dt), prefix[1].astype(dt),
-                               prefix[2], scale)
+      pk, pv, row_mask, seats, row_seat = prefix
+      out = attend_shared_prefix(q, k, v, key_mask, query_slots, pk.astype(dt), pv.astype(dt),
+                                 row_mask, seats, row_seat, scale)
     else:
       out = attend(q, k, v, key_mask, query_slots, scale, self.window)
     out = constrain(out, ("batch", "length", "heads", "kv"))
@@ -389,7 +391,7 @@ class Llama(nnx.Module):
       positions: jax.Array | None = None,
       attention_mask: jax.Array | None = None,
       cache: KVCache | None = None,
-      prefix: KVCache | None = None,
+      prefix: SharedPrefix | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder blocks and the final norm on input embeddings.
 
@@ -399,9 +401,9 @@ class Llama(nnx.Module):
         (including those already in ``cache``).
       attention_mask: [B, T] bool, token is real (not padding); default all True.
       cache: KVCache to append to, or None for a cache-free causal pass.
-      prefix: the cache of N shared prefixes (slots beyond them are masked); each group of
-        ``B / N`` consecutive rows continues one of them (``positions`` must then be given). Not
-        with ``cache`` or sliding-window layers.
+      prefix: shared prefixes that the rows continue (``SharedPrefix``): every query also attends
+        to its row's prefix, which precedes the row's own slots; default positions count its
+        real tokens. Not with sliding-window layers.
 
     Returns:
       (hidden [B, T, D] after the final norm (compute dtype), updated cache or None).
@@ -417,6 +419,8 @@ class Llama(nnx.Module):
           f"attention_mask: expected shape {(b, t)}, got {tuple(attention_mask.shape)}")
     if positions is None:
       offset = 0 if cache is None else cache.positions_next[:, None]
+      if prefix is not None:
+        offset = offset + jnp.sum(prefix.row_mask(), axis=-1, dtype=jnp.int32)[:, None]
       positions = offset + jnp.cumsum(attention_mask, axis=-1, dtype=jnp.int32) - 1
       positions = jnp.maximum(positions, 0)
     if positions.shape != (b, t):
@@ -431,11 +435,14 @@ class Llama(nnx.Module):
       key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
       query_slots = cache.index + jnp.arange(t, dtype=jnp.int32)
     kv = None if cache is None else (cache.k, cache.v)
-    if prefix is not None and (cache is not None or self.config.sliding_window):
-      raise ValueError("forward_embeddings: prefix works without cache and sliding windows only")
+    if prefix is not None and self.config.sliding_window:
+      raise ValueError("forward_embeddings: prefix works without sliding windows only")
+    if prefix is not None:
+      row_mask, row_seat = prefix.row_mask(), prefix.row_seat()
     for i, block in enumerate(self.layers):
       layer_cache = None if kv is None else (kv[0], kv[1], cache.index, i)
-      shared = None if prefix is None else (prefix.k[i], prefix.v[i], prefix.mask)
+      shared = None if prefix is None else (prefix.k[i], prefix.v[i], row_mask, prefix.seats,
+                                            row_seat)
       x, kv = block(x, positions, key_mask, query_slots, layer_cache, shared)
     hidden = self.final_norm(x)
     if cache is None:
@@ -469,7 +476,7 @@ class Llama(nnx.Module):
       attention_mask: jax.Array | None = None,
       cache: KVCache | None = None,
       input_embeddings: jax.Array | None = None,
-      prefix: KVCache | None = None,
+      prefix: SharedPrefix | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Final-norm hidden states [B, T, D] (and the updated cache); see ``__call__`` and
     ``forward_embeddings`` (``prefix``)."""
@@ -488,6 +495,7 @@ class Llama(nnx.Module):
       attention_mask: jax.Array | None = None,
       cache: KVCache | None = None,
       input_embeddings: jax.Array | None = None,
+      prefix: SharedPrefix | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Next-token logits.
 
@@ -497,11 +505,13 @@ class Llama(nnx.Module):
       attention_mask: [B, T] bool, False for padding.
       cache: optional KVCache; the call appends T slots.
       input_embeddings: optional [B, T, D] embeddings replacing ``embed(tokens)``.
+      prefix: optional shared prefixes the rows continue (``forward_embeddings``).
 
     Returns:
       (logits [B, T, V] float32, updated cache or None).
     """
-    hidden, cache = self.hidden_states(tokens, positions, attention_mask, cache, input_embeddings)
+    hidden, cache = self.hidden_states(tokens, positions, attention_mask, cache, input_embeddings,
+                                       prefix)
     return self.logits(hidden), cache
 
 

@@ -1,16 +1,21 @@
-"""Prefix-shared prefill: rows of one decode batch that start with the same tokens prefill it once.
+"""Prefix sharing: rows of one decode batch that start with the same tokens read that prefix once.
 
 The environment's prompts share long token prefixes (a state's K transition prompts share the
 whole state text, every chat prompt the system prompt). ``plan`` groups the rows of one
 ``Sampler.generate_ids`` call and ``shared_prefill`` replaces the per-row prefill of the whole
 prompt by
 
-1. one prefill of each distinct prefix (a batch ``[G, Pp]`` of left-padded prefixes),
-2. a fork: the prefix cache is gathered into the rows of its group (``[G] -> [B]`` on the batch
-   axis of k, v and the slot mask), and
-3. a prefill of each row's left-padded suffix ``[B, Ps]`` on top (cache index ``Pp``),
+1. one prefill of each distinct prefix (a batch ``[G, Pp]`` of left-padded prefixes), kept as a
+   ``SharedPrefix`` (keys and values ``[L, G, KVH, Pp, hd]``, and the *seats*: the rows of
+   each prefix), and
+2. a prefill of each row's left-padded suffix ``[B, Ps]`` into the rows' own cache of
+   ``Ps + N`` slots, attending to its prefix through the seats (``attention.attend_shared_prefix``),
 
-after which the decode loop runs as in unshared decoding, on a cache of ``S = Pp + Ps + N`` slots.
+after which the decode loop runs as in unshared decoding on the own cache, every step attending to
+the prefixes the same way: a prefix's keys and values are read once per step for all of its rows
+(the K candidate actions of a state), where a cache with the prefix copied into every row reads
+them K times. ``forked_cache`` builds that copy for the continuous batcher, whose slots hold
+self-contained rows.
 
 **Grouping rule** (``plan``). Rows are sorted lexicographically by token ids; ``a_j`` is the common
 prefix length of sorted neighbours ``j`` and ``j + 1``, capped at both lengths minus one (every row
@@ -28,13 +33,13 @@ unshared. A two-level batch (several states, each with K transitions, all behind
 prompt) thus forks per state rather than per system prompt when the state prefixes are longer.
 
 **Exactness.** Each row sees the same real tokens with the same RoPE positions as in unshared
-decoding (positions count the real tokens already in the cache, so the forked prefix gives the
-suffix its true offsets; masked slots are skipped). Only the slot layout differs: between a row's
-prefix (ending at slot ``Pp - 1``) and its suffix (left-padded in ``[Pp, Pp + Ps)``) lie masked
-slots. Full attention ignores slot distances, so the result is mathematically equal; float sums run
-over different shapes, so logits can differ in the last bits (a greedy or sampled near-tie could
-in principle flip; the tests count mismatches). Sliding-window layers measure the window in slots,
-so models with sliding layers (Gemma 3) are never shared (``supports``).
+decoding (positions count the real tokens of the row's prefix and of its own cache; masked slots
+are skipped). Only the slot layout differs: the prefix's slots precede the row's own, with masked
+padding slots in between, and the softmax over both is assembled from two score blocks with a
+shared maximum. Full attention ignores slot distances, so the result is mathematically equal;
+float sums run over different shapes, so logits can differ in the last bits (a greedy or sampled
+near-tie could in principle flip; the tests count mismatches). Sliding-window layers measure the
+window in slots, so models with sliding layers (Gemma 3) are never shared (``supports``).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eagle_jax.models import llama as llama_lib
-from eagle_jax.models.attention import SLIDING
+from eagle_jax.models.attention import SLIDING, SharedPrefix
 
 
 class SharedInputs(NamedTuple):
@@ -61,6 +66,7 @@ class SharedInputs(NamedTuple):
     row_shared: [B] bool, the row uses its prefix (False: the whole prompt is its suffix).
     suffix_tokens: [B, Ps] int32 left-padded suffixes.
     suffix_mask: [B, Ps] bool real suffix tokens.
+    seats: [G, R] int32 the rows of each prefix (``B``: an empty seat; R bucketed).
   """
 
   prefix_tokens: jax.Array | np.ndarray
@@ -69,6 +75,7 @@ class SharedInputs(NamedTuple):
   row_shared: jax.Array | np.ndarray
   suffix_tokens: jax.Array | np.ndarray
   suffix_mask: jax.Array | np.ndarray
+  seats: jax.Array | np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,17 +206,33 @@ def plan(
   for i, (s, n) in enumerate(zip(seqs, row_len)):
     suffix_tokens[i, ps - (len(s) - n):] = s[n:]
     suffix_mask[i, ps - (len(s) - n):] = True
+  seats = np.full((g, bucket(max(len(rows) for rows, _ in shared), 1)), b, np.int32)
+  for k, (rows, _) in enumerate(shared):
+    seats[k, :len(rows)] = sorted(rows)
   inputs = SharedInputs(prefix_tokens, prefix_mask, row_prefix, row_len > 0, suffix_tokens,
-                        suffix_mask)
+                        suffix_mask, seats)
   return PrefixPlan(inputs=inputs, groups=tuple(tuple(sorted(r)) for r, _ in shared),
                     prefix_lengths=tuple(n for _, n in shared), cost=cost,
                     unshared_cost=unshared_cost)
 
 
+def prefill_prefixes(model: llama_lib.Llama, inputs: SharedInputs) -> SharedPrefix:
+  """Prefills the ``[G, Pp]`` distinct prefixes once: their keys and values for the rows."""
+  g, pp = inputs.prefix_tokens.shape
+  pcache = llama_lib.KVCache.init(model.config, g, pp)
+  _, pcache = model.hidden_states(inputs.prefix_tokens, attention_mask=inputs.prefix_mask,
+                                  cache=pcache)
+  return SharedPrefix.from_cache(pcache, inputs.row_prefix, inputs.row_shared,
+                                           inputs.seats)
+
+
 def shared_prefill(
     model: llama_lib.Llama, inputs: SharedInputs, new_bucket: int
-) -> tuple[jax.Array, llama_lib.KVCache]:
-  """Prefills distinct prefixes once, forks their cache into the rows, prefills the suffixes.
+) -> tuple[jax.Array, llama_lib.KVCache, SharedPrefix]:
+  """Prefills distinct prefixes once, then each row's suffix on top of its prefix.
+
+  The rows' own cache holds their suffix and the decode slots only; the decode steps attend to the
+  prefixes through ``prefix`` (read once per prefix per step, not once per row).
 
   Args:
     model: the decoder (full attention; see ``supports``).
@@ -217,24 +240,26 @@ def shared_prefill(
     new_bucket: N, decode slots after the prompt.
 
   Returns:
-    (logits [B, V] float32 of each row's last prompt token, cache of ``Pp + Ps + N`` slots with
-    index ``Pp + Ps``).
+    (logits [B, V] float32 of each row's last prompt token, the rows' own cache of ``Ps + N``
+    slots with index ``Ps``, the prefixes).
   """
-  g, pp = inputs.prefix_tokens.shape
-  ps = inputs.suffix_tokens.shape[1]
-  pcache = llama_lib.KVCache.init(model.config, g, pp)
-  _, pcache = model.hidden_states(inputs.prefix_tokens, attention_mask=inputs.prefix_mask,
-                                  cache=pcache)
-  extra = ps + new_bucket
-
-  def fork(x):  # [L, G, Pp, KVH, hd] -> [L, B, Pp + Ps + N, KVH, hd]
-    x = jnp.take(x, inputs.row_prefix, axis=1)
-    return jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0)))
-
-  mask = jnp.take(pcache.mask, inputs.row_prefix, axis=0) & inputs.row_shared[:, None]
-  cache = llama_lib.KVCache(k=fork(pcache.k), v=fork(pcache.v),
-                            mask=jnp.pad(mask, ((0, 0), (0, extra))),
-                            index=jnp.asarray(pp, jnp.int32))
+  prefix = prefill_prefixes(model, inputs)
+  b, ps = inputs.suffix_tokens.shape
+  cache = llama_lib.KVCache.init(model.config, b, ps + new_bucket)
   hidden, cache = model.hidden_states(inputs.suffix_tokens, attention_mask=inputs.suffix_mask,
-                                      cache=cache)
-  return model.logits(hidden[:, -1:])[:, 0], cache
+                                      cache=cache, prefix=prefix)
+  return model.logits(hidden[:, -1:])[:, 0], cache, prefix
+
+
+def forked_cache(prefix: SharedPrefix, cache: llama_lib.KVCache) -> llama_lib.KVCache:
+  """One self-contained cache of ``Pp + S`` slots per row: its prefix copied before its own slots
+  (for a decode that keeps no shared prefix, the continuous batcher's)."""
+  row_mask = prefix.row_mask()
+
+  def fork(x, own):  # [L, G, KVH, Pp, hd], [L, B, S, KVH, hd] -> [L, B, Pp + S, KVH, hd]
+    x = jnp.take(x, prefix.row_prefix, axis=1).transpose(0, 1, 3, 2, 4)
+    return jnp.concatenate([x.astype(own.dtype), own], axis=2)
+
+  return llama_lib.KVCache(k=fork(prefix.k, cache.k), v=fork(prefix.v, cache.v),
+                           mask=jnp.concatenate([row_mask, cache.mask], axis=1),
+                           index=cache.index + row_mask.shape[1])

@@ -23,9 +23,12 @@ Generation (``Sampler.generate_ids``):
 
 Prefix sharing (``generate_ids(share_prefix=True)``, or the ``Sampler`` default; off by default):
 rows of one call that start with the same tokens (at least ``min_shared``) prefill that prefix once
-and fork its cache into their rows before prefilling their own suffixes (``prefix.py``: grouping
-rule, cache layout, exactness). The decode then runs as above on ``P = Pp + Ps`` prompt slots; it
-compiles once per (batch size, number of prefixes, prefix and suffix buckets, ``N``, mode), and
+and then their own suffixes on top of it (``prefix.py``: grouping rule, exactness). The rows' own
+cache holds only their ``Ps + N`` suffix and decode slots; every prefill and decode step attends to
+the prefixes through ``attention.SharedPrefix``, which reads each prefix once for all its rows (K
+candidate actions of one state read the state's keys and values once per step, not K times). It
+compiles once per (batch size, number of prefixes, rows per prefix, prefix and suffix buckets,
+``N``, mode), and
 ``compile_count`` reports how many programs the decode has compiled.
 
 Generation from input embeddings (``Sampler.generate_embeddings``): the same decode with the
@@ -142,6 +145,7 @@ def _generate_impl(
     pad_id: int,
     embeddings: jax.Array | None = None,
     shared: prefix_lib.SharedInputs | None = None,
+    copy_prefix: bool = False,
 ):
   """Prefill + while-loop decode.
 
@@ -153,6 +157,8 @@ def _generate_impl(
       ``embed(tokens)`` (soft tokens, ELM); ``tokens`` still feed the penalty and n-gram history.
     shared: optional prefix-shared prefill (``prefix.shared_prefill``, ``P = Pp + Ps``) instead
       of the prefill of ``tokens``, which then only feed the penalty and n-gram history.
+    copy_prefix: with ``shared``, decode on a cache with each row's prefix copied into it
+      (``prefix.forked_cache``) instead of reading the shared prefixes once per step.
 
   Returns:
     (tokens [B, N] int32, mask [B, N] bool, logprobs [B, N] float32).
@@ -161,8 +167,11 @@ def _generate_impl(
   config = model.config
   b, p = tokens.shape
   v = config.vocab_size
+  prefix = None
   if shared is not None:
-    logits, cache = prefix_lib.shared_prefill(model, shared, new_bucket)
+    logits, cache, prefix = prefix_lib.shared_prefill(model, shared, new_bucket)
+    if copy_prefix:
+      cache, prefix = prefix_lib.forked_cache(prefix, cache), None
   else:
     cache = llama_lib.KVCache.init(config, b, p + new_bucket)
     hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache,
@@ -209,7 +218,8 @@ def _generate_impl(
       seq = seq.at[:, p + step].set(tok)
       valid = valid.at[:, p + step].set(live)
     done = done | (live & jnp.any(tok[:, None] == knobs.stop_ids[None, :], axis=-1))
-    new_logits, cache = model(tok[:, None], attention_mask=live[:, None], cache=cache)
+    new_logits, cache = model(tok[:, None], attention_mask=live[:, None], cache=cache,
+                              prefix=prefix)
     return (step + 1, done, new_logits[:, 0], cache, presence, seq, valid, out_tokens, out_mask,
             out_logp)
 
@@ -243,6 +253,9 @@ class Sampler:
     share_prefix: default of ``generate_ids(share_prefix=)``: prefill token prefixes shared by
       rows of a call once (``prefix.py``; never for sliding-window models).
     min_shared: shortest shared prefix (tokens) worth sharing.
+    copy_prefix: with sharing, decode on caches with each row's prefix copied in (the layout of
+      the continuous batcher, whose slots hold self-contained rows) instead of reading each
+      shared prefix once per step for all its rows; the same tokens, for comparison.
   """
 
   def __init__(
@@ -254,6 +267,7 @@ class Sampler:
       min_bucket: int = 16,
       share_prefix: bool = False,
       min_shared: int = 16,
+      copy_prefix: bool = False,
   ):
     self.config = model.config
     self.tokenizer = tokenizer
@@ -261,12 +275,13 @@ class Sampler:
     self.min_bucket = min_bucket
     self.share_prefix = bool(share_prefix)
     self.min_shared = int(min_shared)
+    self.copy_prefix = bool(copy_prefix)
     self.last_plan: prefix_lib.PrefixPlan | None = None  # of the last generate_ids call
     self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
     self.graphdef, self.state = nnx.split(model)
     self._generate = jax.jit(
         functools.partial(_generate_impl, self.graphdef),
-        static_argnames=("mode", "new_bucket", "pad_id"))
+        static_argnames=("mode", "new_bucket", "pad_id", "copy_prefix"))
     self._score = jax.jit(functools.partial(_score_impl, self.graphdef),
                           static_argnames=("cont_bucket",))
 
@@ -403,6 +418,7 @@ class Sampler:
     extra = {} if embeddings is None else {"embeddings": embeddings}
     if shared is not None:
       extra["shared"] = shared
+      extra["copy_prefix"] = self.copy_prefix
     out_tokens, out_mask, out_logp = self._run(
         self._generate, self.state, jnp.asarray(tokens), jnp.asarray(mask), knobs, keys,
         mode=mode, new_bucket=n_bucket, pad_id=self.pad_id, **extra)
