@@ -122,15 +122,22 @@ def attend(
   b, t, h, hd = q.shape
   kvh = k.shape[2]
   qg = q.reshape(b, t, kvh, h // kvh, hd)
+  scores = _slot_scores(qg, k, key_mask, query_slots, scale, window)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+
+
+def _slot_scores(qg: jax.Array, k: jax.Array, key_mask: jax.Array, query_slots: jax.Array,
+                 scale: float, window: int | None) -> jax.Array:
+  """Scaled float32 scores [B, KVH, H / KVH, T, S] of grouped queries qg [B, T, KVH, H / KVH,
+  hd] over key slots k [B, S, KVH, hd], ``MASK_VALUE`` where the slot is not visible."""
   scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
   slots = jnp.arange(k.shape[1], dtype=jnp.int32)[None, None, :]
   qs = query_slots[None, :, None]
   allowed = key_mask[:, None, :] & (slots <= qs)
   if window is not None:
     allowed = allowed & (slots > qs - window)
-  scores = jnp.where(allowed[:, None, None, :, :], scores, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+  return jnp.where(allowed[:, None, None, :, :], scores, MASK_VALUE)
 
 
 class SharedPrefix(NamedTuple):
@@ -220,10 +227,7 @@ def attend_shared_prefix(
   gq = h // kvh
   n, r = seats.shape
   qg = q.reshape(b, t, kvh, gq, hd)
-  own = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  slots = jnp.arange(k.shape[1], dtype=jnp.int32)
-  allowed = key_mask[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
-  own = jnp.where(allowed[:, None, None], own, MASK_VALUE)  # [B, KVH, gq, T, S]
+  own = _slot_scores(qg, k, key_mask, query_slots, scale, None)  # [B, KVH, gq, T, S]
 
   def to_seats(x):  # [B, ...] -> [G, R, ...], zeros in empty seats
     x = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)], axis=0)

@@ -417,10 +417,14 @@ class Llama(nnx.Module):
     if attention_mask.shape != (b, t):
       raise ValueError(
           f"attention_mask: expected shape {(b, t)}, got {tuple(attention_mask.shape)}")
+    if prefix is not None:
+      if self.config.sliding_window:
+        raise ValueError("forward_embeddings: prefix works without sliding windows only")
+      row_mask, row_seat = prefix.row_mask(), prefix.row_seat()
     if positions is None:
       offset = 0 if cache is None else cache.positions_next[:, None]
       if prefix is not None:
-        offset = offset + jnp.sum(prefix.row_mask(), axis=-1, dtype=jnp.int32)[:, None]
+        offset = offset + jnp.sum(row_mask, axis=-1, dtype=jnp.int32)[:, None]
       positions = offset + jnp.cumsum(attention_mask, axis=-1, dtype=jnp.int32) - 1
       positions = jnp.maximum(positions, 0)
     if positions.shape != (b, t):
@@ -435,10 +439,6 @@ class Llama(nnx.Module):
       key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
       query_slots = cache.index + jnp.arange(t, dtype=jnp.int32)
     kv = None if cache is None else (cache.k, cache.v)
-    if prefix is not None and self.config.sliding_window:
-      raise ValueError("forward_embeddings: prefix works without sliding windows only")
-    if prefix is not None:
-      row_mask, row_seat = prefix.row_mask(), prefix.row_seat()
     for i, block in enumerate(self.layers):
       layer_cache = None if kv is None else (kv[0], kv[1], cache.index, i)
       shared = None if prefix is None else (prefix.k[i], prefix.v[i], row_mask, prefix.seats,

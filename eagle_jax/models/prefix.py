@@ -222,8 +222,7 @@ def prefill_prefixes(model: llama_lib.Llama, inputs: SharedInputs) -> SharedPref
   pcache = llama_lib.KVCache.init(model.config, g, pp)
   _, pcache = model.hidden_states(inputs.prefix_tokens, attention_mask=inputs.prefix_mask,
                                   cache=pcache)
-  return SharedPrefix.from_cache(pcache, inputs.row_prefix, inputs.row_shared,
-                                           inputs.seats)
+  return SharedPrefix.from_cache(pcache, inputs.row_prefix, inputs.row_shared, inputs.seats)
 
 
 def shared_prefill(
