@@ -97,6 +97,10 @@ def get_config(variant: str = "implicit") -> ml_collections.ConfigDict:
   config.finetune.ridge_reg = 10.0
   # Seed of the minibatch order.
   config.finetune.seed = 0
+  # Group rows of similar length into batches within megabatches of this many batches
+  # (transformers' group_by_length; 0: plain shuffled batches). Long description rows then fill a
+  # few batches instead of padding most of them to MiniLM's 256 tokens.
+  config.finetune.group_by_length = 50
 
   # E_D's text backbone: "minilm" (the blocks above; the CPU default) or "decoder" (config.decoder).
   config.backbone = "decoder" if variant == "decoder" else "minilm"

@@ -62,3 +62,28 @@ def test_head_prediction_of_a_row_does_not_depend_on_the_other_rows():
   # The same numbers as the head applied directly (evaluation mode: no dropout).
   np.testing.assert_allclose(full, np.asarray(head(x)), rtol=1e-5, atol=1e-6)
   assert encoder.predict(head, x[:0]).shape == (0, 5)
+
+
+def test_length_grouped_batches_cover_rows_and_gather_the_long_ones():
+  """``epoch_batches``: every kept row once per epoch in both modes; with grouping, 8 long rows
+  among 312 short ones fill one batch of 8 (a shuffled batch holds one with high probability)."""
+  rows = np.arange(320)
+  lengths = np.full(320, 40)
+  long_rows = np.array([3, 50, 77, 120, 121, 200, 260, 301])
+  lengths[long_rows] = 900
+  for group in (0, 50):
+    batches = encoder.epoch_batches(np.random.default_rng(0), rows, 8, lengths, group)
+    assert batches.shape == (40, 8)
+    np.testing.assert_array_equal(np.sort(batches.ravel()), rows)  # a permutation of the rows
+    holding = [b for b in batches if np.isin(b, long_rows).any()]
+    if group:
+      assert len(holding) == 1 and set(holding[0]) == set(long_rows)
+    else:
+      assert len(holding) > 1
+  # Remainders are dropped before grouping; batch order is shuffled, not longest-first.
+  b = encoder.epoch_batches(np.random.default_rng(1), np.arange(21), 4, np.arange(21.0), 50)
+  assert b.shape == (5, 4) and len(np.unique(b)) == 20
+  np.testing.assert_array_equal(np.diff(b, axis=1) < 0, True)  # each batch sorted longest first
+  # With group_by_length = 0 the batches are the plain permutation (the previous behaviour).
+  plain = encoder.epoch_batches(np.random.default_rng(2), rows, 8)
+  np.testing.assert_array_equal(plain.ravel(), np.random.default_rng(2).permutation(rows))

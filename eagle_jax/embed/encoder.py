@@ -201,6 +201,7 @@ class FinetuneConfig:
   batch_size: int = 32
   ridge_reg: float = 10.0
   seed: int = 0
+  group_by_length: int = 50
 
 
 class TextRegressor(nnx.Module):
@@ -280,16 +281,40 @@ def finetune(
 
   return best_epoch(train, val_r2, snapshot, train_rows, epochs=cfg.epochs,
                     batch_size=min(cfg.batch_size, len(train_rows)), seed=cfg.seed,
-                    desc="E_D fine-tuning")
+                    desc="E_D fine-tuning", lengths=np.array([len(t) for t in texts]),
+                    group_by_length=cfg.group_by_length)
+
+
+def epoch_batches(rng: np.random.Generator, train_rows: np.ndarray, batch_size: int,
+                  lengths: np.ndarray | None = None, group_by_length: int = 0) -> np.ndarray:
+  """One epoch's minibatches ``[steps, batch_size]`` of row indices (``steps = len(train_rows)
+  // batch_size``; the permutation's remainder is skipped).
+
+  ``group_by_length = m > 0`` with ``lengths: [R]`` (any length proxy of the rows, e.g. characters)
+  groups rows of similar length, as transformers' ``group_by_length``: the permutation is cut into
+  megabatches of ``m * batch_size`` rows, each sorted by length (longest first) and cut into
+  batches, and the batches are shuffled. A batch pads to its longest row's bucket, so a few long
+  rows (descriptions among metadata rows) then fill a few batches instead of widening most of them.
+  """
+  steps = len(train_rows) // batch_size
+  order = rng.permutation(train_rows)[:steps * batch_size]
+  if group_by_length <= 0 or lengths is None:
+    return order.reshape(steps, batch_size)
+  mega = group_by_length * batch_size
+  parts = [chunk[np.argsort(-lengths[chunk], kind="stable")]
+           for chunk in np.split(order, range(mega, len(order), mega))]
+  return np.concatenate(parts).reshape(steps, batch_size)[rng.permutation(steps)]
 
 
 def best_epoch(train: Callable[[np.ndarray], float], val_r2: Callable[[], float],
                snapshot: Callable[[], Any], train_rows: np.ndarray, *, epochs: int,
-               batch_size: int, seed: int, desc: str) -> tuple[Any, list[dict[str, float]]]:
+               batch_size: int, seed: int, desc: str, lengths: np.ndarray | None = None,
+               group_by_length: int = 0) -> tuple[Any, list[dict[str, float]]]:
   """The epoch loop of E_D fine-tuning, keeping the epoch with the best validation R^2.
 
   Each epoch visits ``train_rows`` in a fresh permutation (``np.random.default_rng(seed)``) as full
-  minibatches of ``batch_size`` rows (one compile per length bucket), calling ``train(rows)`` ->
+  minibatches of ``batch_size`` rows (one compile per length bucket; grouped by ``lengths`` with
+  ``group_by_length``, see ``epoch_batches``), calling ``train(rows)`` ->
   loss, then ``val_r2()``; ``snapshot()`` copies the current parameters. Epoch 0 is before any
   update, so the number of epochs is chosen on validation rows only.
 
@@ -303,10 +328,9 @@ def best_epoch(train: Callable[[np.ndarray], float], val_r2: Callable[[], float]
   progress = training.Progress(epochs * steps, desc=desc, keys=("epoch", "loss", "val_r2"))
   try:
     for epoch in range(1, epochs + 1):
-      order = rng.permutation(train_rows)
       losses = []
-      for start in range(0, steps * batch_size, batch_size):
-        losses.append(train(order[start:start + batch_size]))
+      for rows in epoch_batches(rng, train_rows, batch_size, lengths, group_by_length):
+        losses.append(train(rows))
         progress.update(metrics={"epoch": epoch, "loss": losses[-1],
                                  "val_r2": history[-1]["val_r2"]})
       r2 = val_r2()

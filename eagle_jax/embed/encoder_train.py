@@ -126,6 +126,7 @@ def check_config(config, field: str = "config", inputs: bool = True) -> None:
       ("finetune.batch_size", dict(integer=True, lo=1)),
       ("finetune.ridge_reg", dict(lo=0.0)),
       ("finetune.seed", dict(integer=True, lo=0)),
+      ("finetune.group_by_length", dict(integer=True, lo=0)),
   ], field)
   if not config.embeddings:
     wals_train.check_config(config.wals, f"{field}.wals", inputs)
