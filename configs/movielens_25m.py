@@ -62,9 +62,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.actions.k = 100
   # LLM-written candidates per anchor (the rest from templates).
   config.actions.llm_calls = 10
-  # The paper's world: description states (plot, 5 + 5 reasons), LLM profiles under the paper's
-  # headings, half of each action set personalised to a random profile (App. C).
-  movielens_smoke.paper_world(config)
+  # The world is the smoke run's default, the paper's (movielens_smoke.paper_world): description
+  # states (plot, 5 + 5 reasons), LLM profiles under the paper's headings, half of each action set
+  # personalised to a random profile (App. C). Profiles list 5 titles.
   config.profiles.titles = 5
   # Anchors and users.
   config.world.anchor_pool = 5000

@@ -11,11 +11,15 @@ the smoke keeps the transition tree small: K = 5 candidates, horizon H = 2 (the 
 computed up front (``env.prefetch_depth``) and replayed from the response cache by training.
 Every choice the papers leave open is recorded next to its field.
 
-``configs/movielens_smoke.py:paper`` builds the paper's world instead (descriptions with reasons,
-LLM-written profiles under the paper's headings, personalised action sets; ``paper_world``).
-``configs/movielens_smoke.py:gemma3`` is the same run with Gemma 3 270M (base) as the environment
-LLM, e.g. for environment transfer in the other direction (``--config.eval.transfer.enabled=True``
-tests it with SmolLM2).
+The world is the paper's (``paper_world``, applied last): states are descriptions (plot, five
+reasons to like, five to dislike), profiles are LLM-written under the paper's headings, half of each
+anchor's action set is personalised to a randomly drawn profile, E_D also trains on descriptions.
+The fields below are written for the fast plot-only world, ``configs/movielens_smoke.py:plot``
+(two-sentence plot states, template profiles, generic actions, E_D on metadata), which
+``paper_world`` then overrides. ``:paper`` names the default. ``configs/movielens_smoke.py:gemma3``
+is the plot-only run with Gemma 3 270M (base) as the environment LLM, e.g. for environment
+transfer in the other direction (``--config.eval.transfer.enabled=True`` tests it with SmolLM2);
+``:lm`` is the plot-only run with a language-model agent.
 """
 
 import ml_collections
@@ -23,9 +27,15 @@ import ml_collections
 from configs import encoder_ml100k, wals_ml100k
 from configs.env_blocks import actions_config, descriptions_config, llm_config, profiles_config
 
+VARIANTS = ("", "paper", "plot", "gemma3", "lm")
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  """The smoke run; ``variant="gemma3"`` (``movielens_smoke.py:gemma3``): Gemma 3 environment."""
+  """The smoke run in the paper's world; ``variant``: "plot" (the plot-only world), "gemma3"
+  (plot-only, Gemma 3 environment), "lm" (plot-only, language-model agent); "paper" = ""."""
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/movielens_smoke.py:{variant}: unknown variant; expected one of "
+                     f"{VARIANTS[1:]} or none")
   config = ml_collections.ConfigDict()
   # Seed of parameters, pair sampling and action draws.
   config.seed = 0
@@ -275,21 +285,19 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     _gemma3_environment(config)
   elif variant == "lm":
     _lm_agent(config)
-  elif variant == "paper":
+  elif variant in ("", "paper"):
     paper_world(config)
-  elif variant:
-    raise ValueError(f"configs/movielens_smoke.py:{variant}: unknown variant; expected '', "
-                     "'gemma3', 'lm' or 'paper'")
   return config
 
 
 def paper_world(config: ml_collections.ConfigDict) -> None:
-  """The ``:paper`` variant (and ``movielens_study.py``'s world): the paper's world (PAPER_SPEC.md
-  1.5, 1.6) at the smoke size. States are descriptions (plot, five reasons to like, five to
-  dislike; sampled, since greedy decoding repeats one reason), profiles are LLM-written under the
-  paper's five headings, half of each anchor's K actions are personalised to a randomly drawn
-  profile, and E_D trains on the anchors' descriptions and 24 more movies' as well as metadata.
-  The environment LLM prefills a state's shared prompt once (``llm.share_prefix``)."""
+  """The default world (and ``movielens_study.py``'s and ``movielens_25m.py``'s): the paper's world
+  (PAPER_SPEC.md 1.5, 1.6) at the smoke size, over the plot-only fields. States are descriptions
+  (plot, five reasons to like, five to dislike; sampled, since greedy decoding repeats one reason),
+  profiles are LLM-written under the paper's five headings, half of each anchor's K actions are
+  personalised to a randomly drawn profile, and E_D trains on the anchors' descriptions and 24
+  more movies' as well as metadata. The environment LLM prefills a state's shared prompt once
+  (``llm.share_prefix``)."""
   config.env.states = "description"
   config.descriptions.n_reasons = 5
   config.descriptions.sampling.temperature = 0.7

@@ -38,9 +38,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # Users: every one gets an LLM profile (5 requests each).
   config.world.num_train_users = 64
   config.world.num_heldout_users = 24
-  # The paper's world: description states with 5 + 5 reasons, LLM profiles under the paper's
-  # headings, personalised action sets (movielens_smoke.paper_world).
-  movielens_smoke.paper_world(config)
+  # The world is the smoke run's default, the paper's (movielens_smoke.paper_world): description
+  # states with 5 + 5 reasons, LLM profiles under the paper's headings, personalised action sets.
   # E_D also trains on descriptions: the 52 anchors' and 60 more movies' (about 12 held out by E_D).
   config.world.ed_descriptions = 60
   # K = 10 candidates per anchor, half personalised to a randomly drawn profile.

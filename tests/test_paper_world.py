@@ -184,6 +184,28 @@ def test_study_configs_are_the_paper_world_and_pass_the_checks(variant):
     movielens_study.get_config("huge")
 
 
+def test_the_quick_start_builds_the_paper_world_and_plot_is_the_fast_switch():
+  """``launch.main``'s default config (the quick start) is the paper's world; ``:plot`` only
+  changes the world; ``:paper`` is the default's name."""
+  from configs import movielens_smoke  # noqa: PLC0415
+  from eagle_jax import training  # noqa: PLC0415
+  from eagle_jax.agent import trainer, world  # noqa: PLC0415
+
+  c, plot = movielens_smoke.get_config(), movielens_smoke.get_config("plot")
+  assert (c.env.states, c.descriptions.n_reasons, c.profiles.kind) == ("description", 5, "llm")
+  assert c.actions.personalised and c.world.ed_descriptions > 0
+  assert (plot.env.states, plot.descriptions.n_reasons, plot.profiles.kind) == ("plot", 0,
+                                                                                "template")
+  assert not plot.actions.personalised and plot.world.ed_descriptions == 0
+  assert c.to_dict() == movielens_smoke.get_config("paper").to_dict()
+  world_fields = {"env", "descriptions", "profiles", "actions", "world", "llm"}
+  assert {k for k in c.keys() if c[k] != plot[k]} <= world_fields
+  world.check_config(c)
+  trainer.validate(c, training.build_mesh({"data": -1}))
+  with pytest.raises(ValueError, match="unknown variant"):
+    movielens_smoke.get_config("papr")
+
+
 def test_bad_world_and_encoder_row_fields_name_the_field():
   from configs import movielens_smoke  # noqa: PLC0415
   from eagle_jax.agent import world  # noqa: PLC0415

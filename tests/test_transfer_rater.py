@@ -10,7 +10,7 @@ import pytest
 import tiny_run
 
 TRAIN = ("--config.reference.steps=10", "--config.rl.steps=10", "--config.checkpoint.every=5",
-         # The paper's world (configs/movielens_smoke.py:paper) at its cheapest: description states
+         # The paper's world (configs/movielens_smoke.py's default) at its cheapest: description states
          # with 1 + 1 reasons, two-heading LLM profiles, personalised action sets.
          "--config.env.states=description", "--config.descriptions.n_reasons=1",
          "--config.descriptions.reason_tokens=16", "--config.descriptions.sampling.temperature=0.7",

@@ -1,7 +1,8 @@
 """A tiny EAGLE run on the real SmolLM2 environment, shared by the end-to-end tests.
 
-1 train and 1 held-out anchor, K = 2 template actions, H = 2, 8 train and 4 held-out users, a real
-(one-epoch fine-tuned) E_D: the environment is a few dozen short generations."""
+The plot-only world (``movielens_smoke.py:plot``; tests opt into parts of the paper's world by
+flags): 1 train and 1 held-out anchor, K = 2 template actions, H = 2, 8 train and 4 held-out users,
+a real (one-epoch fine-tuned) E_D: the environment is a few dozen short generations."""
 
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = (
+    "--config=" + os.path.join(ROOT, "configs", "movielens_smoke.py") + ":plot",
     "--config.world.num_train_anchors=1", "--config.world.num_heldout_anchors=1",
     "--config.world.num_train_users=8", "--config.world.num_heldout_users=4",
     "--config.actions.k=2", "--config.actions.llm_calls=0",
