@@ -4,11 +4,11 @@ Run: ``python -m launch.train --config=configs/movielens_smoke.py --workdir=runs
 ``python -m launch.evaluate --workdir=runs/smoke`` (``python -m launch.main`` does both). Override any
 field with ``--config.rl.steps=60`` etc.
 
-Sized for 2 CPU cores in about 15 minutes including asset fetch and environment data: the cost is
-the environment LLM (about 0.6-1 s per transition at batch 16 on 2 cores, mostly prompt prefill), so
-the smoke keeps the transition tree small: K = 5 candidates, horizon H = 2 (the paper and
-``movielens_25m.py``: H = 5), 5 train and 3 held-out anchors, K + K^2 = 30 transitions each,
-computed up front (``env.prefetch_depth``) and replayed from the response cache by training.
+Sized for 2 CPU cores (timings: README, Quick start): the cost is the environment LLM writing the
+world (descriptions, profiles, action sets and transitions), so the smoke keeps it small: K = 5
+candidates, horizon H = 2 (the paper and ``movielens_25m.py``: H = 5), 5 train and 3 held-out
+anchors, K + K^2 = 30 transitions each, computed up front (``env.prefetch_depth``) and replayed
+from the response cache by training.
 Every choice the papers leave open is recorded next to its field.
 
 The world is the paper's (``paper_world``, applied last): states are descriptions (plot, five
