@@ -84,6 +84,7 @@ def test_length_grouped_batches_cover_rows_and_gather_the_long_ones():
   b = encoder.epoch_batches(np.random.default_rng(1), np.arange(21), 4, np.arange(21.0), 50)
   assert b.shape == (5, 4) and len(np.unique(b)) == 20
   np.testing.assert_array_equal(np.diff(b, axis=1) < 0, True)  # each batch sorted longest first
+  assert not np.all(np.diff(b[:, 0]) < 0)  # the batches themselves are not in length order
   # With group_by_length = 0 the batches are the plain permutation (the previous behaviour).
   plain = encoder.epoch_batches(np.random.default_rng(2), rows, 8)
   np.testing.assert_array_equal(plain.ravel(), np.random.default_rng(2).permutation(rows))
