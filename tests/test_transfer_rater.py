@@ -10,8 +10,9 @@ import pytest
 import tiny_run
 
 TRAIN = ("--config.reference.steps=10", "--config.rl.steps=10", "--config.checkpoint.every=5",
-         # The paper's world (configs/movielens_smoke.py's default) at its cheapest: description states
-         # with 1 + 1 reasons, two-heading LLM profiles, personalised action sets.
+         # The paper's world's switches (movielens_smoke.paper_world) at their cheapest, on the tiny
+         # plot run: description states with 1 + 1 reasons, two-heading LLM profiles, personalised
+         # action sets (prefix sharing stays off, as in tiny_run).
          "--config.env.states=description", "--config.descriptions.n_reasons=1",
          "--config.descriptions.reason_tokens=16", "--config.descriptions.sampling.temperature=0.7",
          "--config.profiles.kind=llm", "--config.profiles.headings=('Overall','Genre')",
