@@ -50,7 +50,7 @@ from absl import app, flags
 
 from configs import movielens_25m
 from eagle_jax import parallel, training
-from eagle_jax.agent import reference, rollout, trainer
+from eagle_jax.agent import action_book, reference, rollout, trainer
 from eagle_jax.agent import world as world_lib
 from eagle_jax.agent.env import ContentGapEnv
 from eagle_jax.agent.features import TextFeatures
@@ -163,7 +163,8 @@ def build(config, workdir: str):
       train_pairs=world_lib._pairs(train_users, train_items),  # noqa: SLF001
       heldout_pairs={"new_users": world_lib._pairs(held_users, train_items),  # noqa: SLF001
                      "new_anchors": world_lib._pairs(held_users, held_items)},  # noqa: SLF001
-      num_actions=k, info={"latent_dim": d, "env_model": backend.model_id})
+      num_actions=k, info={"latent_dim": d, "env_model": backend.model_id},
+      actions=action_book.ActionBook({i: (a.state, a.actions) for i, a in anchors.items()}, k))
   data = types.SimpleNamespace(
       descriptions=[{"movie_id": i, "item_index": i, "source": "standin"} for i in anchors],
       action_sets=[{"movie_id": i, "user_id": None, "actions": []} for i in anchors],

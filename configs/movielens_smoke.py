@@ -115,6 +115,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # (not personalised to a profile).
   config.actions = actions_config(k=5, llm_calls=3, personalised=False,
                                   sampling=dict(max_tokens=32, temperature=0.9))
+  # False: every state of an episode offers its anchor's set; True: every state gets its own set,
+  # written on its text on first visit, as the paper does (eagle_jax/agent/action_book.py):
+  # llm_calls more requests per distinct state visited before the horizon.
+  config.actions.per_state = False
 
   config.utility = ml_collections.ConfigDict()
   # lambda of U(z) = <z_u, z> + lambda * sum_{3-NN} ||z - z_k|| (paper: unspecified). Rule: weigh

@@ -11,7 +11,7 @@ import pytest
 
 from configs import movielens_25m, movielens_smoke
 from eagle_jax import design, training
-from eagle_jax.agent import dry_run, reference, rollout, trainer
+from eagle_jax.agent import action_book, dry_run, reference, rollout, trainer
 from eagle_jax.agent.policy import PolicyConfig, PolicyValueNet
 from eagle_jax.embed import wals
 from eagle_jax.evaluation import agent_eval
@@ -87,8 +87,10 @@ class _FakeEnv:
 
 
 def _fake_world(k=3):
-  anchors = {i: types.SimpleNamespace(actions=[f"a{i}{j}" for j in range(k)]) for i in (1, 2)}
-  return types.SimpleNamespace(env=_FakeEnv(), anchors=anchors, num_actions=k)
+  anchors = {i: types.SimpleNamespace(state=f"anchor {i}", actions=[f"a{i}{j}" for j in range(k)])
+             for i in (1, 2)}
+  book = action_book.ActionBook({i: (a.state, a.actions) for i, a in anchors.items()}, k)
+  return types.SimpleNamespace(env=_FakeEnv(), anchors=anchors, num_actions=k, actions=book)
 
 
 def _label(name, world, visited, key):

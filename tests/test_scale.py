@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from eagle_jax import prompts, training
-from eagle_jax.agent import reference, rollout
+from eagle_jax.agent import action_book, reference, rollout
 from eagle_jax.agent import world as world_lib
 from eagle_jax.agent.env import ContentGapEnv
 from eagle_jax.agent.features import TextFeatures
@@ -102,6 +102,8 @@ def _tiny_world(k=4, d=3):
   users = np.array([0, 1, 3])
   pairs = np.stack(np.meshgrid(users, np.array(sorted(anchors)), indexing="ij"), -1).reshape(-1, 2)
   world = types.SimpleNamespace(env=env, anchors=anchors, num_actions=k,
+                                actions=action_book.ActionBook(
+                                    {i: (a.state, a.actions) for i, a in anchors.items()}, k),
                                 profiles={int(u): f"user {u}" for u in range(6)},
                                 train_pairs=pairs.astype(np.int32),
                                 policy_features=TextFeatures(_hash_encoder(5), 5))
@@ -143,7 +145,7 @@ def test_per_anchor_targets_equal_numpy_and_the_visited_state_path():
   np.testing.assert_array_equal(data.targets, old)
   np.testing.assert_array_equal(data.state, feat.state(users, texts, 0))
   np.testing.assert_array_equal(data.action_feats[np.array([5, 0])],
-                                feat.actions(items[[5, 0]])[0])
+                                feat.actions(world.actions.known([], items[[5, 0]]))[0])
   assert data.action_feats.shape == (6, 4, feat.action_dim) and data.mask.all()
 
 

@@ -67,15 +67,19 @@ class LMFeaturizer:
     self.truncated_prompts += sum(len(r) > self.state_dim for r in rows)
     return host_tokens(rows, self.state_dim, left=True)
 
-  def actions(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[N] anchor items -> ([N, K, L] int32 ids, [N, K] bool mask)."""
+  def actions(self, set_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N] action-set ids (``world.actions``) -> ([N, K, L] int32 ids, [N, K] bool mask); anchor
+    sets are memoised."""
     out = []
-    for i in np.asarray(items):
-      i = int(i)
-      if i not in self._action_memo:
-        rows = [self.action_ids(a) for a in self.world.anchors[i].actions]
+    for j in np.asarray(set_ids):
+      j = int(j)
+      ids = self._action_memo.get(j)
+      if ids is None:
+        rows = [self.action_ids(a) for a in self.world.actions.texts(j)]
         self.truncated_actions += sum(len(r) > self.action_dim for r in rows)
-        self._action_memo[i] = host_tokens(rows, self.action_dim, left=False)
-      out.append(self._action_memo[i])
+        ids = host_tokens(rows, self.action_dim, left=False)
+        if j < self.world.actions.num_anchor_sets:
+          self._action_memo[j] = ids
+      out.append(ids)
     ids = np.stack(out)
     return ids, ids[..., 0] != PAD

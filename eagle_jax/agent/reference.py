@@ -247,44 +247,45 @@ def lookup(kind: str, field: str) -> ReferenceKind:
   return REFERENCES[kind]
 
 
-class AnchorRows:
-  """Per-state candidate features stored once per anchor: indexing gathers the rows.
+class SetRows:
+  """Per-state candidate features stored once per action set (per anchor, or per state with
+  per-state actions): indexing gathers the rows.
 
-  ``rows[idx]`` is ``table[anchor_of[idx]]``: [len(idx), K, A]; the [N, K, A] array of every state
-  is never built (at paper scale it would be ~17 GB).
+  ``rows[idx]`` is ``table[set_of[idx]]``: [len(idx), K, A]; with per-anchor sets the [N, K, A]
+  array of every state is never built (at paper scale it would be ~17 GB).
 
   Args:
-    table: [I, K, A] candidate features of the I anchors.
-    anchor_of: [N] int row of ``table`` of each state.
+    table: [I, K, A] candidate features of the I distinct action sets.
+    set_of: [N] int row of ``table`` of each state.
   """
 
-  def __init__(self, table: np.ndarray, anchor_of: np.ndarray):
+  def __init__(self, table: np.ndarray, set_of: np.ndarray):
     self.table = table
-    self.anchor_of = np.asarray(anchor_of, np.int64)
+    self.set_of = np.asarray(set_of, np.int64)
 
   @property
   def shape(self) -> tuple[int, ...]:
-    return (len(self.anchor_of),) + tuple(self.table.shape[1:])
+    return (len(self.set_of),) + tuple(self.table.shape[1:])
 
   def __len__(self) -> int:
-    return len(self.anchor_of)
+    return len(self.set_of)
 
   def __getitem__(self, idx) -> np.ndarray:
-    return self.table[self.anchor_of[idx]]
+    return self.table[self.set_of[idx]]
 
   def __array__(self, dtype=None, copy=None) -> np.ndarray:
-    out = self.table[self.anchor_of]
+    out = self.table[self.set_of]
     return out if dtype is None else out.astype(dtype)
 
 
 @dataclasses.dataclass
 class ReferenceData:
   """States and targets for the reference network: state [N, S], action_feats [N, K, A] (an
-  ``AnchorRows``: indexed like an array), mask [N, K], targets [N, K]; ``stats`` records design
+  ``SetRows``: indexed like an array), mask [N, K], targets [N, K]; ``stats`` records design
   certificates and sizes."""
 
   state: np.ndarray
-  action_feats: AnchorRows
+  action_feats: SetRows
   mask: np.ndarray
   targets: np.ndarray
   stats: dict
@@ -371,9 +372,9 @@ async def reference_dataset(kind: ReferenceKind, world: World, featurizer: rollo
           world, featurizer, config, seed=seed, reward=reward, key=key, progress=progress)
     else:
       texts, users, items, steps = anchor_states(world, config.users_per_anchor, seed)
-    anchors, anchor_of = np.unique(items, return_inverse=True)
-    table, table_mask = featurizer.actions(anchors)
-    mask = table_mask[anchor_of]
+    sets, set_of = np.unique(await world.actions.ids(texts, items), return_inverse=True)
+    table, table_mask = featurizer.actions(sets)
+    mask = table_mask[set_of]
     n, k = len(texts), world.num_actions
     progress.close()
     progress = Progress(n, desc=f"reference[{kind.name}] labelled states")
@@ -392,4 +393,4 @@ async def reference_dataset(kind: ReferenceKind, world: World, featurizer: rollo
     progress.close()
   stats: dict = {"states": n, "kind": kind.name, "state_set": config.states,
                  **_merge_stats(parts)}
-  return ReferenceData(state, AnchorRows(table, anchor_of), mask, targets, stats)
+  return ReferenceData(state, SetRows(table, set_of), mask, targets, stats)

@@ -1,7 +1,8 @@
 """Episodes: featurisation of states and actions, and batched asynchronous rollouts.
 
-An episode starts at an anchor movie's plot for a user, takes H actions (each chosen among the
-anchor's K candidates) and is scored at the end: the reward is terminal, r_{H-1} = U(E_D(x_H)) or,
+An episode starts at an anchor movie's plot for a user, takes H actions (each chosen among the K
+candidates of its current state: the anchor's set, or the state's own with per-state actions,
+``agent.action_book``) and is scored at the end: the reward is terminal, r_{H-1} = U(E_D(x_H)) or,
 with ``reward="gain"`` (the default), U(E_D(x_H)) - U(E_D(x_0)), the utility gained over the anchor
 for that user (same optimum per pair, lower variance across pairs).
 
@@ -69,16 +70,20 @@ class Featurizer:
     onehot[np.arange(n), np.broadcast_to(np.asarray(t), (n,))] = 1.0
     return np.concatenate([phi, prof, zu, zx, onehot], axis=1).astype(np.float32)
 
-  def actions(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[N] anchor items -> ([N, K, A] features, [N, K] bool mask)."""
+  def actions(self, set_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N] action-set ids (``world.actions``) -> ([N, K, A] features, [N, K] bool mask). Anchor
+    sets are memoised here; a state's set is built from the memoised text features."""
     out = []
-    for i in np.asarray(items):
-      i = int(i)
-      if i not in self._action_memo:
-        texts = self.world.anchors[i].actions
-        self._action_memo[i] = np.concatenate(
-            [self.world.policy_features(texts), self.world.env.embed(texts)], axis=1).astype(np.float32)
-      out.append(self._action_memo[i])
+    for j in np.asarray(set_ids):
+      j = int(j)
+      feats = self._action_memo.get(j)
+      if feats is None:
+        texts = self.world.actions.texts(j)
+        feats = np.concatenate([self.world.policy_features(texts), self.world.env.embed(texts)],
+                               axis=1).astype(np.float32)
+        if j < self.world.actions.num_anchor_sets:
+          self._action_memo[j] = feats
+      out.append(feats)
     feats = np.stack(out)
     return feats, np.ones(feats.shape[:2], bool)
 
@@ -91,6 +96,7 @@ class Episodes:
     pairs: [B, 2] int (user, anchor item).
     texts: B lists of H + 1 descriptions (x_0 = anchor plot, ..., x_H).
     actions: [B, H] int32 chosen candidate indices.
+    set_ids: [B, H] int action set (``world.actions``) the candidates of step t came from.
     behaviour_logp: [B, H] log-probability of the chosen action under the behaviour policy.
     state: [B, H, S] state features of x_0..x_{H-1}.
     action_feats: [B, H, K, A] candidate features.
@@ -113,6 +119,7 @@ class Episodes:
   distance: np.ndarray
   reward: np.ndarray
   written: list[list[str]] | None = None
+  set_ids: np.ndarray | None = None
 
   def batch(self) -> dict[str, np.ndarray]:
     """The arrays the RL train step consumes."""
@@ -123,8 +130,8 @@ class Episodes:
   def action_texts(self, world: World) -> list[list[str]]:
     if self.written is not None:
       return self.written
-    return [[world.anchors[int(i)].actions[int(a)] for a in row]
-            for (_, i), row in zip(self.pairs, self.actions)]
+    return [[world.actions.texts(j)[int(a)] for j, a in zip(ids, row)]
+            for ids, row in zip(self.set_ids, self.actions)]
 
 
 def choose(logits: np.ndarray, mask: np.ndarray, key: jax.Array | None, greedy: bool
@@ -169,30 +176,43 @@ async def collect(world: World, featurizer: Featurizer, policy: PolicyFn | Write
   pairs = all_pairs[rows]
   users, items = pairs[:, 0], pairs[:, 1]
   texts = [[world.anchors[int(i)].state] for i in items]
-  all_feats, all_mask = featurizer.actions(all_pairs[:, 1])
-  feats, mask = all_feats[rows], all_mask[rows]
-  states, acts, logps, written = [], [], [], []
+  per_state = world.actions.per_state
+  if not per_state:  # every step offers the anchors' sets
+    anchor_ids = world.actions.known([], all_pairs[:, 1])
+    all_feats, all_mask = featurizer.actions(anchor_ids)
+  states, acts, logps, written, set_ids, feats_t, mask_t = [], [], [], [], [], [], []
   for t in range(horizon):
     cur = [x[-1] for x in texts]
     s = featurizer.state(users, cur, t)
     all_s = hosts.gather_rows(s, rows, len(all_pairs))
+    if per_state:  # this process's rows' sets, then every row's features
+      ids = await world.actions.ids(cur, items)
+      f, m = featurizer.actions(ids)
+      all_feats = hosts.gather_rows(f, rows, len(all_pairs))
+      all_mask = hosts.gather_rows(m, rows, len(all_pairs))
+    else:
+      ids = anchor_ids[rows]
     if writes:
-      ids, lp, chosen = policy(all_s, jax.random.fold_in(key, t), greedy)
-      ids, lp, chosen = ids[rows], lp[rows], chosen[rows]
+      ids_w, lp, chosen = policy(all_s, jax.random.fold_in(key, t), greedy)
+      ids_w, lp, chosen = ids_w[rows], lp[rows], chosen[rows]
       a = np.zeros(len(pairs), np.int32)
-      written.append((ids[:, None], chosen))
+      written.append((ids_w[:, None], chosen))
     else:
       logits = (np.zeros(all_mask.shape, np.float32) if policy is None
                 else np.asarray(policy(all_s, all_feats)))
       a, lp = choose(logits, all_mask, jax.random.fold_in(key, t), greedy)
       a, lp = a[rows], lp[rows]
-      chosen = [world.anchors[int(i)].actions[j] for i, j in zip(items, a)]
+      chosen = [world.actions.texts(j)[int(c)] for j, c in zip(ids, a)]
     nxt = await world.env.step(cur, chosen)
     for x, y in zip(texts, nxt):
       x.append(y)
     states.append(s)
     acts.append(a)
     logps.append(lp)
+    set_ids.append(ids)
+    if not writes:
+      feats_t.append(all_feats[rows])
+      mask_t.append(all_mask[rows])
   flat = [x for row in texts for x in row]
   u = world.env.text_utility(flat, np.repeat(users, horizon + 1))
   shape = (len(pairs), horizon + 1)
@@ -203,14 +223,13 @@ async def collect(world: World, featurizer: Featurizer, policy: PolicyFn | Write
     mask_bhk = np.ones(action_feats.shape[:3], bool)
     texts_w = [list(row) for row in zip(*(chosen for _, chosen in written))]
   else:
-    action_feats = np.repeat(feats[:, None], horizon, axis=1)
-    mask_bhk, texts_w = np.repeat(mask[:, None], horizon, axis=1), None
+    action_feats, mask_bhk, texts_w = np.stack(feats_t, 1), np.stack(mask_t, 1), None
   return Episodes(
       pairs=pairs, texts=texts, actions=np.stack(acts, 1),
       behaviour_logp=np.stack(logps, 1).astype(np.float32), state=np.stack(states, 1),
       action_feats=action_feats, mask=mask_bhk, utility=util,
       preference=u["preference"].reshape(shape), distance=u["distance"].reshape(shape),
-      reward=r.astype(np.float32), written=texts_w)
+      reward=r.astype(np.float32), written=texts_w, set_ids=np.stack(set_ids, 1))
 
 
 def sample_pairs(pairs: np.ndarray, batch: int, seed: int, step: int) -> np.ndarray:

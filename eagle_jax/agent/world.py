@@ -29,9 +29,9 @@ Choices where the paper is silent (recorded in the configs):
   to movies, and candidate actions, never seen).
 * A state is the anchor's plot (``env.states="plot"``) or, as in the paper, its description with
   reasons to like and dislike it (``"description"``; ``agent.env`` says how transitions keep the
-  reasons); the K candidate actions of an episode are written once for its
-  anchor and offered at every step (the paper writes new actions per state, which would cost K LLM
-  calls per visited state here).
+  reasons). The K candidate actions of an episode are written once for its anchor and offered at
+  every step; ``actions.per_state`` writes a new set for every state, as the paper does
+  (``agent.action_book``: ``llm_calls`` more requests per visited state).
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ import numpy as np
 from absl import logging
 
 from eagle_jax import assets, paths, training
+from eagle_jax.agent import action_book
 from eagle_jax.agent.env import ContentGapEnv
 from eagle_jax.agent.features import DecoderPooler, TextFeatures
 from eagle_jax.data import catalog, records
 from eagle_jax.embed import encoder, encoder_train, wals_train
-from eagle_jax.env import actions as actions_lib
 from eagle_jax.env import build, profile_check, stack
 from eagle_jax.env.client import SamplingParams
 from eagle_jax.models import loading
@@ -96,6 +96,7 @@ class World:
     heldout_pairs: dict split -> [P, 2]: ``new_users`` (held-out users x train anchors) and
       ``new_anchors`` (held-out users x held-out anchors); no held-out pair is seen in training.
     num_actions: K.
+    actions: the candidate action sets of the states (per anchor, or per state).
   """
 
   env: ContentGapEnv
@@ -108,6 +109,7 @@ class World:
   heldout_pairs: dict[str, np.ndarray]
   num_actions: int
   info: dict[str, Any]
+  actions: action_book.ActionBook
 
 
 def _fail(field: str, expected: str, value) -> None:
@@ -303,30 +305,17 @@ def _env_data(config, workdir: str, llm: stack.LLMStack, encode,
 
 
 def _anchors(config, data: build.EnvData, ratings) -> dict[int, Anchor]:
-  k = int(config.actions.k)
   n_items = ratings.num_items
   means = (np.bincount(ratings.item, weights=ratings.rating, minlength=n_items)
            / np.maximum(np.bincount(ratings.item, minlength=n_items), 1))
   sets = {s["movie_id"]: s for s in data.action_sets}
   out = {}
   for d in data.descriptions:
-    s = sets.get(d["movie_id"])
-    if s is None or len(s["actions"]) != k:
-      n = 0 if s is None else len(s["actions"])
-      raise training.ConfigError(
-          f"config.actions.k={k}: only {n} distinct actions for {d['title']!r}; lower k or raise "
-          "actions.llm_calls")
+    s = sets.get(d["movie_id"], {"movie_id": d["movie_id"], "actions": []})
+    texts, sources = action_book.space(config.actions, s, repr(d["title"]))
     state = d["text"] if description_states(config) else d["plot"]
-    acts = s["actions"]
-    space = actions_lib.action_space(
-        [a["text"] for a in acts], config.actions.get("space", "default"), k=k,
-        macro_size=int(config.actions.get("macro_size", 3)),
-        macro_k=int(config.actions.get("macro_k", 0)),
-        seed=records.derive_seed(int(config.actions.seed), "macro", d["movie_id"]))
-    sources = [f"{acts[p[0]]['source']}:{acts[p[0]]['category']}" if len(p) == 1 else
-               "macro:" + ",".join(map(str, p)) for _, p in space]
-    out[d["item_index"]] = Anchor(d["item_index"], d["title"], state, [t for t, _ in space],
-                                  sources, float(means[d["item_index"]]))
+    out[d["item_index"]] = Anchor(d["item_index"], d["title"], state, texts, sources,
+                                  float(means[d["item_index"]]))
   return out
 
 
@@ -376,6 +365,7 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
                                      n_titles=int(config.profiles.titles))
   data = _env_data(config, workdir, llm, features, movies, users)
   profiles = {p["user_index"]: p["profile"] for p in data.profiles}
+  anchors = _anchors(config, data, ratings)
   consistency = profile_check.check(features, profiles, z_users, train_users, held_users)
   logging.info("world: profile check %s", consistency)
   env = ContentGapEnv(llm.client, transition_params(config), ed, z_items, z_users,
@@ -386,7 +376,7 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
   world = World(
       env=env, llm=llm, features=features,
       policy_features=_policy_features(config, llm, features),
-      anchors=_anchors(config, data, ratings),
+      anchors=anchors,
       profiles=profiles,
       train_pairs=_pairs(train_users, train_items),
       heldout_pairs={"new_users": _pairs(held_users, train_items),
@@ -398,7 +388,11 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
             "latent_dim": int(z_items.shape[1]),
             "ed_target": ed_meta.get("target"), "ed_kind": ed_meta.get("kind", "head"),
             "env_model": llm.model_name, "env_data": data.report,
-            "profile_check": consistency})
+            "profile_check": consistency},
+      actions=action_book.from_config(
+          config.actions, {i: (a.state, a.actions) for i, a in anchors.items()}, llm.client,
+          features, data, action_book.state_sets_path(workdir, jax.process_index(),
+                                                      jax.process_count())))
   if int(config.env.prefetch_depth) > 0:
     n, children = asyncio.run(prefetch_tree(world, sorted(world.anchors),
                                             int(config.env.prefetch_depth)))
@@ -409,6 +403,9 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
     world.info["prefetched_states"] = n
     world.info["ed_on_states"] = ed_on_states(world, z_items, children)
     logging.info("world: E_D on states %s", world.info["ed_on_states"])
+  world.info["action_sets"] = {
+      **world.actions.stats(),
+      "state_sets_file": "env/state_actions.jsonl" if world.actions.per_state else None}
   if jax.process_index() == 0:  # every process of a multi-process run restores the same world
     write_world(world, workdir, ratings, data)
   return world
@@ -417,10 +414,11 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
 async def expand(world: World, texts: Sequence[str], items: np.ndarray) -> list[list[str]]:
   """All K next descriptions of each state: [N] texts, [N] anchor items -> N lists of K texts.
 
-  One ``env.step`` call of N * K requests (at most ``env.max_in_flight`` outstanding)."""
+  One ``env.step`` call of N * K requests (at most ``env.max_in_flight`` outstanding), after the
+  action sets of states met for the first time are written (per-state actions)."""
   descs, acts = [], []
-  for x, i in zip(texts, items):
-    for a in world.anchors[int(i)].actions:
+  for x, set_id in zip(texts, await world.actions.ids(texts, items)):
+    for a in world.actions.texts(set_id):
       descs.append(x)
       acts.append(a)
   nxt = await world.env.step(descs, acts)
@@ -440,6 +438,10 @@ async def prefetch_tree(world: World, items: Sequence[int], depth: int
   level = [(world.anchors[int(i)].state, int(i)) for i in items]
   seen, first = set(level), []
   for d in range(depth):
+    if new := world.actions.missing([x for x, _ in level]):  # per-state sets, their own bar
+      with answer_progress(world.llm, f"world: action sets at depth {d}",
+                           new * world.actions.requests_per_set):
+        await world.actions.ids([x for x, _ in level], [i for _, i in level])
     with answer_progress(world.llm, f"world: transitions at depth {d + 1}",
                          len(level) * world.num_actions):
       children = await expand(world, [x for x, _ in level], np.asarray([i for _, i in level]))

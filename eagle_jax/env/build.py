@@ -102,6 +102,8 @@ def check_config(config) -> None:
   if space == "combined" and not 1 <= int(a.get("macro_k", 0)) < int(a.k):
     raise ValueError(f"config.actions.macro_k: expected 1 .. k - 1 = {int(a.k) - 1} for the "
                      f"combined space, got {a.get('macro_k')}")
+  if not isinstance(a.get("per_state", False), bool):
+    raise ValueError(f"config.actions.per_state: expected True or False, got {a.per_state!r}")
   if not 0.0 < float(a.dedupe_threshold) <= 1.0:
     raise ValueError(f"config.actions.dedupe_threshold: expected in (0, 1], got "
                      f"{a.dedupe_threshold}")
