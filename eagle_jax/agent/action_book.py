@@ -6,7 +6,7 @@ actions) and has an integer id; features and targets are keyed by set id (``Feat
 
 * per anchor (the default): every state of an episode offers its anchor's set; set ids 0 .. n - 1
   are the anchors in item order, and ``ids`` never calls the LLM;
-* per state (the paper: "K = 100 actions, generated for each state"): an anchor's own state offers
+* per state (the paper's state-dependent set A(x), PAPER_SPEC.md 1.6): an anchor's own state offers
   the anchor's set; every other state gets its own set on first visit, written by the environment
   LLM on that state's text (``env.build.build_action_sets``, the same requests, personalisation to
   a profile drawn at random per state, near-duplicate removal and templates as an anchor's set),
