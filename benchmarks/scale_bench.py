@@ -164,7 +164,7 @@ def build(config, workdir: str):
       heldout_pairs={"new_users": world_lib._pairs(held_users, train_items),  # noqa: SLF001
                      "new_anchors": world_lib._pairs(held_users, held_items)},  # noqa: SLF001
       num_actions=k, info={"latent_dim": d, "env_model": backend.model_id},
-      actions=action_book.ActionBook({i: (a.state, a.actions) for i, a in anchors.items()}, k))
+      actions=action_book.ActionBook.for_anchors(anchors, k))
   data = types.SimpleNamespace(
       descriptions=[{"movie_id": i, "item_index": i, "source": "standin"} for i in anchors],
       action_sets=[{"movie_id": i, "user_id": None, "actions": []} for i in anchors],

@@ -2,7 +2,6 @@
 state sets' requests, file and resume, and episodes, expansions and reference rows over them."""
 
 import asyncio
-import hashlib
 import json
 import os
 import socket
@@ -14,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from test_scale import _hash_encoder  # text -> a fixed pseudo-random vector
 
 from configs import env_blocks, movielens_smoke
 from eagle_jax import prompts, training
@@ -31,15 +31,6 @@ DESCS = [{"movie_id": 100 + i, "item_index": i, "title": f"Movie {i}", "genres":
           "tags": ["storm"]} for i in (2, 5, 7)]
 PROFS = [{"user_id": 90, "user_index": 0, "ok": True, "profile": "Loves storms at sea.",
           "liked_genres": ["Adventure"]}]
-
-
-def _encoder(d):
-  """Text -> a fixed pseudo-random vector (no two texts near-duplicates)."""
-  def encode(texts):
-    return np.stack([np.random.default_rng(int.from_bytes(
-        hashlib.sha256(t.encode()).digest()[:8], "big")).normal(size=d) for t in texts]
-                    ).astype(np.float32)
-  return encode
 
 
 class _Counting(standin.StandInBackend):
@@ -90,7 +81,7 @@ def test_per_anchor_book_offers_the_anchor_set_everywhere_and_per_state_writes_n
 
 
 def test_state_sets_are_anchor_sets_written_on_the_state_text_and_resume_from_the_file(tmp_path):
-  cfg, enc = _cfg(), _encoder(64)
+  cfg, enc = _cfg(), _hash_encoder(64)
   out = tmp_path / "env" / "state_actions.jsonl"
   backend = _Counting()
   make = action_book.state_set_maker(cfg, backend, enc, DESCS, PROFS, str(out))
@@ -129,20 +120,20 @@ def test_state_sets_are_anchor_sets_written_on_the_state_text_and_resume_from_th
 
 def _world(tmp_path, k=4, d=3):
   rng = np.random.default_rng(0)
-  env = ContentGapEnv(standin.StandInBackend(), PARAMS, _encoder(d), rng.normal(size=(9, d)),
+  env = ContentGapEnv(standin.StandInBackend(), PARAMS, _hash_encoder(d), rng.normal(size=(9, d)),
                       rng.normal(size=(6, d)), lam=0.5, k=2, max_sentences=2, max_in_flight=7)
   anchors = {i: types.SimpleNamespace(state=f"Movie {i} has a storm at sea.",
                                       actions=[f"Change {j} of {i}" for j in range(k)])
              for i in (2, 5, 7)}
-  make = action_book.state_set_maker(_cfg(), standin.StandInBackend(), _encoder(64), DESCS,
+  make = action_book.state_set_maker(_cfg(), standin.StandInBackend(), _hash_encoder(64), DESCS,
                                      PROFS, str(tmp_path / "state_actions.jsonl"))
-  book = action_book.ActionBook({i: (a.state, a.actions) for i, a in anchors.items()}, k, make)
+  book = action_book.ActionBook.for_anchors(anchors, k, make)
   users = np.array([0, 1, 3])
   pairs = np.stack(np.meshgrid(users, np.array(sorted(anchors)), indexing="ij"), -1).reshape(-1, 2)
   return types.SimpleNamespace(env=env, anchors=anchors, num_actions=k, actions=book,
                                profiles={int(u): f"user {u}" for u in range(6)},
                                train_pairs=pairs.astype(np.int32),
-                               policy_features=TextFeatures(_encoder(5), 5))
+                               policy_features=TextFeatures(_hash_encoder(5), 5))
 
 
 def _child(x, a):

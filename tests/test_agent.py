@@ -89,8 +89,8 @@ class _FakeEnv:
 def _fake_world(k=3):
   anchors = {i: types.SimpleNamespace(state=f"anchor {i}", actions=[f"a{i}{j}" for j in range(k)])
              for i in (1, 2)}
-  book = action_book.ActionBook({i: (a.state, a.actions) for i, a in anchors.items()}, k)
-  return types.SimpleNamespace(env=_FakeEnv(), anchors=anchors, num_actions=k, actions=book)
+  return types.SimpleNamespace(env=_FakeEnv(), anchors=anchors, num_actions=k,
+                               actions=action_book.ActionBook.for_anchors(anchors, k))
 
 
 def _label(name, world, visited, key):

@@ -102,8 +102,7 @@ def _tiny_world(k=4, d=3):
   users = np.array([0, 1, 3])
   pairs = np.stack(np.meshgrid(users, np.array(sorted(anchors)), indexing="ij"), -1).reshape(-1, 2)
   world = types.SimpleNamespace(env=env, anchors=anchors, num_actions=k,
-                                actions=action_book.ActionBook(
-                                    {i: (a.state, a.actions) for i, a in anchors.items()}, k),
+                                actions=action_book.ActionBook.for_anchors(anchors, k),
                                 profiles={int(u): f"user {u}" for u in range(6)},
                                 train_pairs=pairs.astype(np.int32),
                                 policy_features=TextFeatures(_hash_encoder(5), 5))

@@ -63,6 +63,13 @@ class ActionBook:
       self._anchor_id[int(item)] = self._add(texts, f"anchor {item}")
       self._state_id.setdefault(state, self._anchor_id[int(item)])
 
+  @classmethod
+  def for_anchors(cls, anchors: Mapping[int, Any], k: int, make: MakeSets | None = None,
+                  requests_per_set: int = 0) -> ActionBook:
+    """The book of ``anchors`` (item -> an object with ``state`` and ``actions``, as
+    ``world.Anchor``)."""
+    return cls({i: (a.state, a.actions) for i, a in anchors.items()}, k, make, requests_per_set)
+
   @property
   def per_state(self) -> bool:
     return self._make is not None
@@ -177,13 +184,13 @@ def state_set_maker(cfg, client, encode: Callable[[Sequence[str]], np.ndarray],
   return make
 
 
-def from_config(cfg, anchor_sets: Mapping[int, tuple[str, Sequence[str]]], client,
+def from_config(cfg, anchors: Mapping[int, Any], client,
                 encode: Callable[[Sequence[str]], np.ndarray], data, out_path: str) -> ActionBook:
   """The run's book: the anchors' sets and, with ``cfg.per_state``, every state's.
 
   Args:
     cfg: the ``config.actions`` block.
-    anchor_sets: anchor item -> (its state text, its K action texts).
+    anchors: item -> ``world.Anchor`` (its state and K action texts).
     client, encode: as ``state_set_maker``'s.
     data: the environment data (``build.EnvData``: descriptions and profiles).
     out_path: the state sets' JSONL file (``state_sets_path``).
@@ -191,7 +198,7 @@ def from_config(cfg, anchor_sets: Mapping[int, tuple[str, Sequence[str]]], clien
   make = None
   if cfg.get("per_state", False):
     make = state_set_maker(cfg, client, encode, data.descriptions, data.profiles, out_path)
-  return ActionBook(anchor_sets, int(cfg.k), make, int(cfg.llm_calls))
+  return ActionBook.for_anchors(anchors, int(cfg.k), make, int(cfg.llm_calls))
 
 
 def state_sets_path(workdir: str, process_index: int, process_count: int) -> str:

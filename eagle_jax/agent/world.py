@@ -373,6 +373,7 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
                       max_sentences=int(config.env.max_sentences),
                       reasons=description_states(config),
                       max_in_flight=int(config.env.get("max_in_flight", 0)), memo_size=memo)
+  sets_path = action_book.state_sets_path(workdir, jax.process_index(), jax.process_count())
   world = World(
       env=env, llm=llm, features=features,
       policy_features=_policy_features(config, llm, features),
@@ -389,10 +390,8 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
             "ed_target": ed_meta.get("target"), "ed_kind": ed_meta.get("kind", "head"),
             "env_model": llm.model_name, "env_data": data.report,
             "profile_check": consistency},
-      actions=action_book.from_config(
-          config.actions, {i: (a.state, a.actions) for i, a in anchors.items()}, llm.client,
-          features, data, action_book.state_sets_path(workdir, jax.process_index(),
-                                                      jax.process_count())))
+      actions=action_book.from_config(config.actions, anchors, llm.client, features, data,
+                                      sets_path))
   if int(config.env.prefetch_depth) > 0:
     n, children = asyncio.run(prefetch_tree(world, sorted(world.anchors),
                                             int(config.env.prefetch_depth)))
@@ -405,7 +404,7 @@ def build_world(config, workdir: str, *, llm: stack.LLMStack | None = None,
     logging.info("world: E_D on states %s", world.info["ed_on_states"])
   world.info["action_sets"] = {
       **world.actions.stats(),
-      "state_sets_file": "env/state_actions.jsonl" if world.actions.per_state else None}
+      "state_sets_file": "env/" + os.path.basename(sets_path) if world.actions.per_state else None}
   if jax.process_index() == 0:  # every process of a multi-process run restores the same world
     write_world(world, workdir, ratings, data)
   return world
