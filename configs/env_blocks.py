@@ -47,6 +47,9 @@ def llm_config(**overrides) -> ml_collections.ConfigDict:
   c.slots = 16
   # Decode steps between its admissions of waiting prompts.
   c.chunk = 8
+  # Run the local model's decoder blocks as one lax.scan: each prompt bucket and sharing plan
+  # compiles several times faster, each decode step is a little slower (models/layer_scan.py).
+  c.scan_layers = True
   c.update(overrides)
   return c
 

@@ -38,7 +38,7 @@ CHANGES = "config_changes.jsonl"
 OPERATIONAL = ("mesh", "distributed", "tensorboard", "compilation_cache", "profile",
                "checkpoint.every", "checkpoint.max_to_keep",
                "llm.server_url", "llm.api_key_env", "llm.concurrency", "llm.timeout_s",
-               "llm.retries")
+               "llm.retries", "llm.scan_layers")
 EVAL_BLOCK = "eval"
 
 

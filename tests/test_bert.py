@@ -289,7 +289,8 @@ def test_input_validation(minilm_encoder):
 
 
 def test_encode_compiles_once_per_bucket(minilm_encoder):
-  before = minilm_encoder._embed._cache_size()
+  compiled = text_encoder._embed._cache_size
+  before = compiled()
   calls = (["a b c d", "the cat sat on the mat by the old red door", "x"],
            ["one two three four five six seven eight nine ten eleven", "y", "z", "w"],
            ["hello world", "a space opera about a crew lost in the deep dark space", "bread"])
@@ -297,11 +298,18 @@ def test_encode_compiles_once_per_bucket(minilm_encoder):
              for texts in calls for t in texts}
   for texts in calls:
     minilm_encoder.encode(texts)
-  assert minilm_encoder._embed._cache_size() - before <= len(buckets)
-  grown = minilm_encoder._embed._cache_size()
+  assert compiled() - before <= len(buckets)
+  grown = compiled()
   for texts in calls:
     minilm_encoder.encode(texts[::-1])
-  assert minilm_encoder._embed._cache_size() == grown
+  assert compiled() == grown
+  # Another encoder of the same architecture (other weights: E_D's fine-tuned copy) reuses them.
+  other = text_encoder.SentenceEncoder.from_pretrained(batch_size=minilm_encoder.batch_size)
+  nnx.update(other.model, jax.tree.map(lambda x: x * 1.01, nnx.state(other.model, nnx.Param)))
+  other._graphdef, other._state = nnx.split(other.model)
+  for texts in calls:
+    assert not np.allclose(other.encode(texts), minilm_encoder.encode(texts))
+  assert compiled() == grown
 
 
 def test_a_sentence_embedding_does_not_depend_on_what_it_is_encoded_with(minilm_encoder):

@@ -4,6 +4,7 @@ import asyncio
 import hashlib
 import json
 
+import ml_collections
 import pytest
 
 from configs import env_blocks
@@ -32,6 +33,14 @@ def test_defaults_are_valid_and_bad_fields_are_named():
     c.model_id = "hand-typed"
   with pytest.raises(ValueError, match=r"unknown fields \['model_id'\]"):
     stack.check_llm_config(c)
+  # A block saved before scan_layers existed (a workdir's config.json) is valid; any other missing
+  # field is not.
+  old = {k: v for k, v in env_blocks.llm_config().items() if k != "scan_layers"}
+  stack.check_llm_config(ml_collections.ConfigDict(old))
+  with pytest.raises(ValueError, match=r"missing fields \['chunk'\]"):
+    stack.check_llm_config(ml_collections.ConfigDict({k: v for k, v in old.items() if k != "chunk"}))
+  with pytest.raises(ValueError, match=r"config.llm.scan_layers: expected a bool"):
+    stack.check_llm_config(ml_collections.ConfigDict({**old, "scan_layers": "yes"}))
 
 
 def test_local_model_name_is_the_file_hash(tmp_path):

@@ -144,6 +144,34 @@ def test_process_logits_matches_transformers_processors(opts):
   np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("opts", [dict(top_p=0.9), dict(top_k=50), dict(top_k=300),
+                                  dict(top_k=100, top_p=0.6), dict(temperature=0.7, top_p=0.95)])
+@pytest.mark.parametrize("scale", [8.0, 1.0], ids=["peaked", "flat"])
+def test_top_k_top_p_on_a_large_vocabulary_match_transformers(opts, scale):
+  """V = 3000 > TRUNCATED_SORT: peaked rows are decided by the sorted head, flat rows (whose
+  head holds less than top_p of the mass) and k > head take the full sort; both as transformers."""
+  rng = np.random.RandomState(1)
+  b, v = 4, 3000
+  logits = (rng.normal(size=(b, v)) * scale).astype(np.float32)
+  head = np.sort(logits / opts.get("temperature", 1.0), axis=-1)[:, ::-1]
+  mass = np.exp(head - np.logaddexp.reduce(head, axis=-1, keepdims=True))[:, :256].sum(-1)
+  if "top_p" in opts and "top_k" not in opts:
+    assert (mass.min() > opts["top_p"]) == (scale == 8.0)  # which path each case exercises
+  mode = logits_lib.Mode(greedy=False, top_k="top_k" in opts, top_p="top_p" in opts,
+                        penalty=False, ngram=0)
+  knobs = logits_lib.Knobs(
+      temperature=jnp.float32(opts.get("temperature", 1.0)), top_k=jnp.int32(opts.get("top_k", 0)),
+      top_p=jnp.float32(opts.get("top_p", 1.0)), penalty=jnp.float32(1.0),
+      stop_ids=jnp.zeros((1,), jnp.int32), max_new=jnp.int32(1))
+  ours = np.asarray(jax.jit(logits_lib.process_logits, static_argnums=1)(
+      jnp.asarray(logits), mode, knobs, None, None))
+  ref = _hf_process(logits, np.zeros((b, 1), np.int64), **opts)
+  kept = np.isfinite(ref)
+  assert 0 < kept.sum() < kept.size
+  np.testing.assert_array_equal(ours > -1e29, kept)
+  np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-5, atol=1e-5)
+
+
 def test_sampling_distribution_matches_torch_softmax(tiny):
   tmodel, sampler = tiny
   prompt = PROMPTS[0]

@@ -125,13 +125,14 @@ class LocalSampler(SamplingBackend):
 
   @classmethod
   def from_gguf(
-      cls, path: str | pathlib.Path | None = None, *, chat_template: str | None = None, **kwargs
+      cls, path: str | pathlib.Path | None = None, *, chat_template: str | None = None,
+      scan_layers: bool = True, **kwargs
   ) -> LocalSampler:
     """Loads a llama or gemma3 GGUF (default: the pinned SmolLM2-135M-Instruct asset).
 
     The architecture is dispatched by ``loading.load_llama_gguf``; the tokenizer is
     ``Tokenizer.from_gguf`` of the same file, with ``chat_template`` overriding the file's chat
-    template (``models.chat_template.resolve``).
+    template (``models.chat_template.resolve``); ``scan_layers``: ``Sampler(scan_layers=)``.
     """
     from eagle_jax import assets
     from eagle_jax.models import loading
@@ -139,7 +140,8 @@ class LocalSampler(SamplingBackend):
 
     path = pathlib.Path(path) if path is not None else assets.smollm2_gguf()
     _, model = loading.load_llama_gguf(path)
-    return cls(sampling_lib.Sampler(model, Tokenizer.from_gguf(path, chat_template)), **kwargs)
+    return cls(sampling_lib.Sampler(model, Tokenizer.from_gguf(path, chat_template),
+                                    scan_layers=scan_layers), **kwargs)
 
   # ----------------------------------------------------------------------------------------------
   # Tokens.

@@ -47,13 +47,17 @@ from eagle_jax.env.client import SamplingBackend
 from eagle_jax.models.sampling_params import check_int
 
 FIELDS = ("gguf", "chat_template", "server_url", "served_model", "api_key_env", "concurrency",
-          "timeout_s", "retries", "batch_buckets", "share_prefix", "continuous", "slots", "chunk")
+          "timeout_s", "retries", "batch_buckets", "share_prefix", "continuous", "slots", "chunk",
+          "scan_layers")
+LATER_FIELDS = {"scan_layers": True}  # field -> its value in configs saved without it
 
 
 def check_llm_config(llm, field: str = "config.llm") -> None:
   """Validates a ``config.llm`` block; ValueError naming ``field.<name>`` and what was expected."""
   keys = set(llm.keys())
-  missing, unknown = sorted(set(FIELDS) - keys), sorted(keys - set(FIELDS))
+  # Added later than the rest: configs saved by earlier runs lack them (their default applies).
+  missing = sorted(set(FIELDS) - keys - set(LATER_FIELDS))
+  unknown = sorted(keys - set(FIELDS))
   if missing or unknown:
     raise ValueError(f"{field}: missing fields {missing} / unknown fields {unknown}; expected "
                      f"exactly {list(FIELDS)}")
@@ -74,8 +78,8 @@ def check_llm_config(llm, field: str = "config.llm") -> None:
   elif llm.gguf and not assets.is_gguf_asset(llm.gguf) and not os.path.isfile(llm.gguf):
     raise ValueError(f"{field}.gguf: no such file {llm.gguf!r} (nor a pinned asset's name: "
                      f"{sorted(assets.GGUF_ASSETS)})")
-  for name in ("share_prefix", "continuous"):
-    if not isinstance(llm[name], bool):
+  for name in ("share_prefix", "continuous", "scan_layers"):
+    if not isinstance(llm.get(name, LATER_FIELDS.get(name)), bool):
       raise ValueError(f"{field}.{name}: expected a bool, got {llm[name]!r}")
   for name, lo in (("concurrency", 1), ("retries", 0), ("slots", 1), ("chunk", 1)):
     check_int(f"{field}.{name}", llm[name], lo)
@@ -205,7 +209,9 @@ def open_llm(llm, cache_path: str, *, sampler=None, model_file: str | os.PathLik
                    chat=chat, share_prefix=llm.share_prefix, continuous=llm.continuous,
                    slots=int(llm.slots), chunk=int(llm.chunk))
     if sampler is None:
-      backend = LocalSampler.from_gguf(path, chat_template=llm.chat_template or None, **options)
+      scan = llm.get("scan_layers", LATER_FIELDS["scan_layers"])
+      backend = LocalSampler.from_gguf(path, chat_template=llm.chat_template or None,
+                                       scan_layers=scan, **options)
     else:
       backend = LocalSampler(sampler, **options)
   return stack_over(backend, cache_path, cache_memory)

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eagle_jax.models import layer_scan
 from eagle_jax.models.attention import (
   LAYER_KINDS,
   SLIDING,
@@ -367,6 +368,8 @@ class Llama(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     self.config = config
+    # Blocks as one lax.scan (``layer_scan``; set by ``sampling.Sampler`` on its own copy).
+    self.scan_layers = False
     # Parameters are created unsharded; loading.shard_model places them on a mesh.
     with nnx.use_eager_sharding(False):
       self.embedder = Embedder(config, rngs=rngs)
@@ -439,21 +442,25 @@ class Llama(nnx.Module):
       key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
       query_slots = cache.index + jnp.arange(t, dtype=jnp.int32)
     kv = None if cache is None else (cache.k, cache.v)
-    for i, block in enumerate(self.layers):
-      layer_cache = None if kv is None else (kv[0], kv[1], cache.index, i)
-      shared = None if prefix is None else (prefix.k[i], prefix.v[i], row_mask, prefix.seats,
-                                            row_seat)
-      x, kv = block(x, positions, key_mask, query_slots, layer_cache, shared)
+    index = None if cache is None else cache.index
+    shared = None if prefix is None else (row_mask, prefix.seats, row_seat)
+    if self.scan_layers:
+      x, kv = layer_scan.run_blocks(self.layers, (x, positions, key_mask, query_slots), kv, index,
+                                    prefix, shared)
+    else:
+      for i, block in enumerate(self.layers):
+        layer_cache = None if kv is None else (kv[0], kv[1], index, i)
+        layer_prefix = None if prefix is None else (prefix.k[i], prefix.v[i], *shared)
+        x, kv = block(x, positions, key_mask, query_slots, layer_cache, layer_prefix)
     hidden = self.final_norm(x)
     if cache is None:
       return hidden, None
-    new_cache = KVCache(
-        k=constrain(kv[0], CACHE_AXES),
-        v=constrain(kv[1], CACHE_AXES),
-        mask=key_mask,
-        index=cache.index + t,
-    )
-    return hidden, new_cache
+    return hidden, KVCache(k=constrain(kv[0], CACHE_AXES), v=constrain(kv[1], CACHE_AXES),
+                           mask=key_mask, index=cache.index + t)
+
+  def scannable(self) -> bool:
+    """Whether the blocks can run as one ``lax.scan`` (``layer_scan.scannable``)."""
+    return layer_scan.scannable(self.layers)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden: [B, T, D] -> logits [B, T, V] float32."""

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30
+# Tokens sorted for top-k and top-p when they decide the rule (``process_logits``).
+TRUNCATED_SORT = 256
 
 
 class Mode(NamedTuple):
@@ -68,18 +70,45 @@ def process_logits(
     return logits
   logits = logits / knobs.temperature
   if mode.top_k or mode.top_p:
-    sorted_desc = -jnp.sort(-logits, axis=-1)  # [B, V]
+    v = logits.shape[-1]
+    head = min(v, TRUNCATED_SORT)
+    full = lambda: _top_k_top_p(logits, -jnp.sort(-logits, axis=-1), mode, knobs)
+    if head == v:
+      return full()
+    # Only the largest tokens decide top-k and top-p in practice: sort those (``lax.top_k``) and
+    # fall back to the full sort when they do not decide the rule (k > head, or, for top-p alone,
+    # the head's share of the probability mass below top_p, with a margin for float sums); a full
+    # sort of [B, V] costs more than a decoder step on CPU.
+    top = jax.lax.top_k(logits, head)[0]  # [B, head], descending
+    log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     if mode.top_k:
-      k = jnp.clip(knobs.top_k, 1, logits.shape[-1])
-      kth = jnp.take(sorted_desc, k - 1, axis=-1)[:, None]
-      logits = jnp.where(logits < kth, NEG_INF, logits)
-      sorted_desc = jnp.where(jnp.arange(logits.shape[-1]) < k, sorted_desc, NEG_INF)
-    if mode.top_p:
+      decided = knobs.top_k <= head
+    else:
+      decided = jnp.all(jnp.exp(top - log_norm).sum(-1) >= knobs.top_p + 1e-4)
+    logits = jax.lax.cond(decided, lambda: _top_k_top_p(logits, top, mode, knobs, log_norm),
+                          full)
+  return logits
+
+
+def _top_k_top_p(logits: jax.Array, sorted_desc: jax.Array, mode: Mode, knobs: Knobs,
+                 log_norm: jax.Array | None = None) -> jax.Array:
+  """Top-k, then top-p (transformers' order), given ``sorted_desc`` [B, H]: the H largest logits
+  in descending order (H = V, or a head that decides the rules). ``log_norm`` [B, 1]: the log of
+  the softmax normaliser over all V logits when the head is shorter (top-p without top-k)."""
+  if mode.top_k:
+    k = jnp.clip(knobs.top_k, 1, logits.shape[-1])
+    kth = jnp.take(sorted_desc, k - 1, axis=-1)[:, None]
+    logits = jnp.where(logits < kth, NEG_INF, logits)
+    sorted_desc = jnp.where(jnp.arange(sorted_desc.shape[-1]) < k, sorted_desc, NEG_INF)
+  if mode.top_p:
+    if mode.top_k or log_norm is None:
       probs = jax.nn.softmax(sorted_desc, axis=-1)
-      mass_before = jnp.cumsum(probs, axis=-1) - probs
-      keep = mass_before < knobs.top_p  # the first token always has mass_before == 0
-      threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-      logits = jnp.where(logits < threshold, NEG_INF, logits)
+    else:
+      probs = jnp.exp(sorted_desc - log_norm)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < knobs.top_p  # the first token always has mass_before == 0
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, NEG_INF, logits)
   return logits
 
 

@@ -32,6 +32,7 @@ so the model's activation constraints apply.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -65,6 +66,14 @@ def load_tokenizer(path: str | os.PathLike, max_length: int) -> tokenizers.Token
   tok.no_padding()
   tok.enable_truncation(max_length)
   return tok
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(graphdef, state, ids: jax.Array, mask: jax.Array) -> jax.Array:
+  """Pooled sentence embeddings [B, D] of ``ids``/``mask`` [B, T]; one jitted function for every
+  encoder, so encoders of one architecture (the frozen MiniLM, E_D's fine-tuned copy) share each
+  length bucket's compiled program instead of compiling it once each."""
+  return nnx.merge(graphdef, state).embed(ids, mask)
 
 
 class SentenceEncoder:
@@ -120,8 +129,7 @@ class SentenceEncoder:
       parallel.shard_module(model, mesh, rules)
       self._token_sharding = parallel.named_sharding(mesh, ("batch", "length"), rules)
     self.micro_batch = None if mesh is not None else micro_batch
-    graphdef, self._state = nnx.split(model)
-    self._embed = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state).embed(ids, mask))
+    self._graphdef, self._state = nnx.split(model)
 
   @classmethod
   def from_pretrained(
@@ -240,11 +248,11 @@ class SentenceEncoder:
 
   def _call(self, ids: np.ndarray, mask: np.ndarray) -> jax.Array:
     if self.mesh is None:
-      return self._embed(self._state, ids, mask)
+      return _embed(self._graphdef, self._state, ids, mask)
     with jax.set_mesh(self.mesh):
       ids = jax.device_put(ids, self._token_sharding)
       mask = jax.device_put(mask, self._token_sharding)
-      return self._embed(self._state, ids, mask)
+      return _embed(self._graphdef, self._state, ids, mask)
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:

@@ -1,0 +1,99 @@
+r"""Compile time against run time of the environment LLM's decode programs: blocks unrolled or scanned.
+
+  python -m benchmarks.compile_bench              # 16 rows, 128-token prompts, 40 new tokens
+  python -m benchmarks.compile_bench --rounds=3 --prompt=512
+
+Every prompt-length bucket and prefix-sharing plan of ``Sampler.generate_ids`` is a program of its
+own, compiled on first use; a short job (the quick start writes its world with about a dozen) pays
+those compiles as much as it pays decoding. SmolLM2-135M (the offline GGUF asset), 16 rows of
+``--prompt`` random tokens whose first ``--shared`` tokens are common (a state's transition
+prompts), repetition penalty and no-repeat 3-grams as in the world's sampling, greedy. Four
+samplers: blocks unrolled (``scan_layers=False``) or as one ``lax.scan`` (``Llama.scan_layers``),
+each with and without prefix sharing. Per round, each builds a fresh sampler (a fresh compile)
+and times, interleaved in a rotating order:
+
+* compile: the first call's seconds minus the same call's warm seconds (40 new tokens, and the
+  one-token program that isolates the prefill);
+* prefill: a warm one-token call; step: (warm 40-token call - prefill) / 40.
+
+Medians over rounds; the answers of all four are compared token for token.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from absl import app, flags
+
+from eagle_jax import assets
+from eagle_jax.models import loading, sampling
+from eagle_jax.models.sampling_params import SamplingParams
+
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "Rounds (each compiles every variant afresh).")
+_ROWS = flags.DEFINE_integer("rows", 16, "Rows per call (the world's decode batch).")
+_PROMPT = flags.DEFINE_integer("prompt", 128, "Prompt tokens per row.")
+_SHARED = flags.DEFINE_integer("shared", 100, "Leading tokens common to every row.")
+_NEW = flags.DEFINE_integer("new", 40, "New tokens (the world's transitions: 40).")
+
+
+def _load() -> str:
+  try:
+    return f"{os.getloadavg()[0]:.2f}"
+  except OSError:
+    return "n/a"
+
+
+def _timed(fn) -> tuple[float, object]:
+  t = time.perf_counter()
+  out = fn()
+  return time.perf_counter() - t, out
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  _, model = loading.load_llama_gguf(assets.smollm2_gguf())
+  rng = np.random.default_rng(0)
+  head = rng.integers(100, 40000, _SHARED.value).tolist()
+  ids = [head + rng.integers(100, 40000, _PROMPT.value - _SHARED.value).tolist()
+         for _ in range(_ROWS.value)]
+  params = {n: SamplingParams(max_tokens=n, temperature=0.0, repetition_penalty=1.2,
+                              no_repeat_ngram=3, stop=[]) for n in (1, _NEW.value)}
+  variants = [(scan, share) for scan in (False, True) for share in (False, True)]
+  names = {v: f"{'scanned' if v[0] else 'unrolled'}, {'shared' if v[1] else 'unshared'}"
+           for v in variants}
+  stats = {v: {"compile": [], "prefill": [], "step": []} for v in variants}
+  answers = {}
+  print(f"SmolLM2-135M, {_ROWS.value} rows x {_PROMPT.value} prompt tokens ({_SHARED.value} "
+        f"common), {_NEW.value} new tokens; load {_load()}", flush=True)
+  for r in range(_ROUNDS.value):
+    order = variants[r % len(variants):] + variants[:r % len(variants)]
+    for v in order:
+      s = sampling.Sampler(model, share_prefix=v[1], scan_layers=v[0])
+      first = {n: _timed(lambda n=n, s=s: s.generate_ids(ids, params[n]))[0] for n in params}
+      warm = {}
+      for n in params:
+        warm[n], out = _timed(lambda n=n, s=s: s.generate_ids(ids, params[n]))
+      answers[v] = np.asarray(out.tokens)
+      stats[v]["compile"].append(sum(first[n] - warm[n] for n in params))
+      stats[v]["prefill"].append(warm[1])
+      stats[v]["step"].append((warm[_NEW.value] - warm[1]) / (_NEW.value - 1))
+    print(f"round {r + 1}/{_ROUNDS.value} done, load {_load()}", flush=True)
+  med = {v: {k: statistics.median(x) for k, x in d.items()} for v, d in stats.items()}
+  print(f"\n{'':<22}{'compile s':>10}{'prefill s':>10}{'step ms':>9}{'compile vs unrolled':>21}"
+        f"{'call vs unrolled':>18}")
+  for v in variants:
+    m, base = med[v], med[(False, v[1])]
+    call, base_call = (m["prefill"] + (_NEW.value - 1) * m["step"],
+                       base["prefill"] + (_NEW.value - 1) * base["step"])
+    print(f"{names[v]:<22}{m['compile']:>10.2f}{m['prefill']:>10.2f}{m['step'] * 1e3:>9.1f}"
+          f"{base['compile'] / m['compile']:>20.2f}x{base_call / call:>17.2f}x")
+  same = {names[v]: bool(np.array_equal(answers[v], answers[variants[0]])) for v in variants}
+  print(f"\nanswers equal to unrolled, unshared: {same}; load at end {_load()}")
+
+
+if __name__ == "__main__":
+  app.run(main)

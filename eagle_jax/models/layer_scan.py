@@ -1,0 +1,62 @@
+"""A decoder's blocks as one ``lax.scan`` over their stacked parameters.
+
+Every prompt-length bucket and prefix-sharing plan of ``sampling.Sampler`` is a compiled program of
+its own, and with the blocks unrolled each program holds ``layers`` copies of a block for the
+prefill and again for the decode step; XLA's compile time grows with that size. Scanned, a program
+holds one block, so it compiles several times faster, for a somewhat slower step (each layer's
+weights are sliced out of the stacked arrays); ``Sampler(scan_layers=)`` chooses, and
+``benchmarks/compile_bench.py`` measures both sides. The arithmetic is the unrolled loop's: the
+same block code on the same values, in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def scannable(blocks: Sequence[nnx.Module]) -> bool:
+  """Whether ``blocks`` share one graph (the same static attributes: no per-layer sliding windows
+  or RoPE bases, as Gemma 3 has) and hold plain ``nnx.Param`` variables only (no LoRA adapters or
+  other variable types a scan would have to carry)."""
+  graphdefs = {nnx.graphdef(b) for b in blocks}
+  plain = all(type(v) is nnx.Param for b in blocks for _, v in nnx.to_flat_state(nnx.state(b)))
+  return len(graphdefs) == 1 and plain
+
+
+def run_blocks(blocks: Sequence[nnx.Module], inputs: tuple, kv, index, prefix, shared):
+  """Runs ``blocks`` (``scannable``) in order as one scan.
+
+  Args:
+    blocks: the decoder blocks, called as ``block(x, positions, key_mask, query_slots,
+      layer_cache, layer_prefix)``.
+    inputs: ``(x [B, T, D], positions [B, T], key_mask [B, S], query_slots [T])``.
+    kv: the stacked cache ``(k, v)``, each [L, B, S, KVH, hd], or None; a block updates its layer
+      ``i`` (the scan index) in place.
+    index: [] int32 next cache slot, or None without a cache.
+    prefix: ``SharedPrefix`` with k, v [L, G, KVH, Pp, hd] (scanned by layer), or None.
+    shared: ``(row_mask, seats, row_seat)`` of ``prefix`` (the same for every layer), or None.
+
+  Returns:
+    (x [B, T, D] after the last block, the updated ``kv`` or None).
+  """
+  x, positions, key_mask, query_slots = inputs
+  graphdef = nnx.graphdef(blocks[0])
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in blocks])
+  xs = (jnp.arange(len(blocks), dtype=jnp.int32), stacked)
+  if prefix is not None:
+    xs = xs + (prefix.k, prefix.v)
+
+  def body(carry, xs):
+    x, kv = carry
+    block = nnx.merge(graphdef, xs[1])
+    layer_cache = None if kv is None else (kv[0], kv[1], index, xs[0])
+    layer_prefix = None if prefix is None else (xs[2], xs[3], *shared)
+    x, kv = block(x, positions, key_mask, query_slots, layer_cache, layer_prefix)
+    return (x, kv), None
+
+  (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
+  return x, kv

@@ -1,0 +1,107 @@
+"""The sampler's decoder blocks as one ``lax.scan`` (``Llama.scan_layers``) decode as the unrolled
+blocks do, and compile one block instead of ``layers``.
+
+References: the unrolled model (itself checked against PyTorch in ``test_sampling.py``) and
+PyTorch ``generate`` on the tiny model; the compiled program's text for what was compiled.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from decoder_fixtures import make_torch_llama, save_torch
+from flax import nnx
+from test_prefix_share import GREEDY, HISTORY, SAMPLED, torch_greedy
+
+from eagle_jax.models import loading, lora, sampling
+from eagle_jax.models.llama import Llama, LlamaConfig
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  tmodel = make_torch_llama(tie=True, seed=5)
+  _, model = loading.load_llama_safetensors(save_torch(tmodel, tmp_path_factory.mktemp("s")))
+  return tmodel, model
+
+
+def rows(seed: int) -> list[list[int]]:
+  """Four rows behind one 30-token prefix (two the same), two unrelated rows (vocabulary 97)."""
+  rng = np.random.default_rng(seed)
+  head = [11] + rng.integers(1, 97, 29).tolist()
+  tail = lambda first, n: [first] + rng.integers(1, 97, n - 1).tolist()
+  same = tail(1, 4)
+  return [head + same, head + tail(2, 9), head + same, head + tail(3, 2), tail(40, 13),
+          tail(50, 6)]
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED, HISTORY],
+                         ids=["greedy", "sampled", "penalty_ngram"])
+@pytest.mark.parametrize("share", [False, True], ids=["unshared", "shared"])
+def test_scanned_equals_unrolled(tiny, params, share):
+  tmodel, model = tiny
+  scanned = sampling.Sampler(model, share_prefix=share)
+  unrolled = sampling.Sampler(model, share_prefix=share, scan_layers=False)
+  assert scanned.scan_layers and nnx.merge(scanned.graphdef, scanned.state).scan_layers
+  assert not nnx.merge(unrolled.graphdef, unrolled.state).scan_layers
+  assert not model.scan_layers  # the caller's model is not switched
+  batch, seeds = rows(1), [300 + i for i in range(6)]
+  a = scanned.generate_ids(batch, params, seeds=seeds)
+  b = unrolled.generate_ids(batch, params, seeds=seeds)
+  assert (scanned.last_plan is not None) == share
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.mask, b.mask)
+  np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+  if params is GREEDY:
+    for i, row in enumerate(batch):
+      assert a.tokens[i].tolist() == torch_greedy(tmodel, row), i
+  if params is SAMPLED:
+    assert not np.array_equal(a.tokens, scanned.generate_ids(batch, GREEDY).tokens)
+
+
+def test_scanned_soft_token_prefill_equals_unrolled(tiny):
+  """``generate_embeddings`` (ELM's soft tokens) runs the same scanned blocks."""
+  _, model = tiny
+  rng = np.random.default_rng(2)
+  emb = rng.normal(0, 0.5, (3, 7, model.config.hidden)).astype(np.float32)
+  mask = np.ones((3, 7), bool)
+  mask[0, :3] = False
+  outs = [sampling.Sampler(model, scan_layers=s).generate_embeddings(emb, mask, GREEDY)
+          for s in (True, False)]
+  np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+  np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
+
+
+def test_program_holds_one_block(tiny):
+  """The compiled decode of the scanned sampler has one block's matmuls (inside a loop), the
+  unrolled one ``layers`` copies: what makes its compile several times faster."""
+  _, model = tiny
+  batch = rows(3)
+  dots = {}
+  for scan in (True, False):
+    s = sampling.Sampler(model, scan_layers=scan)
+    tokens, mask = s._pad(batch, sampling.bucket(max(map(len, batch))))
+    mode, knobs = sampling.mode_and_knobs(GREEDY, ())
+    text = s._generate.lower(s.state, jnp.asarray(tokens), jnp.asarray(mask), knobs,
+                             s._row_keys(len(batch), 0, None), mode=mode, new_bucket=16,
+                             pad_id=s.pad_id).as_text()
+    dots[scan] = text.count("dot_general")
+  layers = model.config.layers
+  assert layers >= 2
+  # Per block: q, k, v, o, gate, up, down projections and two attention contractions, in the
+  # prefill and in the decode step; the lm head outside.
+  assert dots[False] >= layers * 2 * 7
+  assert dots[True] <= dots[False] / layers + 8
+
+
+def test_scannable_only_for_uniform_plain_blocks(tiny):
+  _, model = tiny
+  assert model.scannable()
+  sliding = LlamaConfig(vocab_size=50, hidden=16, intermediate=32, layers=2, heads=2, kv_heads=1,
+                        head_dim=8, layer_types=("sliding_attention", "full_attention"),
+                        sliding_window=4)
+  assert not Llama(sliding, rngs=nnx.Rngs(0)).scannable()  # per-layer windows: unrolled
+  # LoRA adapters (qwix) are variables the scan does not carry: unrolled.
+  adapted = lora.apply_lora(model, (jnp.ones((1, 4), jnp.int32),), rank=2, alpha=4.0,
+                            modules=r"layers/\d+/mlp", seed=0)
+  assert not adapted.scannable()
+  s = sampling.Sampler(adapted)
+  assert not s.scan_layers or not nnx.merge(s.graphdef, s.state).scan_layers
