@@ -16,7 +16,9 @@ and times, interleaved in a rotating order:
   one-token program that isolates the prefill);
 * prefill: a warm one-token call; step: (warm 40-token call - prefill) / 40.
 
-Medians over rounds; the answers of all four are compared token for token.
+Medians over rounds; the answers of all four are compared token for token. Then two kernels of a
+decode step, each beside its alternative: the step's weight matmuls in float32 and bfloat16, and
+top-k/top-p's full sort of the logits beside ``lax.top_k`` of the 256 largest.
 """
 
 from __future__ import annotations
@@ -92,7 +94,46 @@ def main(argv: Sequence[str]) -> None:
     print(f"{names[v]:<22}{m['compile']:>10.2f}{m['prefill']:>10.2f}{m['step'] * 1e3:>9.1f}"
           f"{base['compile'] / m['compile']:>20.2f}x{base_call / call:>17.2f}x")
   same = {names[v]: bool(np.array_equal(answers[v], answers[variants[0]])) for v in variants}
-  print(f"\nanswers equal to unrolled, unshared: {same}; load at end {_load()}")
+  print(f"\nanswers equal to unrolled, unshared: {same}; load {_load()}")
+  _kernels(model)
+  print(f"load at end {_load()}")
+
+
+def _best(fn, *args) -> float:
+  fn(*args).block_until_ready()
+  return min(_timed(lambda: fn(*args).block_until_ready())[0] for _ in range(5))
+
+
+def _kernels(model) -> None:
+  """Two costs behind a decode step, each against its alternative, best of 5: the step's weight
+  matmuls (every block's projections and the output projection, one row block of ``--rows``) in
+  float32 and in bfloat16, and top-k/top-p's sort of the logits against ``lax.top_k`` of 256."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  weights = [x for x in jax.tree.leaves(nnx.state(model)) if x.ndim >= 2]
+  x = jax.random.normal(jax.random.key(1), (_ROWS.value, model.config.hidden))
+
+  def chain(x, ws):  # each weight as a [in, out] matrix applied to a [rows, in] block
+    out = 0.0
+    for w in ws:
+      w2 = w.reshape(w.shape[0], -1) if w.shape[0] == x.shape[1] else w.reshape(-1, x.shape[1]).T
+      out = out + jnp.max(x.astype(w2.dtype) @ w2).astype(jnp.float32)
+    return out
+
+  f = jax.jit(chain)
+  f32 = _best(f, x, weights)
+  bf16 = _best(f, x, [w.astype(jnp.bfloat16) for w in weights])
+  gb = sum(w.size for w in weights) * 4 / 1e9
+  print(f"\nweight matmuls of one step, {_ROWS.value} rows: float32 {f32 * 1e3:.1f} ms "
+        f"({gb:.2f} GB read, {gb / f32:.1f} GB/s), bfloat16 {bf16 * 1e3:.1f} ms "
+        f"({bf16 / f32:.2f}x float32's time)")
+  logits = jax.random.normal(jax.random.key(0), (_ROWS.value, model.config.vocab_size))
+  sort = _best(jax.jit(lambda v: jnp.sort(v, axis=-1)), logits)
+  top = _best(jax.jit(lambda v: jax.lax.top_k(v, 256)[0]), logits)
+  print(f"logits [{_ROWS.value}, {model.config.vocab_size}]: full sort {sort * 1e3:.1f} ms, "
+        f"lax.top_k 256 {top * 1e3:.1f} ms ({sort / top:.0f}x)")
 
 
 if __name__ == "__main__":

@@ -25,11 +25,11 @@ import os
 import time
 from collections.abc import Sequence
 
+import jax
 from absl import app, flags
 
 from eagle_jax import assets, prompts
 from eagle_jax.env import local
-from eagle_jax.models import sampling
 from eagle_jax.models.sampling_params import SamplingParams
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "A finished launch.main workdir.")
@@ -93,7 +93,7 @@ def main(argv: Sequence[str]) -> None:
                                          batch_buckets=tuple(map(int, _BUCKETS.value)), chat=True,
                                          share_prefix=_SHARE.value)
   model = backend.sampler
-  params = sum(x.size for x in __import__("jax").tree.leaves(model.state))
+  params = sum(x.size for x in jax.tree.leaves(model.state))
   embed = model.config.vocab_size * model.config.hidden
   rate = matmul_rate()
   print(f"{_WORKDIR.value}: scan_layers={_SCAN.value}, share_prefix={_SHARE.value}, batch_buckets="
