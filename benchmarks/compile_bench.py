@@ -23,7 +23,6 @@ top-k/top-p's full sort of the logits beside ``lax.top_k`` of the 256 largest.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
+from benchmarks.tree_bench import _load  # the load average as the tree benchmark prints it
 from eagle_jax import assets
 from eagle_jax.models import loading, sampling
 from eagle_jax.models.sampling_params import SamplingParams
@@ -40,13 +40,6 @@ _ROWS = flags.DEFINE_integer("rows", 16, "Rows per call (the world's decode batc
 _PROMPT = flags.DEFINE_integer("prompt", 128, "Prompt tokens per row.")
 _SHARED = flags.DEFINE_integer("shared", 100, "Leading tokens common to every row.")
 _NEW = flags.DEFINE_integer("new", 40, "New tokens (the world's transitions: 40).")
-
-
-def _load() -> str:
-  try:
-    return f"{os.getloadavg()[0]:.2f}"
-  except OSError:
-    return "n/a"
 
 
 def _timed(fn) -> tuple[float, object]:

@@ -66,16 +66,9 @@ def _trie_size(seqs: Sequence[Sequence[int]]) -> int:
   return n
 
 
-def _load() -> str:
-  try:
-    return f"{os.getloadavg()[0]:.2f}"
-  except OSError:
-    return "n/a"
-
-
 def main(argv: Sequence[str]) -> None:
   del argv
-  from benchmarks.tree_bench import matmul_rate  # noqa: PLC0415
+  from benchmarks.tree_bench import _load, matmul_rate  # noqa: PLC0415
 
   path = os.path.join(_WORKDIR.value, "env", "cache.jsonl")
   if not os.path.isfile(path):
