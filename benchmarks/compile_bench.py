@@ -17,8 +17,13 @@ and times, interleaved in a rotating order:
 * prefill: a warm one-token call; step: (warm 40-token call - prefill) / 40.
 
 Medians over rounds; the answers of all four are compared token for token. Then two kernels of a
-decode step, each beside its alternative: the step's weight matmuls in float32 and bfloat16, and
-top-k/top-p's full sort of the logits beside ``lax.top_k`` of the 256 largest.
+decode step, each beside its alternative: the step's weight matmuls in float32 and bfloat16;
+top-k/top-p's full sort of the logits beside ``lax.top_k`` of the 256 largest; the token draw of
+``logits.draw`` (inverse transform, one uniform per row) beside ``jax.random.categorical``
+(Gumbel-max, one random number per vocabulary entry); and the step's attention over every layer's
+cache of ``--cache_slots`` slots as ``attention.attend`` computes it (cache stored heads before
+slots, queries grouped by head) beside the same attention over a cache stored slots before heads
+with the time axis first, which XLA transposes every step.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from absl import app, flags
 from benchmarks.tree_bench import _load  # the load average as the tree benchmark prints it
 from eagle_jax import assets
 from eagle_jax.models import loading, sampling
+from eagle_jax.models import logits as logits_lib
 from eagle_jax.models.sampling_params import SamplingParams
 
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Rounds (each compiles every variant afresh).")
@@ -40,6 +46,8 @@ _ROWS = flags.DEFINE_integer("rows", 16, "Rows per call (the world's decode batc
 _PROMPT = flags.DEFINE_integer("prompt", 128, "Prompt tokens per row.")
 _SHARED = flags.DEFINE_integer("shared", 100, "Leading tokens common to every row.")
 _NEW = flags.DEFINE_integer("new", 40, "New tokens (the world's transitions: 40).")
+_SLOTS = flags.DEFINE_list("cache_slots", ["168", "672"],
+                           "Cache widths of the attention kernel line (slots per row).")
 
 
 def _timed(fn) -> tuple[float, object]:
@@ -98,9 +106,11 @@ def _best(fn, *args) -> float:
 
 
 def _kernels(model) -> None:
-  """Two costs behind a decode step, each against its alternative, best of 5: the step's weight
+  """Four costs behind a decode step, each against its alternative, best of 5: the step's weight
   matmuls (every block's projections and the output projection, one row block of ``--rows``) in
-  float32 and in bfloat16, and top-k/top-p's sort of the logits against ``lax.top_k`` of 256."""
+  float32 and in bfloat16; top-k/top-p's sort of the logits against ``lax.top_k`` of 256; the
+  token draw, inverse transform against Gumbel-max; one query per row attending over every
+  layer's cache (layers scanned), in both cache layouts."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
@@ -127,6 +137,52 @@ def _kernels(model) -> None:
   top = _best(jax.jit(lambda v: jax.lax.top_k(v, 256)[0]), logits)
   print(f"logits [{_ROWS.value}, {model.config.vocab_size}]: full sort {sort * 1e3:.1f} ms, "
         f"lax.top_k 256 {top * 1e3:.1f} ms ({sort / top:.0f}x)")
+  keys = jax.random.split(jax.random.key(5), _ROWS.value)
+  steps = jnp.zeros((_ROWS.value,), jnp.int32)
+  gumbel = _best(jax.jit(lambda s: jax.vmap(jax.random.categorical)(keys, s)), logits)
+  inverse = _best(jax.jit(lambda s: logits_lib.draw(s, keys, steps)), logits)
+  print(f"a token per row from those logits: jax.random.categorical {gumbel * 1e3:.2f} ms, "
+        f"logits.draw {inverse * 1e3:.2f} ms ({gumbel / inverse:.1f}x)")
+  for slots in map(int, _SLOTS.value):
+    heads_first, slots_first = _attention_layouts(model.config, _ROWS.value, slots)
+    print(f"attention of one step over {model.config.layers} layers x {_ROWS.value} rows x "
+          f"{slots} slots: attention.attend {heads_first * 1e3:.1f} ms, slots before heads "
+          f"{slots_first * 1e3:.1f} ms ({slots_first / heads_first:.2f}x)")
+
+
+def _attention_layouts(config, rows: int, slots: int) -> tuple[float, float]:
+  """Seconds of ``attention.attend`` for one query per row over a cache ``[L, rows, KVH, slots,
+  hd]`` (the cache's layout), and of the same attention written for ``[L, rows, slots, KVH, hd]``."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from eagle_jax.models import attention  # noqa: PLC0415
+
+  keys = jax.random.split(jax.random.key(2), 3)
+  shape = (config.layers, rows, config.kv_heads, slots, config.head_dim)
+  k, v = (jax.random.normal(key, shape) for key in keys[:2])
+  q = jax.random.normal(keys[2], (rows, 1, config.heads, config.head_dim))
+  mask = jnp.ones((rows, slots), bool)
+  last = jnp.array([slots - 1], jnp.int32)
+  g = config.heads // config.kv_heads
+
+  def slots_first_attend(x, kk, vv):  # the einsums of attention.attend over [B, S, KVH, hd]
+    qg = x.reshape(rows, 1, config.kv_heads, g, config.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, kk) * config.head_dim**-0.5
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, vv).reshape(x.shape)
+
+  def layers(attend):
+    def run(x, k, v):
+      body = lambda x, kv: (x + attend(x, *kv), None)
+      return jax.lax.scan(body, x, (k, v))[0]
+    return jax.jit(run)
+
+  heads_first = _best(layers(lambda x, kk, vv: attention.attend(
+      x, kk, vv, mask, last, config.head_dim**-0.5)), q, k, v)
+  to_slots_first = lambda a: jnp.swapaxes(a, 2, 3)
+  slots_first = _best(layers(slots_first_attend), q, to_slots_first(k), to_slots_first(v))
+  return heads_first, slots_first
 
 
 if __name__ == "__main__":

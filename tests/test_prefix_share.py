@@ -278,7 +278,7 @@ def test_attend_shared_prefix_equals_attention_over_prefix_and_own_slots():
   rng = np.random.default_rng(0)
   b, t, s, h, kvh, hd, g, pp = 5, 2, 6, 4, 2, 8, 3, 7
   q = rng.normal(size=(b, t, h, hd)).astype(np.float32)
-  k, v = (rng.normal(size=(b, s, kvh, hd)).astype(np.float32) for _ in range(2))
+  k, v = (rng.normal(size=(b, kvh, s, hd)).astype(np.float32) for _ in range(2))
   pk, pv = (rng.normal(size=(g, kvh, pp, hd)).astype(np.float32) for _ in range(2))
   key_mask = np.ones((b, s), bool)
   key_mask[:, :2] = False  # left padding of the own slots
@@ -297,8 +297,8 @@ def test_attend_shared_prefix_equals_attention_over_prefix_and_own_slots():
   for i in range(b):
     own_ok = key_mask[i][None, :] & (np.arange(s)[None, :] <= query_slots[:, None])
     pre = pmask[row_prefix[i]] if row_shared[i] else np.zeros(pp, bool)
-    kk = np.concatenate([pk[row_prefix[i]].transpose(1, 0, 2), k[i]])
-    vv = np.concatenate([pv[row_prefix[i]].transpose(1, 0, 2), v[i]])
+    kk = np.concatenate([pk[row_prefix[i]].transpose(1, 0, 2), k[i].transpose(1, 0, 2)])
+    vv = np.concatenate([pv[row_prefix[i]].transpose(1, 0, 2), v[i].transpose(1, 0, 2)])
     allowed = np.concatenate([np.broadcast_to(pre, (t, pp)), own_ok], axis=1)
     np.testing.assert_allclose(out[i], _softmax_attention(q[i], kk, vv, allowed, 0.3),
                                rtol=1e-5, atol=1e-5, err_msg=f"row {i}")
@@ -316,5 +316,5 @@ def test_shared_decode_keeps_only_suffix_and_decode_slots_per_row(tiny):
   model = nnx.merge(sampler.graphdef, sampler.state)
   inputs = prefix.SharedInputs(*map(jnp.asarray, plan.inputs))
   _, cache, shared = prefix.shared_prefill(model, inputs, 16)
-  assert cache.k.shape[2] == plan.inputs.suffix_tokens.shape[1] + 16
+  assert cache.k.shape[3] == plan.inputs.suffix_tokens.shape[1] + 16
   assert shared.k.shape[1:3] == (2, model.config.kv_heads)

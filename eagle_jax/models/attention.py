@@ -109,8 +109,8 @@ def attend(
 
   Args:
     q: [B, T, H, hd] queries (after RoPE).
-    k: [B, S, KVH, hd] keys (after RoPE); ``H % KVH == 0``.
-    v: [B, S, KVH, hd] values.
+    k: [B, KVH, S, hd] keys (after RoPE); ``H % KVH == 0``.
+    v: [B, KVH, S, hd] values.
     key_mask: [B, S] bool, key slot holds a real token.
     query_slots: [T] int32 slot of each query.
     scale: logit scale (``head_dim ** -0.5`` or Gemma's ``query_pre_attn_scalar ** -0.5``).
@@ -119,20 +119,33 @@ def attend(
   Returns:
     [B, T, H, hd] attention output in q's dtype; scores and softmax in float32.
   """
-  b, t, h, hd = q.shape
-  kvh = k.shape[2]
-  qg = q.reshape(b, t, kvh, h // kvh, hd)
+  qg = _grouped(q, k.shape[1])
   scores = _slot_scores(qg, k, key_mask, query_slots, scale, window)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+  return _ungrouped(jnp.einsum("bkgts,bksd->bkgtd", probs, v))
+
+
+# Attention works on queries grouped by key/value head, [B, KVH, H / KVH, T, hd]: every product is
+# then batched over (row, head) with operands and output in the order XLA's CPU matmul kernels
+# take as they are (a product whose output needs a transpose falls back to a slower kernel).
+def _grouped(q: jax.Array, kvh: int) -> jax.Array:
+  """[B, T, H, hd] -> [B, KVH, H / KVH, T, hd]."""
+  b, t, h, hd = q.shape
+  return q.reshape(b, t, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4)
+
+
+def _ungrouped(out: jax.Array) -> jax.Array:
+  """[B, KVH, H / KVH, T, hd] -> [B, T, H, hd]."""
+  b, kvh, g, t, hd = out.shape
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kvh * g, hd)
 
 
 def _slot_scores(qg: jax.Array, k: jax.Array, key_mask: jax.Array, query_slots: jax.Array,
                  scale: float, window: int | None) -> jax.Array:
-  """Scaled float32 scores [B, KVH, H / KVH, T, S] of grouped queries qg [B, T, KVH, H / KVH,
-  hd] over key slots k [B, S, KVH, hd], ``MASK_VALUE`` where the slot is not visible."""
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  slots = jnp.arange(k.shape[1], dtype=jnp.int32)[None, None, :]
+  """Scaled float32 scores [B, KVH, H / KVH, T, S] of grouped queries qg [B, KVH, H / KVH, T,
+  hd] over key slots k [B, KVH, S, hd], ``MASK_VALUE`` where the slot is not visible."""
+  scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  slots = jnp.arange(k.shape[2], dtype=jnp.int32)[None, None, :]
   qs = query_slots[None, :, None]
   allowed = key_mask[:, None, :] & (slots <= qs)
   if window is not None:
@@ -165,9 +178,8 @@ class SharedPrefix(NamedTuple):
 
   @classmethod
   def from_cache(cls, cache, row_prefix, row_shared, seats) -> SharedPrefix:
-    """The prefix of a ``llama.KVCache`` of G rows (``[L, G, Pp, KVH, hd]`` ->
-    ``[L, G, KVH, Pp, hd]``, transposed once so that no decode step copies it)."""
-    return cls(k=cache.k.transpose(0, 1, 3, 2, 4), v=cache.v.transpose(0, 1, 3, 2, 4),
+    """The prefix of a ``llama.KVCache`` of G rows (its k, v: ``[L, G, KVH, Pp, hd]``)."""
+    return cls(k=cache.k, v=cache.v,
                mask=cache.mask, row_prefix=jnp.asarray(row_prefix, jnp.int32),
                row_shared=jnp.asarray(row_shared, bool), seats=jnp.asarray(seats, jnp.int32))
 
@@ -207,7 +219,7 @@ def attend_shared_prefix(
 
   Args:
     q: [B, T, H, hd] queries (after RoPE).
-    k, v: [B, S, KVH, hd] the rows' own keys and values (after RoPE); ``H % KVH == 0``.
+    k, v: [B, KVH, S, hd] the rows' own keys and values (after RoPE); ``H % KVH == 0``.
     key_mask: [B, S] bool, own slot holds a real token.
     query_slots: [T] int32 own slot of each query (causality: own key slot <= query slot; every
       prefix slot precedes every own slot).
@@ -222,29 +234,26 @@ def attend_shared_prefix(
   Returns:
     [B, T, H, hd] attention output in q's dtype; scores and softmax in float32.
   """
-  b, t, h, hd = q.shape
-  kvh = k.shape[2]
-  gq = h // kvh
   n, r = seats.shape
-  qg = q.reshape(b, t, kvh, gq, hd)
+  qg = _grouped(q, k.shape[1])  # [B, KVH, gq, T, hd]
   own = _slot_scores(qg, k, key_mask, query_slots, scale, None)  # [B, KVH, gq, T, S]
 
-  def to_seats(x):  # [B, ...] -> [G, R, ...], zeros in empty seats
+  def to_seats(x):  # [B, KVH, ...] -> [G, KVH, R, ...], zeros in empty seats
     x = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)], axis=0)
-    return jnp.take(x, seats, axis=0)
+    return jnp.swapaxes(jnp.take(x, seats, axis=0), 1, 2)
 
-  def to_rows(x):  # [G, R, ...] -> [B, ...], zeros for rows without a seat
+  def to_rows(x):  # [G, KVH, R, ...] -> [B, KVH, ...], zeros for rows without a seat
+    x = jnp.swapaxes(x, 1, 2)
     return jnp.take(x.reshape((n * r,) + x.shape[2:]), row_seat, axis=0, mode="fill",
                     fill_value=0)
 
-  pre = jnp.einsum("nrtkgd,nksd->nrtkgs", to_seats(qg), prefix_k,
+  pre = jnp.einsum("nkrgtd,nksd->nkrgts", to_seats(qg), prefix_k,
                    preferred_element_type=jnp.float32) * scale
-  pre = to_rows(pre).transpose(0, 2, 3, 1, 4)  # [B, KVH, gq, T, Pp]
+  pre = to_rows(pre)  # [B, KVH, gq, T, Pp]
   pre = jnp.where(row_mask[:, None, None, None, :], pre, MASK_VALUE)
   m = jnp.maximum(own.max(-1, keepdims=True), pre.max(-1, keepdims=True))
   e_own, e_pre = jnp.exp(own - m), jnp.exp(pre - m)
   denom = e_own.sum(-1, keepdims=True) + e_pre.sum(-1, keepdims=True)
-  out = jnp.einsum("bkgts,bskd->btkgd", (e_own / denom).astype(q.dtype), v)
-  p_pre = (e_pre / denom).astype(q.dtype).transpose(0, 3, 1, 2, 4)  # [B, T, KVH, gq, Pp]
-  out_pre = jnp.einsum("nrtkgs,nksd->nrtkgd", to_seats(p_pre), prefix_v)
-  return (out + to_rows(out_pre)).reshape(b, t, h, hd)
+  out = jnp.einsum("bkgts,bksd->bkgtd", (e_own / denom).astype(q.dtype), v)
+  out_pre = jnp.einsum("nkrgts,nksd->nkrgtd", to_seats((e_pre / denom).astype(q.dtype)), prefix_v)
+  return _ungrouped(out + to_rows(out_pre))

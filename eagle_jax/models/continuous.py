@@ -135,8 +135,8 @@ def _insert(slots: Slots, rows, logits, pcache, tokens, mask, keys, max_new, *, 
 
   put = lambda a, x, axis=0: a.at[(slice(None),) * axis + (rows,)].set(x, mode="drop")
   new_cache = llama_lib.KVCache(
-      k=put(cache.k, place(pcache.k, 2).astype(cache.k.dtype), 1),
-      v=put(cache.v, place(pcache.v, 2).astype(cache.v.dtype), 1),
+      k=put(cache.k, place(pcache.k, llama_lib.SLOT_AXIS).astype(cache.k.dtype), 1),
+      v=put(cache.v, place(pcache.v, llama_lib.SLOT_AXIS).astype(cache.v.dtype), 1),
       mask=put(cache.mask, place(pcache.mask, 1)), index=index)
   presence = hist = hist_ok = None
   if slots.presence is not None:
@@ -159,7 +159,8 @@ def _compact(slots: Slots, shift) -> Slots:
   w = cache.mask.shape[1]
   keep = jnp.arange(w) < w - shift
   roll = lambda x, axis: jnp.roll(x, -shift, axis=axis)
-  cache = llama_lib.KVCache(k=roll(cache.k, 2), v=roll(cache.v, 2),
+  slot = llama_lib.SLOT_AXIS
+  cache = llama_lib.KVCache(k=roll(cache.k, slot), v=roll(cache.v, slot),
                             mask=roll(cache.mask, 1) & keep[None], index=cache.index - shift)
   return slots._replace(cache=cache)
 
@@ -185,8 +186,7 @@ def _run(graphdef, state, slots: Slots, knobs: logits_lib.Knobs, *, mode: logits
     if mode.greedy:
       tok = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     else:
-      draw = lambda k, i, row: jax.random.categorical(jax.random.fold_in(k, i), row)
-      tok = jax.vmap(draw)(s.keys, s.step, scores).astype(jnp.int32)
+      tok = logits_lib.draw(scores, s.keys, s.step)
     logp = jnp.take_along_axis(jax.nn.log_softmax(s.logits), tok[:, None], axis=-1)[:, 0]
     live = ~s.done
     tok = jnp.where(live, tok, pad_id)

@@ -34,7 +34,7 @@ def run_blocks(blocks: Sequence[nnx.Module], inputs: tuple, kv, index, prefix, s
     blocks: the decoder blocks, called as ``block(x, positions, key_mask, query_slots,
       layer_cache, layer_prefix)``.
     inputs: ``(x [B, T, D], positions [B, T], key_mask [B, S], query_slots [T])``.
-    kv: the stacked cache ``(k, v)``, each [L, B, S, KVH, hd], or None; a block updates its layer
+    kv: the stacked cache ``(k, v)``, each [L, B, KVH, S, hd], or None; a block updates its layer
       ``i`` (the scan index) in place.
     index: [] int32 next cache slot, or None without a cache.
     prefix: ``SharedPrefix`` with k, v [L, G, KVH, Pp, hd] (scanned by layer), or None.

@@ -23,9 +23,12 @@ has four norms.
   ``rope_local_theta``; global layers use ``rope_theta`` and the linear ``rope_scaling``), and
   ``query_scale = query_pre_attn_scalar ** -0.5``. Each ``Attention`` fixes its layer's RoPE base,
   factor and window at construction (``LlamaConfig.layer_attention``).
-* **KV cache**: ``KVCache`` holds ``k, v: [layers, B, S, kv_heads, head_dim]``, the slot mask
+* **KV cache**: ``KVCache`` holds ``k, v: [layers, B, kv_heads, S, head_dim]``, the slot mask
   ``[B, S]`` and the next slot index. A call with ``T`` tokens writes slots ``[index, index + T)``.
-  Sliding layers keep all ``S`` slots too and mask the ones outside their window.
+  Heads come before slots so that attention's products over a layer's cache, batched over (row,
+  head), read it as stored: with slots before heads XLA transposes every layer's whole cache in
+  every decode step (``benchmarks/compile_bench.py`` times both). Sliding layers keep all ``S``
+  slots too and mask the ones outside their window.
 
 Precision: parameters are stored in ``param_dtype`` (float32 by default) and cast to ``dtype`` (the
 compute dtype, e.g. bfloat16) at use; norms, RoPE, softmax and logits are computed in float32.
@@ -34,8 +37,8 @@ Sharding: parameters carry logical axis names (``nnx.with_partitioning``; names 
 ``eagle_jax.parallel.DEFAULT_RULES``). They are created unsharded (eager sharding off) and placed on
 a mesh by ``loading.shard_model`` / ``loading.init_sharded``, which drop a mesh axis from a
 dimension it does not divide (SmolLM2 has 9 heads). Activations are constrained with ``constrain``
-only when a mesh is set with ``jax.set_mesh``. Layers are an unrolled Python list (no layer scan):
-decoding on CPU is memory bound and a scan would copy each layer's weights once per step.
+only when a mesh is set with ``jax.set_mesh``. Layers are a Python list, run unrolled or, with
+``scan_layers``, as one ``lax.scan`` over their stacked parameters (``layer_scan.py``).
 
 Not implemented: Gemma 2's attention logit soft-capping (its final-logit soft-capping is
 ``final_logit_softcap``), and a ring-buffer cache for sliding layers.
@@ -169,8 +172,8 @@ class KVCache:
   """Preallocated key/value cache shared by all layers.
 
   Attributes:
-    k: [layers, B, S, kv_heads, head_dim] keys (after RoPE).
-    v: [layers, B, S, kv_heads, head_dim] values.
+    k: [layers, B, kv_heads, S, head_dim] keys (after RoPE).
+    v: [layers, B, kv_heads, S, head_dim] values.
     mask: [B, S] bool, slot holds a real (non-padding) token.
     index: [] int32, next slot to write (the same for every row).
   """
@@ -185,7 +188,7 @@ class KVCache:
     """An empty cache of ``length`` slots for ``batch`` rows (dtype: the compute dtype)."""
     if batch <= 0 or length <= 0:
       raise ValueError(f"KVCache.init: batch and length must be positive, got {batch}, {length}")
-    shape = (config.layers, batch, length, config.kv_heads, config.head_dim)
+    shape = (config.layers, batch, config.kv_heads, length, config.head_dim)
     dtype = dtype or config.dtype
     return cls(
         k=jnp.zeros(shape, dtype),
@@ -196,7 +199,7 @@ class KVCache:
 
   @property
   def length(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[SLOT_AXIS]
 
   @property
   def positions_next(self) -> jax.Array:
@@ -204,7 +207,8 @@ class KVCache:
     return jnp.sum(self.mask, axis=-1, dtype=jnp.int32)
 
 
-CACHE_AXES = (None, "batch", "length", "kv_heads", "kv")
+CACHE_AXES = (None, "batch", "kv_heads", "length", "kv")
+SLOT_AXIS = 3  # the slot axis of ``KVCache.k`` and ``.v``
 
 
 def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
@@ -260,8 +264,8 @@ class Attention(nnx.Module):
       positions: [B, T] int32 RoPE positions.
       key_mask: [B, S] bool, key slot holds a real token (S = T without cache).
       query_slots: [T] int32 slot of each query (causality: key slot <= query slot).
-      layer_cache: (k [L, B, S, KVH, hd], v [L, B, S, KVH, hd], index [], layer) or None: the
-        whole stacked cache, updated in place at ``[layer, :, index:index + T]``.
+      layer_cache: (k [L, B, KVH, S, hd], v [L, B, KVH, S, hd], index [], layer) or None: the
+        whole stacked cache, updated in place at ``[layer, :, :, index:index + T]``.
       prefix: (k [G, KVH, Pp, hd], v, row_mask [B, Pp], seats [G, R], row_seat [B]) of this
         layer's shared prefixes (``SharedPrefix``, ``attention.attend_shared_prefix``).
 
@@ -279,12 +283,13 @@ class Attention(nnx.Module):
     q = constrain(apply_rope(q, positions, theta, factor, l3), ("batch", "length", "heads", "kv"))
     k = constrain(apply_rope(k, positions, theta, factor, l3),
                   ("batch", "length", "kv_heads", "kv"))
-    v = constrain(v, ("batch", "length", "kv_heads", "kv"))
+    heads_first = lambda x: constrain(x.transpose(0, 2, 1, 3), ("batch", "kv_heads", "length", "kv"))
+    k, v = heads_first(k), heads_first(constrain(v, ("batch", "length", "kv_heads", "kv")))
     new_cache = None
     if layer_cache is not None:
       ck, cv, index, layer = layer_cache
-      ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, index, 0, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, index, 0, 0))
+      ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, 0, index, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, 0, index, 0))
       new_cache = (ck, cv)
       k, v = ck[layer].astype(dt), cv[layer].astype(dt)
     scale = c.query_scale if c.query_scale is not None else c.head_dim**-0.5

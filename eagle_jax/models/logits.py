@@ -1,10 +1,17 @@
-"""Logit processing of one decode step: repetition penalty, n-gram bans, temperature, top-k, top-p.
+"""Logit processing of one decode step: repetition penalty, n-gram bans, temperature, top-k, top-p;
+and the draw of the next token.
 
 The sampler's configuration splits into a static ``Mode`` (which switches are on: each combination
 compiles once) and traced ``Knobs`` (their values), so one compiled decode serves every value.
 ``process_logits`` follows transformers' logits processors (``RepetitionPenaltyLogitsProcessor``,
 ``NoRepeatNGramLogitsProcessor``, ``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
 ``TopPLogitsWarper``) in that order; ``tests/test_sampling.py`` compares them.
+
+``draw`` samples a token per row by inverting the row's cumulative distribution at one uniform
+number (as llama.cpp's sampler does) instead of ``jax.random.categorical``'s Gumbel-max, which
+draws one random number per vocabulary entry: on CPU, hashing ``B x V`` counters through
+threefry costs more per decode step than the rest of a step's logit work
+(``benchmarks/compile_bench.py`` times both).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import jax.numpy as jnp
 NEG_INF = -1e30
 # Tokens sorted for top-k and top-p when they decide the rule (``process_logits``).
 TRUNCATED_SORT = 256
+# Vocabulary entries per block of ``draw``'s two-level cumulative sums.
+DRAW_BLOCK = 256
 
 
 class Mode(NamedTuple):
@@ -141,3 +150,43 @@ def ngram_bans(seq: jax.Array, valid: jax.Array, cur: jax.Array, n: int, vocab: 
   nxt = seq[:, n - 1 :]
   return jnp.zeros((b, vocab), jnp.int8).at[jnp.arange(b)[:, None], nxt].max(
       match.astype(jnp.int8)).astype(bool)
+
+
+def draw(scores: jax.Array, keys: jax.Array, steps: jax.Array) -> jax.Array:
+  """One token per row from ``softmax(scores)``, by inverse transform sampling.
+
+  Row ``b`` draws ``u ~ U[0, 1)`` from ``fold_in(keys[b], steps[b])`` and returns the first token
+  whose cumulative probability exceeds ``u``: a categorical draw from one random number per row.
+  The cumulative sums are two-level (over ``V / DRAW_BLOCK`` block masses, then over the chosen
+  block's ``DRAW_BLOCK`` entries), so float32 rounding moves a token's probability by at most a
+  few hundred float32 epsilons of the row's mass, not by a ``V``-long running sum's error; a token
+  of probability zero (``NEG_INF`` score: banned, or cut by top-k/top-p) is never drawn, whatever
+  the rounding.
+
+  Args:
+    scores: [B, V] float32 logits of the sampling distribution (after ``process_logits``).
+    keys: [B] PRNG keys, one per row.
+    steps: [B] int32 decode step of each row (folded into its key).
+
+  Returns:
+    [B] int32 drawn token ids.
+  """
+  b, v = scores.shape
+  nb = -(-v // DRAW_BLOCK)
+  p = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+  blocks = jnp.pad(p, ((0, 0), (0, nb * DRAW_BLOCK - v))).reshape(b, nb, DRAW_BLOCK)
+  u = jax.vmap(lambda k, s: jax.random.uniform(jax.random.fold_in(k, s), ()))(keys, steps)
+
+  def first_above(mass, target):  # [B, n], [B] -> first index whose running sum exceeds target
+    cum = jnp.cumsum(mass, axis=-1)
+    last = mass.shape[-1] - 1 - jnp.argmax(mass[:, ::-1] > 0, axis=-1)  # last positive entry
+    i = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), last)
+    before = jnp.take_along_axis(cum - mass, i[:, None], axis=-1)[:, 0]
+    return i, before
+
+  block_mass = blocks.sum(-1)  # [B, nb]
+  target = u * block_mass.sum(-1)
+  block, before = first_above(block_mass, target)
+  within = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # [B, DRAW_BLOCK]
+  token, _ = first_above(within, jnp.maximum(target - before, 0.0))
+  return (block * DRAW_BLOCK + token).astype(jnp.int32)

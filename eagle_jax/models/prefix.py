@@ -255,9 +255,9 @@ def forked_cache(prefix: SharedPrefix, cache: llama_lib.KVCache) -> llama_lib.KV
   (for a decode that keeps no shared prefix, the continuous batcher's)."""
   row_mask = prefix.row_mask()
 
-  def fork(x, own):  # [L, G, KVH, Pp, hd], [L, B, S, KVH, hd] -> [L, B, Pp + S, KVH, hd]
-    x = jnp.take(x, prefix.row_prefix, axis=1).transpose(0, 1, 3, 2, 4)
-    return jnp.concatenate([x.astype(own.dtype), own], axis=2)
+  def fork(x, own):  # [L, G, KVH, Pp, hd], [L, B, KVH, S, hd] -> [L, B, KVH, Pp + S, hd]
+    x = jnp.take(x, prefix.row_prefix, axis=1)
+    return jnp.concatenate([x.astype(own.dtype), own], axis=llama_lib.SLOT_AXIS)
 
   return llama_lib.KVCache(k=fork(prefix.k, cache.k), v=fork(prefix.v, cache.v),
                            mask=jnp.concatenate([row_mask, cache.mask], axis=1),

@@ -16,7 +16,8 @@ Generation (``Sampler.generate_ids``):
    * no-repeat n-gram ``n``: tokens that would complete an n-gram already present are banned;
    * greedy (``temperature == 0``): ``argmax``; otherwise ``l / T``, then top-k (keep the k
      largest), then top-p (keep the smallest prefix of the sorted distribution with mass >= p; the
-     top token is always kept), then a categorical draw with ``fold_in(key, step)``.
+     top token is always kept), then a categorical draw (``logits.draw``: inverse transform
+     sampling at one uniform number from ``fold_in(key, step)``).
 4. Per-token log-probs are those of the **unmodified model** distribution, ``log softmax(l)[token]``
    before penalty, temperature or truncation: what a policy-gradient agent needs as ``log pi``. A
    row stops after its first stop token, which is included (with its log-prob) in the output.
@@ -204,8 +205,7 @@ def _generate_impl(
     if mode.greedy:
       tok = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     else:
-      draw = lambda k, row: jax.random.categorical(jax.random.fold_in(k, step), row)
-      tok = jax.vmap(draw)(keys, scores).astype(jnp.int32)
+      tok = logits_lib.draw(scores, keys, jnp.full((b,), step, jnp.int32))
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
     live = ~done
     tok = jnp.where(live, tok, pad_id)
