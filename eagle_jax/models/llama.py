@@ -25,10 +25,8 @@ has four norms.
   factor and window at construction (``LlamaConfig.layer_attention``).
 * **KV cache**: ``KVCache`` holds ``k, v: [layers, B, kv_heads, S, head_dim]``, the slot mask
   ``[B, S]`` and the next slot index. A call with ``T`` tokens writes slots ``[index, index + T)``.
-  Heads come before slots so that attention's products over a layer's cache, batched over (row,
-  head), read it as stored: with slots before heads XLA transposes every layer's whole cache in
-  every decode step (``benchmarks/compile_bench.py`` times both). Sliding layers keep all ``S``
-  slots too and mask the ones outside their window.
+  Heads before slots: attention's products, batched over (row, head), read it as stored (slots
+  first, XLA transposed every layer's cache each step). Sliding layers keep all ``S`` slots.
 
 Precision: parameters are stored in ``param_dtype`` (float32 by default) and cast to ``dtype`` (the
 compute dtype, e.g. bfloat16) at use; norms, RoPE, softmax and logits are computed in float32.
@@ -281,10 +279,9 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     theta, factor, l3 = self.rope_theta, self.rope_factor, self.config.rope_llama3
     q = constrain(apply_rope(q, positions, theta, factor, l3), ("batch", "length", "heads", "kv"))
-    k = constrain(apply_rope(k, positions, theta, factor, l3),
-                  ("batch", "length", "kv_heads", "kv"))
+    k = apply_rope(k, positions, theta, factor, l3)
     heads_first = lambda x: constrain(x.transpose(0, 2, 1, 3), ("batch", "kv_heads", "length", "kv"))
-    k, v = heads_first(k), heads_first(constrain(v, ("batch", "length", "kv_heads", "kv")))
+    k, v = heads_first(k), heads_first(v)
     new_cache = None
     if layer_cache is not None:
       ck, cv, index, layer = layer_cache
