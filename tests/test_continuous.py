@@ -38,6 +38,23 @@ def workload(seed: int, n: int = 11) -> list[list[int]]:
   return rows + [rng.integers(1, 97, int(rng.integers(3, 40))).tolist() for _ in range(n - 5)]
 
 
+def hold_for_arrival(batcher, after_chunks: int = 0) -> None:
+  """Makes the race these tests are about deterministic: the first time the worker looks for
+  requests to admit after ``after_chunks`` decode chunks, it waits until one is queued. Without it
+  a loaded machine can let the running decode finish before the test thread (or the HTTP server)
+  gets to submit, and the test would measure the scheduler of the operating system."""
+  take, armed = batcher._take, [True]
+
+  def gated(*args):
+    if armed[0] and batcher.chunks > after_chunks:
+      armed[0] = False
+      with batcher._cv:
+        assert batcher._cv.wait_for(lambda: batcher._queue, timeout=600)
+    return take(*args)
+
+  batcher._take = gated
+
+
 def one_by_one(sampler, rows, params, budgets, seeds):
   out = []
   for r, n, s in zip(rows, budgets, seeds):
@@ -57,14 +74,18 @@ def test_equals_batch_of_one_tiny(tiny, mode, share):
   params = MODES[mode].replace(stop_ids=(probe[2],))
   batcher = continuous.ContinuousBatcher(tiny, slots=4, chunk=3, share_prefix=share)
   try:
-    futures = [batcher.submit(r, params.replace(max_tokens=n), s)
-               for r, n, s in zip(rows, budgets, seeds)]
+    # Queued under the worker's lock, so it sees all of them at once and admits them the same
+    # way in both rounds whatever the machine's load (the compile counts below compare rounds).
+    with batcher._cv:
+      futures = [batcher.submit(r, params.replace(max_tokens=n), s)
+                 for r, n, s in zip(rows, budgets, seeds)]
     got = [f.result(timeout=600) for f in futures]
     counts = batcher.compile_counts()
     # The same shapes again (other seeds): nothing compiles. Programs are bounded by the
     # admission buckets (1, 2, 4) x prompt buckets for prefills and inserts, one decode per mode.
-    again = [batcher.submit(r, params.replace(max_tokens=n), s + 1)
-             for r, n, s in zip(rows, budgets, seeds)]
+    with batcher._cv:
+      again = [batcher.submit(r, params.replace(max_tokens=n), s + 1)
+               for r, n, s in zip(rows, budgets, seeds)]
     [f.result(timeout=600) for f in again]
     after = batcher.compile_counts()
     if mode != "sampled":  # other seeds change nothing greedy: the same admissions
@@ -87,6 +108,7 @@ def test_late_short_request_does_not_wait_for_long_one(tiny):
   """A request sent while a long one decodes joins at the next chunk and is answered first."""
   params = MODES["greedy"]
   batcher = continuous.ContinuousBatcher(tiny, slots=2, chunk=2)
+  hold_for_arrival(batcher)
   try:
     rows = workload(2)
     long = batcher.submit(rows[0], params.replace(max_tokens=32), 1)
@@ -182,6 +204,7 @@ def test_server_request_joins_a_running_decode(tmp_path):
                                          timeout_s=600) as client:
         await client.generate([short_p], [short_q])  # compiles, untimed
         chunks = backend.batcher.chunks
+        hold_for_arrival(backend.batcher, chunks)
         long = asyncio.ensure_future(client.generate([long_p], [long_q]))
         while backend.batcher.chunks == chunks:  # the long request is decoding
           await asyncio.sleep(0.001)
