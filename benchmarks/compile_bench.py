@@ -18,12 +18,12 @@ and times, interleaved in a rotating order:
 
 Medians over rounds; the answers of all four are compared token for token. Then two kernels of a
 decode step, each beside its alternative: the step's weight matmuls in float32 and bfloat16;
-top-k/top-p's full sort of the logits beside ``lax.top_k`` of the 256 largest; the token draw of
-``logits.draw`` (inverse transform, one uniform per row) beside ``jax.random.categorical``
-(Gumbel-max, one random number per vocabulary entry); and the step's attention over every layer's
-cache of ``--cache_slots`` slots as ``attention.attend`` computes it (cache stored heads before
-slots, queries grouped by head) beside the same attention over a cache stored slots before heads
-with the time axis first, which XLA transposes every step.
+top-k/top-p's full sort of the logits beside ``lax.top_k`` of each head ``logits.SORT_HEADS`` tries;
+the token draw of ``logits.draw`` (inverse transform, one uniform per row) beside
+``jax.random.categorical`` (Gumbel-max, one random number per vocabulary entry); and the step's
+attention over every layer's cache of ``--cache_slots`` slots as ``attention.attend`` computes it
+(cache stored heads before slots, queries grouped by head) beside the same attention over a cache
+stored slots before heads with the time axis first, which XLA transposes every step.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def _best(fn, *args) -> float:
 def _kernels(model) -> None:
   """Four costs behind a decode step, each against its alternative, best of 5: the step's weight
   matmuls (every block's projections and the output projection, one row block of ``--rows``) in
-  float32 and in bfloat16; top-k/top-p's sort of the logits against ``lax.top_k`` of 256; the
+  float32 and in bfloat16; top-k/top-p's sort of the logits against ``lax.top_k`` of its heads; the
   token draw, inverse transform against Gumbel-max; one query per row attending over every
   layer's cache (layers scanned), in both cache layouts."""
   import jax  # noqa: PLC0415
@@ -134,9 +134,12 @@ def _kernels(model) -> None:
         f"({bf16 / f32:.2f}x float32's time)")
   logits = jax.random.normal(jax.random.key(0), (_ROWS.value, model.config.vocab_size))
   sort = _best(jax.jit(lambda v: jnp.sort(v, axis=-1)), logits)
-  top = _best(jax.jit(lambda v: jax.lax.top_k(v, 256)[0]), logits)
+  heads = ", ".join(
+      f"lax.top_k {h} {t * 1e3:.1f} ms ({sort / t:.0f}x)" for h, t in
+      ((h, _best(jax.jit(lambda v, h=h: jax.lax.top_k(v, h)[0]), logits))
+       for h in logits_lib.SORT_HEADS))
   print(f"logits [{_ROWS.value}, {model.config.vocab_size}]: full sort {sort * 1e3:.1f} ms, "
-        f"lax.top_k 256 {top * 1e3:.1f} ms ({sort / top:.0f}x)")
+        f"{heads}")
   keys = jax.random.split(jax.random.key(5), _ROWS.value)
   steps = jnp.zeros((_ROWS.value,), jnp.int32)
   gumbel = _best(jax.jit(lambda s: jax.vmap(jax.random.categorical)(keys, s)), logits)

@@ -56,8 +56,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # E_D: MiniLM fine-tuned with a linear head onto the augmented WALS item vectors (metadata text).
   config.encoder = encoder_ml100k.get_config("implicit")
 
-  # The environment LLM (eagle_jax/env/stack.py; the same block in every job's config).
-  config.llm = llm_config(batch_buckets=(16,))
+  # The environment LLM (eagle_jax/env/stack.py; the same block in every job's config). Decode
+  # batches of up to 64 rows (a call's last chunk padded to 16, 32 or 64): one step reads every
+  # weight once for all its rows.
+  config.llm = llm_config(batch_buckets=(16, 32, 64))
 
   config.env = ml_collections.ConfigDict()
   # Sampling of a transition (rewritten plot): greedy, so a transition is a function of (state,

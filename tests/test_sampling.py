@@ -148,8 +148,9 @@ def test_process_logits_matches_transformers_processors(opts):
                                   dict(top_k=100, top_p=0.6), dict(temperature=0.7, top_p=0.95)])
 @pytest.mark.parametrize("scale", [8.0, 1.0], ids=["peaked", "flat"])
 def test_top_k_top_p_on_a_large_vocabulary_match_transformers(opts, scale):
-  """V = 3000 > TRUNCATED_SORT: peaked rows are decided by the sorted head, flat rows (whose
-  head holds less than top_p of the mass) and k > head take the full sort; both as transformers."""
+  """V = 3000 > SORT_HEADS[0] (< SORT_HEADS[1]): peaked rows are decided by the sorted head, flat
+  rows (whose head holds less than top_p of the mass) and k > head take the full sort; both as
+  transformers."""
   rng = np.random.RandomState(1)
   b, v = 4, 3000
   logits = (rng.normal(size=(b, v)) * scale).astype(np.float32)
@@ -166,6 +167,32 @@ def test_top_k_top_p_on_a_large_vocabulary_match_transformers(opts, scale):
   ours = np.asarray(jax.jit(logits_lib.process_logits, static_argnums=1)(
       jnp.asarray(logits), mode, knobs, None, None))
   ref = _hf_process(logits, np.zeros((b, 1), np.int64), **opts)
+  kept = np.isfinite(ref)
+  assert 0 < kept.sum() < kept.size
+  np.testing.assert_array_equal(ours > -1e29, kept)
+  np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale,tier", [(8.0, 0), (3.0, 1), (1.0, 2)])
+def test_top_p_takes_the_shortest_deciding_head_and_matches_transformers(scale, tier):
+  """V = 20000 (both heads shorter): rows whose 256 largest tokens hold top_p of the mass use that
+  head; rows that need more use the 4096 head; flat rows the full sort. Every path keeps
+  transformers' tokens, and the case's path is the one expected from numpy's masses."""
+  rng = np.random.RandomState(2)
+  b, v, top_p = 4, 20000, 0.9
+  logits = (rng.normal(size=(b, v)) * scale).astype(np.float32)
+  probs = np.exp(logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True))
+  desc = np.sort(probs, axis=-1)[:, ::-1]
+  masses = [desc[:, :h].sum(-1).min() for h in logits_lib.SORT_HEADS]
+  assert logits_lib.SORT_HEADS == (256, 4096)
+  assert tier == next((i for i, m in enumerate(masses) if m >= top_p + 1e-4), 2)
+  mode = logits_lib.Mode(greedy=False, top_k=False, top_p=True, penalty=False, ngram=0)
+  knobs = logits_lib.Knobs(
+      temperature=jnp.float32(1.0), top_k=jnp.int32(0), top_p=jnp.float32(top_p),
+      penalty=jnp.float32(1.0), stop_ids=jnp.zeros((1,), jnp.int32), max_new=jnp.int32(1))
+  ours = np.asarray(jax.jit(logits_lib.process_logits, static_argnums=1)(
+      jnp.asarray(logits), mode, knobs, None, None))
+  ref = _hf_process(logits, np.zeros((b, 1), np.int64), top_p=top_p)
   kept = np.isfinite(ref)
   assert 0 < kept.sum() < kept.size
   np.testing.assert_array_equal(ours > -1e29, kept)

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30
-# Tokens sorted for top-k and top-p when they decide the rule (``process_logits``).
-TRUNCATED_SORT = 256
+# Heads tried in turn for top-k and top-p (``process_logits``): the largest tokens sorted by
+# ``lax.top_k`` when they decide the rule, before the full sort of the vocabulary.
+SORT_HEADS = (256, 4096)
 # Vocabulary entries per block of ``draw``'s two-level cumulative sums.
 DRAW_BLOCK = 256
 
@@ -79,24 +80,36 @@ def process_logits(
     return logits
   logits = logits / knobs.temperature
   if mode.top_k or mode.top_p:
-    v = logits.shape[-1]
-    head = min(v, TRUNCATED_SORT)
-    full = lambda: _top_k_top_p(logits, -jnp.sort(-logits, axis=-1), mode, knobs)
-    if head == v:
-      return full()
-    # Only the largest tokens decide top-k and top-p in practice: sort those (``lax.top_k``) and
-    # fall back to the full sort when they do not decide the rule (k > head, or, for top-p alone,
-    # the head's share of the probability mass below top_p, with a margin for float sums); a full
-    # sort of [B, V] costs more than a decoder step on CPU.
-    top = jax.lax.top_k(logits, head)[0]  # [B, head], descending
-    log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    logits = _truncated_top_k_top_p(logits, mode, knobs)
+  return logits
+
+
+def _truncated_top_k_top_p(logits: jax.Array, mode: Mode, knobs: Knobs) -> jax.Array:
+  """Top-k and top-p from the shortest head of ``SORT_HEADS`` that decides the rule for every row.
+
+  Only the largest tokens decide top-k and top-p in practice: each head (``lax.top_k``, sorted
+  descending) is tried in turn, and the next (finally the full sort) only when it does not decide
+  the rule: k > head, or, for top-p alone, some row's head holding less than top_p of the
+  probability mass (with a margin for float sums). A full sort of [B, V] costs more than a decoder
+  step on CPU and grows with B (flat rows, which a larger batch meets more often, need it); the
+  first tokens of a head are the full sort's, so every path keeps the same tokens.
+  """
+  v = logits.shape[-1]
+  heads = [h for h in SORT_HEADS if h < v]
+  log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+  def tier(i: int) -> jax.Array:
+    if i == len(heads):
+      return _top_k_top_p(logits, -jnp.sort(-logits, axis=-1), mode, knobs)
+    top = jax.lax.top_k(logits, heads[i])[0]  # [B, head], descending
     if mode.top_k:
-      decided = knobs.top_k <= head
+      decided = knobs.top_k <= heads[i]
     else:
       decided = jnp.all(jnp.exp(top - log_norm).sum(-1) >= knobs.top_p + 1e-4)
-    logits = jax.lax.cond(decided, lambda: _top_k_top_p(logits, top, mode, knobs, log_norm),
-                          full)
-  return logits
+    return jax.lax.cond(decided, lambda: _top_k_top_p(logits, top, mode, knobs, log_norm),
+                        lambda: tier(i + 1))
+
+  return tier(0)
 
 
 def _top_k_top_p(logits: jax.Array, sorted_desc: jax.Array, mode: Mode, knobs: Knobs,
