@@ -91,8 +91,9 @@ def _truncated_top_k_top_p(logits: jax.Array, mode: Mode, knobs: Knobs) -> jax.A
   descending) is tried in turn, and the next (finally the full sort) only when it does not decide
   the rule: k > head, or, for top-p alone, some row's head holding less than top_p of the
   probability mass (with a margin for float sums). A full sort of [B, V] costs more than a decoder
-  step on CPU and grows with B (flat rows, which a larger batch meets more often, need it); the
-  first tokens of a head are the full sort's, so every path keeps the same tokens.
+  step on CPU and grows with B (flat rows, which a larger batch meets more often, need it). A
+  head is the full sort's first tokens, so every path keeps the same tokens (but for float
+  rounding of the mass at the top-p boundary: a head sums ``exp(logit - logsumexp)``).
   """
   v = logits.shape[-1]
   heads = [h for h in SORT_HEADS if h < v]
