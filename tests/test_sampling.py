@@ -144,6 +144,24 @@ def test_process_logits_matches_transformers_processors(opts):
   np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-5, atol=1e-5)
 
 
+def _assert_truncation_matches_transformers(logits: np.ndarray, opts: dict) -> None:
+  """``process_logits`` (jitted, temperature / top-k / top-p of ``opts``) on ``logits`` [B, V]
+  keeps exactly transformers' tokens, with their values, and cuts some but not all."""
+  mode = logits_lib.Mode(greedy=False, top_k="top_k" in opts, top_p="top_p" in opts,
+                        penalty=False, ngram=0)
+  knobs = logits_lib.Knobs(
+      temperature=jnp.float32(opts.get("temperature", 1.0)), top_k=jnp.int32(opts.get("top_k", 0)),
+      top_p=jnp.float32(opts.get("top_p", 1.0)), penalty=jnp.float32(1.0),
+      stop_ids=jnp.zeros((1,), jnp.int32), max_new=jnp.int32(1))
+  ours = np.asarray(jax.jit(logits_lib.process_logits, static_argnums=1)(
+      jnp.asarray(logits), mode, knobs, None, None))
+  ref = _hf_process(logits, np.zeros((logits.shape[0], 1), np.int64), **opts)
+  kept = np.isfinite(ref)
+  assert 0 < kept.sum() < kept.size
+  np.testing.assert_array_equal(ours > -1e29, kept)
+  np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("opts", [dict(top_p=0.9), dict(top_k=50), dict(top_k=300),
                                   dict(top_k=100, top_p=0.6), dict(temperature=0.7, top_p=0.95)])
 @pytest.mark.parametrize("scale", [8.0, 1.0], ids=["peaked", "flat"])
@@ -158,19 +176,7 @@ def test_top_k_top_p_on_a_large_vocabulary_match_transformers(opts, scale):
   mass = np.exp(head - np.logaddexp.reduce(head, axis=-1, keepdims=True))[:, :256].sum(-1)
   if "top_p" in opts and "top_k" not in opts:
     assert (mass.min() > opts["top_p"]) == (scale == 8.0)  # which path each case exercises
-  mode = logits_lib.Mode(greedy=False, top_k="top_k" in opts, top_p="top_p" in opts,
-                        penalty=False, ngram=0)
-  knobs = logits_lib.Knobs(
-      temperature=jnp.float32(opts.get("temperature", 1.0)), top_k=jnp.int32(opts.get("top_k", 0)),
-      top_p=jnp.float32(opts.get("top_p", 1.0)), penalty=jnp.float32(1.0),
-      stop_ids=jnp.zeros((1,), jnp.int32), max_new=jnp.int32(1))
-  ours = np.asarray(jax.jit(logits_lib.process_logits, static_argnums=1)(
-      jnp.asarray(logits), mode, knobs, None, None))
-  ref = _hf_process(logits, np.zeros((b, 1), np.int64), **opts)
-  kept = np.isfinite(ref)
-  assert 0 < kept.sum() < kept.size
-  np.testing.assert_array_equal(ours > -1e29, kept)
-  np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-5, atol=1e-5)
+  _assert_truncation_matches_transformers(logits, opts)
 
 
 @pytest.mark.parametrize("scale,tier", [(8.0, 0), (3.0, 1), (1.0, 2)])
@@ -186,17 +192,7 @@ def test_top_p_takes_the_shortest_deciding_head_and_matches_transformers(scale, 
   masses = [desc[:, :h].sum(-1).min() for h in logits_lib.SORT_HEADS]
   assert logits_lib.SORT_HEADS == (256, 4096)
   assert tier == next((i for i, m in enumerate(masses) if m >= top_p + 1e-4), 2)
-  mode = logits_lib.Mode(greedy=False, top_k=False, top_p=True, penalty=False, ngram=0)
-  knobs = logits_lib.Knobs(
-      temperature=jnp.float32(1.0), top_k=jnp.int32(0), top_p=jnp.float32(top_p),
-      penalty=jnp.float32(1.0), stop_ids=jnp.zeros((1,), jnp.int32), max_new=jnp.int32(1))
-  ours = np.asarray(jax.jit(logits_lib.process_logits, static_argnums=1)(
-      jnp.asarray(logits), mode, knobs, None, None))
-  ref = _hf_process(logits, np.zeros((b, 1), np.int64), top_p=top_p)
-  kept = np.isfinite(ref)
-  assert 0 < kept.sum() < kept.size
-  np.testing.assert_array_equal(ours > -1e29, kept)
-  np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-5, atol=1e-5)
+  _assert_truncation_matches_transformers(logits, dict(top_p=top_p))
 
 
 def test_sampling_distribution_matches_torch_softmax(tiny):
