@@ -36,6 +36,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "A finished launch.
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Decoder blocks as one lax.scan (llm.scan_layers).")
 _SHARE = flags.DEFINE_bool("share_prefix", True, "Prefix sharing (llm.share_prefix).")
 _BUCKETS = flags.DEFINE_list("batch_buckets", ["16"], "Decode batch sizes (llm.batch_buckets).")
+_STAGES = flags.DEFINE_list("stages", [], "Stages to decode (default: all), e.g. transitions.")
 
 
 def _ask(messages) -> str:
@@ -73,14 +74,19 @@ def main(argv: Sequence[str]) -> None:
   path = os.path.join(_WORKDIR.value, "env", "cache.jsonl")
   if not os.path.isfile(path):
     raise app.UsageError(f"--workdir: no {path}; run python -m launch.main first")
-  stages: dict[str, list] = {name: [] for name in STAGES.values()}
+  unknown = set(_STAGES.value) - set(STAGES.values())
+  if unknown:
+    raise app.UsageError(f"--stages: unknown {sorted(unknown)}, expected some of "
+                         f"{list(STAGES.values())}")
+  stages: dict[str, list] = {name: [] for name in STAGES.values()
+                             if not _STAGES.value or name in _STAGES.value}
   with open(path, encoding="utf-8") as f:
     for line in f:
       rec = json.loads(line)
       if not isinstance(rec.get("prompt"), list):
         continue
       stage = STAGES.get(_ask(rec["prompt"]))
-      if stage is not None:
+      if stage in stages:
         stages[stage].append((rec["prompt"], SamplingParams(**rec["params"])))
   backend = local.LocalSampler.from_gguf(assets.smollm2_gguf(), scan_layers=_SCAN.value,
                                          batch_buckets=tuple(map(int, _BUCKETS.value)), chat=True,
@@ -91,7 +97,8 @@ def main(argv: Sequence[str]) -> None:
   rate = matmul_rate()
   print(f"{_WORKDIR.value}: scan_layers={_SCAN.value}, share_prefix={_SHARE.value}, batch_buckets="
         f"{backend.batch_buckets}; matmul rate "
-        f"{rate / 1e9:.0f} GFLOP/s; load {_load()}", flush=True)
+        f"{rate / 1e9:.0f} GFLOP/s; load {_load()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+        flush=True)
   print(f"\n{'stage':<18}{'requests':>9}{'prompt tok':>11}{'distinct':>9}{'generated':>10}"
         f"{'compiles':>9}{'seconds':>9}{'floor s':>9}{'x floor':>8}")
   total = floor_total = 0.0

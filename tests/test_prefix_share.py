@@ -318,3 +318,72 @@ def test_shared_decode_keeps_only_suffix_and_decode_slots_per_row(tiny):
   _, cache, shared = prefix.shared_prefill(model, inputs, 16)
   assert cache.k.shape[3] == plan.inputs.suffix_tokens.shape[1] + 16
   assert shared.k.shape[1:3] == (2, model.config.kv_heads)
+
+
+def _state_rows(states: int, k: int, template: int = 30, state_len: int = 100) -> list[list[int]]:
+  """``states`` groups of ``k`` rows: a common template, a state of ``state_len`` tokens, one
+  action token; sorted by token ids, as ``LocalSampler`` orders a call's rows."""
+  rng = np.random.default_rng(0)
+  common = rng.integers(1, 97, template).tolist()
+  texts = [[s // 7 + 1, s % 7 + 1] + rng.integers(1, 97, state_len).tolist() for s in range(states)]
+  return sorted(common + texts[s] + [a] for s in range(states) for a in range(k))
+
+
+def test_shared_cuts_end_chunks_between_prefix_groups():
+  # 40 states x 5 actions in chunks of <= 64 rows: 12 whole states a chunk, none split.
+  assert local.shared_cuts(_state_rows(40, 5), 64) == [60, 120, 180, 200]
+  # Groups of 50: each chunk is one group; groups larger than a chunk are cut at the chunk size.
+  assert local.shared_cuts(_state_rows(4, 50), 64) == [50, 100, 150, 200]
+  assert local.shared_cuts(_state_rows(2, 100), 64) == [64, 100, 164, 200]
+  # Fewer rows than a chunk: one chunk; identical rows: full chunks.
+  assert local.shared_cuts(_state_rows(3, 5), 64) == [15]
+  assert local.shared_cuts([[1, 2]] * 130, 64) == [64, 128, 130]
+  for states, k, step in [(13, 7, 16), (9, 3, 8), (30, 5, 32)]:
+    rows = _state_rows(states, k)
+    cuts = local.shared_cuts(rows, step)
+    sizes = np.diff([0, *cuts])
+    assert cuts[-1] == len(rows) and (sizes >= 1).all() and (sizes <= step).all()
+    if k <= step // 2:  # every state fits in the half-chunk window: none is split
+      assert all(rows[e - 1][:132] != rows[e][:132] for e in cuts[:-1])
+
+
+def test_local_sampler_chunks_keep_each_state_in_one_decode(tmp_path):
+  """A call of 6 states x 5 actions in decode batches of at most 16 rows: each chunk holds whole
+  states (one prefix each, no state prefilled twice), and every answer is the prompt's greedy
+  decode alone."""
+  import tokenizers
+  from decoder_fixtures import tiny_agent_decoder
+
+  from eagle_jax.models.tokenizer import Tokenizer
+
+  folder = tiny_agent_decoder(tmp_path / "d")
+  _, model = loading.load_llama_safetensors(folder)
+  tok = Tokenizer(tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")))
+  sampler = sampling.Sampler(model, tok)
+  backend = local.LocalSampler(sampler, batch_buckets=(8, 16), share_prefix=True)
+  states = [f"State {s}: " + " ".join(f"w{s}x{j}" for j in range(40)) for s in range(6)]
+  prompts = [f"{x}\nAction: do thing {a}." for x in states for a in range(5)]
+  plans = []
+  generate_ids = sampler.generate_ids
+
+  def recording(ids, *args, **kwargs):
+    out = generate_ids(ids, *args, **kwargs)
+    plans.append([{prefix_state(ids[i]) for i in g} for g in sampler.last_plan.groups])
+    return out
+
+  def prefix_state(ids):
+    return next(s for s, x in enumerate(states) if tok.decode(ids).startswith(x))
+
+  sampler.generate_ids = recording
+  params = sampling.SamplingParams(max_tokens=4)
+  answers = backend.generate_sync(prompts, [params.replace(seed=i) for i in range(len(prompts))])
+  sampler.generate_ids = generate_ids
+  # 30 rows in chunks of <= 16 at state boundaries: 15 + 15 (not 16 + 14).
+  assert [len(p) for p in plans] == [3, 3]
+  groups = [g for p in plans for g in p]
+  assert all(len(g) == 1 for g in groups)
+  assert sorted(s for g in groups for s in g) == list(range(6))
+  for prompt, answer in zip(prompts, answers):
+    alone = sampler.generate_ids([tok.encode(prompt)], params.replace(stop_ids=()),
+                                 share_prefix=False)
+    assert answer.text == alone.texts[0], prompt

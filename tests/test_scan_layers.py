@@ -105,3 +105,22 @@ def test_scannable_only_for_uniform_plain_blocks(tiny):
   assert not adapted.scannable()
   s = sampling.Sampler(adapted)
   assert not s.scan_layers or not nnx.merge(s.graphdef, s.state).scan_layers
+  with pytest.raises(ValueError, match="cannot run as one scan"):
+    Llama(sliding, rngs=nnx.Rngs(0)).scanned()
+
+
+def test_scanned_copy_stacks_the_blocks_once(tiny):
+  """``Llama.scanned``: the blocks' parameters stacked on a leading layer axis in the copy (each
+  equal to numpy's stack of the layers'), every other parameter the caller's own array, and the
+  caller's model left unrolled."""
+  _, model = tiny
+  scanned = model.scanned()
+  assert scanned.scan_layers and not model.scan_layers and scanned.scanned() is scanned
+  assert scanned.layers.layers == model.config.layers
+  per_layer = [nnx.to_flat_state(nnx.state(b)) for b in model.layers]
+  stacked = dict(nnx.to_flat_state(nnx.state(scanned.layers.block)))
+  assert len(stacked) == len(per_layer[0]) > 0
+  for path, _ in per_layer[0]:
+    want = np.stack([np.asarray(dict(layer)[path][...]) for layer in per_layer])
+    np.testing.assert_array_equal(np.asarray(stacked[path][...]), want)
+  assert scanned.embedder.embedding[...] is model.embedder.embedding[...]

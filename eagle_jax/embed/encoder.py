@@ -342,12 +342,18 @@ def best_epoch(train: Callable[[np.ndarray], float], val_r2: Callable[[], float]
   return best, history
 
 
+@nnx.jit
+def _regress(model: TextRegressor, ids: jax.Array, mask: jax.Array) -> jax.Array:
+  """One jitted regressor call (module level: compiled once per model structure and bucket, not
+  again for every ``predict_texts`` call)."""
+  return model(ids, mask)
+
+
 def predict_texts(model: TextRegressor, tokenize, texts: Sequence[str], batch: int = 64
                   ) -> np.ndarray:
   """[N] texts -> [N, d] through a ``TextRegressor`` (batches padded to their own bucket)."""
-  fn = nnx.jit(lambda m, ids, mask: m(ids, mask))
   out = []
   for start in range(0, len(texts), batch):
     ids, mask = tokenize(list(texts[start:start + batch]))
-    out.append(np.asarray(fn(model, ids, mask)))
+    out.append(np.asarray(_regress(model, ids, mask)))
   return np.concatenate(out, 0) if out else np.zeros((0, model.w.shape[1]), np.float32)

@@ -71,6 +71,39 @@ class TokenCompletion(Completion):
   token_logprobs: tuple[float, ...] = ()
 
 
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+  """Length of the common prefix of two token sequences."""
+  n = 0
+  for x, y in zip(a, b):
+    if x != y:
+      break
+    n += 1
+  return n
+
+
+def shared_cuts(seqs: Sequence[Sequence[int]], step: int) -> list[int]:
+  """Chunk ends for token sequences sorted by their ids: chunks of at most ``step`` rows, each
+  ending, within its last half, at the latest row boundary that sits between prefix groups.
+
+  Rows with a common prefix are adjacent once sorted; a chunk that ends inside such a group (a
+  state's K transition prompts) makes both chunks prefill the group's prefix, and the extra
+  distinct prefix can round the chunk's prefix batch up to the next bucket. A boundary counts as
+  between groups when its two rows share at most twice the fewest tokens any candidate boundary
+  shares (what every row has in common, e.g. the chat template, against a state's whole text).
+
+  Returns: increasing ends, the last ``len(seqs)``.
+  """
+  ends, start = [], 0
+  while len(seqs) - start > step:
+    candidates = range(start + max(1, (step + 1) // 2), start + step + 1)
+    shared = {e: _common(seqs[e - 1], seqs[e]) for e in candidates}
+    least = min(shared.values())
+    end = max(e for e in candidates if shared[e] <= 2 * least)
+    ends.append(end)
+    start = end
+  return [*ends, len(seqs)]
+
+
 class LocalSampler(SamplingBackend):
   """``SamplingBackend`` over an in-process ``models.sampling.Sampler``.
 
@@ -230,8 +263,10 @@ class LocalSampler(SamplingBackend):
       # sharing, sorted token ids keep rows with a common prefix together.
       rows = sorted(rows, key=(lambda i: encoded[i]) if self.share_prefix
                     else (lambda i: len(encoded[i])))
-      for start in range(0, len(rows), step):
-        chunk = rows[start : start + step]
+      cuts = (shared_cuts([encoded[i] for i in rows], step) if self.share_prefix
+              else range(step, len(rows) + step, step))
+      for start, end in zip([0, *cuts], cuts):
+        chunk = rows[start:end]
         answers = self._run_chunk([encoded[i] for i in chunk], group_params,
                                   [params[i].seed for i in chunk])
         for i, c in zip(chunk, answers):

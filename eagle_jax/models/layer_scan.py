@@ -4,7 +4,9 @@ Every prompt-length bucket and prefix-sharing plan of ``sampling.Sampler`` is a 
 its own, and with the blocks unrolled each program holds ``layers`` copies of a block for the
 prefill and again for the decode step; XLA's compile time grows with that size. Scanned, a program
 holds one block, so it compiles several times faster, for a somewhat slower step (each layer's
-weights are sliced out of the stacked arrays); ``Sampler(scan_layers=)`` chooses, and
+weights are sliced out of the stacked arrays). The blocks' parameters are stacked once, when a
+model is switched to scanning (``StackedBlocks``), not inside every compiled call, where the copy
+of every weight would cost each prefill and decode call; ``Sampler(scan_layers=)`` chooses, and
 ``benchmarks/compile_bench.py`` measures both sides. The arithmetic is the unrolled loop's: the
 same block code on the same values, in the same order.
 """
@@ -27,12 +29,24 @@ def scannable(blocks: Sequence[nnx.Module]) -> bool:
   return len(graphdefs) == 1 and plain
 
 
-def run_blocks(blocks: Sequence[nnx.Module], inputs: tuple, kv, index, prefix, shared):
-  """Runs ``blocks`` (``scannable``) in order as one scan.
+class StackedBlocks(nnx.Module):
+  """``layers`` blocks of one graph (``scannable``) held as one block whose parameters carry a
+  leading layer axis (each ``[layers, ...]``), stacked here once."""
+
+  def __init__(self, blocks: Sequence[nnx.Module]):
+    if not scannable(blocks):
+      raise ValueError("StackedBlocks: the blocks differ in structure or hold non-Param variables")
+    self.layers = len(blocks)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in blocks])
+    self.block = nnx.merge(nnx.graphdef(blocks[0]), stacked)
+
+
+def run_blocks(blocks: StackedBlocks, inputs: tuple, kv, index, prefix, shared):
+  """Runs the stacked blocks in order as one scan.
 
   Args:
-    blocks: the decoder blocks, called as ``block(x, positions, key_mask, query_slots,
-      layer_cache, layer_prefix)``.
+    blocks: the decoder blocks; each layer's block is called as ``block(x, positions, key_mask,
+      query_slots, layer_cache, layer_prefix)``.
     inputs: ``(x [B, T, D], positions [B, T], key_mask [B, S], query_slots [T])``.
     kv: the stacked cache ``(k, v)``, each [L, B, KVH, S, hd], or None; a block updates its layer
       ``i`` (the scan index) in place.
@@ -44,9 +58,8 @@ def run_blocks(blocks: Sequence[nnx.Module], inputs: tuple, kv, index, prefix, s
     (x [B, T, D] after the last block, the updated ``kv`` or None).
   """
   x, positions, key_mask, query_slots = inputs
-  graphdef = nnx.graphdef(blocks[0])
-  stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in blocks])
-  xs = (jnp.arange(len(blocks), dtype=jnp.int32), stacked)
+  graphdef, stacked = nnx.split(blocks.block)
+  xs = (jnp.arange(blocks.layers, dtype=jnp.int32), stacked)
   if prefix is not None:
     xs = xs + (prefix.k, prefix.v)
 

@@ -297,12 +297,8 @@ class Sampler:
 
   @staticmethod
   def _scanned(model: llama_lib.Llama) -> llama_lib.Llama:
-    """A copy of ``model`` (same arrays) that runs its blocks as one scan, if it can."""
-    if model.scan_layers or not model.scannable():
-      return model
-    model = nnx.merge(*nnx.split(model))
-    model.scan_layers = True
-    return model
+    """A copy of ``model`` that runs its blocks as one scan (``Llama.scanned``), if it can."""
+    return model.scanned() if model.scannable() else model
 
   def set_model(self, model: llama_lib.Llama) -> None:
     """Switches to ``model``'s current parameters (same structure, so nothing recompiles)."""
