@@ -387,3 +387,7 @@ def test_local_sampler_chunks_keep_each_state_in_one_decode(tmp_path):
     alone = sampler.generate_ids([tok.encode(prompt)], params.replace(stop_ids=()),
                                  share_prefix=False)
     assert answer.text == alone.texts[0], prompt
+  # 4 states x 3 actions padded to 16 rows: the 4 copies are spread over the states (one each),
+  # so no group's seats grow to 7 rows.
+  backend.generate_sync([prompts[5 * s + a] for s in range(4) for a in range(3)], [params] * 12)
+  assert sorted(len(g) for g in sampler.last_plan.groups) == [4, 4, 4, 4]

@@ -4,8 +4,8 @@
 ``chat=True`` and message lists), groups them by sampling parameters (everything but the seed must
 match inside one decode batch, because temperature, top-k/p, penalties and the token budget are
 per-call knobs of ``models.sampling``), cuts each group into chunks of at most
-``max(batch_buckets)`` rows and pads every chunk to the next batch bucket by repeating its first
-row, so the jitted decode compiles once per (batch bucket, prompt bucket, new-token bucket, mode)
+``max(batch_buckets)`` rows and pads every chunk to the next batch bucket by repeating some of its
+rows, so the jitted decode compiles once per (batch bucket, prompt bucket, new-token bucket, mode)
 instead of once per batch size. (First compiles of SmolLM2's decode take tens of seconds on a small
 CPU: call ``warmup`` before timing anything.)
 
@@ -209,8 +209,11 @@ class LocalSampler(SamplingBackend):
     n = len(ids)
     b = self._bucket(n)
     prompt_lens = [len(x) for x in ids]
-    ids = ids + [ids[0]] * (b - n)
-    seeds = seeds + [seeds[0]] * (b - n)
+    # Padding rows copy rows spread over the chunk, so with prefix sharing no prefix group grows
+    # by more than about b / n rows (its seats, read by every step, are bucketed to the largest).
+    fill = [j * n // (b - n) for j in range(b - n)]
+    ids = ids + [ids[j] for j in fill]
+    seeds = seeds + [seeds[j] for j in fill]
     stop = self._stop_ids(params)
     out = self.sampler.generate_ids(
         ids, params.replace(stop_ids=stop), seeds=seeds, share_prefix=self.share_prefix)
