@@ -12,7 +12,7 @@ from decoder_fixtures import make_torch_llama, save_torch
 from flax import nnx
 from test_prefix_share import GREEDY, HISTORY, SAMPLED, torch_greedy
 
-from eagle_jax.models import loading, lora, sampling
+from eagle_jax.models import layer_scan, loading, lora, sampling
 from eagle_jax.models.llama import Llama, LlamaConfig
 
 
@@ -106,16 +106,16 @@ def test_scannable_only_for_uniform_plain_blocks(tiny):
   s = sampling.Sampler(adapted)
   assert not s.scan_layers or not nnx.merge(s.graphdef, s.state).scan_layers
   with pytest.raises(ValueError, match="cannot run as one scan"):
-    Llama(sliding, rngs=nnx.Rngs(0)).scanned()
+    layer_scan.scanned(Llama(sliding, rngs=nnx.Rngs(0)))
 
 
 def test_scanned_copy_stacks_the_blocks_once(tiny):
-  """``Llama.scanned``: the blocks' parameters stacked on a leading layer axis in the copy (each
+  """``layer_scan.scanned``: the blocks' parameters stacked on a leading layer axis in the copy (each
   equal to numpy's stack of the layers'), every other parameter the caller's own array, and the
   caller's model left unrolled."""
   _, model = tiny
-  scanned = model.scanned()
-  assert scanned.scan_layers and not model.scan_layers and scanned.scanned() is scanned
+  scanned = layer_scan.scanned(model)
+  assert scanned.scan_layers and not model.scan_layers and layer_scan.scanned(scanned) is scanned
   assert scanned.layers.layers == model.config.layers
   per_layer = [nnx.to_flat_state(nnx.state(b)) for b in model.layers]
   stacked = dict(nnx.to_flat_state(nnx.state(scanned.layers.block)))

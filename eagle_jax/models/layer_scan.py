@@ -73,3 +73,17 @@ def run_blocks(blocks: StackedBlocks, inputs: tuple, kv, index, prefix, shared):
 
   (x, kv), _ = jax.lax.scan(body, (x, kv), xs)
   return x, kv
+
+
+def scanned(model: nnx.Module) -> nnx.Module:
+  """A copy of a decoder (``Llama``) that runs its blocks as one scan: every other parameter
+  shared with ``model``, the blocks' stacked once into ``StackedBlocks``; ``model`` itself if it
+  already scans."""
+  if model.scan_layers:
+    return model
+  if not scannable(model.layers):
+    raise ValueError("scanned: the blocks cannot run as one scan (see scannable)")
+  model = nnx.merge(*nnx.split(model))
+  model.layers = StackedBlocks(model.layers)
+  model.scan_layers = True
+  return model

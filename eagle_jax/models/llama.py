@@ -370,7 +370,7 @@ class Llama(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     self.config = config
-    # Blocks as one lax.scan (``scanned``: a copy whose layers are ``layer_scan.StackedBlocks``).
+    # Blocks as one lax.scan (``layer_scan.scanned``: a copy with ``StackedBlocks`` layers).
     self.scan_layers = False
     # Parameters are created unsharded; loading.shard_model places them on a mesh.
     with nnx.use_eager_sharding(False):
@@ -463,18 +463,6 @@ class Llama(nnx.Module):
   def scannable(self) -> bool:
     """Whether the blocks can run as one ``lax.scan`` (``layer_scan.scannable``)."""
     return self.scan_layers or layer_scan.scannable(self.layers)
-
-  def scanned(self) -> Llama:
-    """A copy that runs its blocks as one ``lax.scan`` (``scannable`` blocks): every other
-    parameter shared with this model, the blocks' stacked once (``layer_scan.StackedBlocks``)."""
-    if self.scan_layers:
-      return self
-    if not self.scannable():
-      raise ValueError("Llama.scanned: the blocks cannot run as one scan (see scannable)")
-    model = nnx.merge(*nnx.split(self))
-    model.layers = layer_scan.StackedBlocks(model.layers)
-    model.scan_layers = True
-    return model
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden: [B, T, D] -> logits [B, T, V] float32."""

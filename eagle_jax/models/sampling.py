@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eagle_jax.models import layer_scan
 from eagle_jax.models import llama as llama_lib
 from eagle_jax.models import logits as logits_lib
 from eagle_jax.models import prefix as prefix_lib
@@ -297,8 +298,8 @@ class Sampler:
 
   @staticmethod
   def _scanned(model: llama_lib.Llama) -> llama_lib.Llama:
-    """A copy of ``model`` that runs its blocks as one scan (``Llama.scanned``), if it can."""
-    return model.scanned() if model.scannable() else model
+    """A copy of ``model`` that runs its blocks as one scan (``layer_scan.scanned``), if it can."""
+    return layer_scan.scanned(model) if model.scannable() else model
 
   def set_model(self, model: llama_lib.Llama) -> None:
     """Switches to ``model``'s current parameters (same structure, so nothing recompiles)."""
