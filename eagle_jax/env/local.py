@@ -51,6 +51,7 @@ from eagle_jax.env.client import (
   SamplingBackend,
   SamplingParams,
 )
+from eagle_jax.models import prefix as prefix_lib
 from eagle_jax.models import sampling as sampling_lib
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8)
@@ -71,16 +72,6 @@ class TokenCompletion(Completion):
   token_logprobs: tuple[float, ...] = ()
 
 
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
-  """Length of the common prefix of two token sequences."""
-  n = 0
-  for x, y in zip(a, b):
-    if x != y:
-      break
-    n += 1
-  return n
-
-
 def shared_cuts(seqs: Sequence[Sequence[int]], step: int) -> list[int]:
   """Chunk ends for token sequences sorted by their ids: chunks of at most ``step`` rows, each
   ending, within its last half, at the latest row boundary that sits between prefix groups.
@@ -96,7 +87,7 @@ def shared_cuts(seqs: Sequence[Sequence[int]], step: int) -> list[int]:
   ends, start = [], 0
   while len(seqs) - start > step:
     candidates = range(start + max(1, (step + 1) // 2), start + step + 1)
-    shared = {e: _common(seqs[e - 1], seqs[e]) for e in candidates}
+    shared = {e: prefix_lib.common_prefix(seqs[e - 1], seqs[e]) for e in candidates}
     least = min(shared.values())
     end = max(e for e in candidates if shared[e] <= 2 * least)
     ends.append(end)

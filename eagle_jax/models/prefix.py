@@ -108,7 +108,8 @@ def supports(config: llama_lib.LlamaConfig) -> bool:
   return config.layer_types is None or SLIDING not in config.layer_types
 
 
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+  """Length of the common prefix of two token sequences."""
   n = min(len(a), len(b))
   i = 0
   while i < n and a[i] == b[i]:
@@ -171,7 +172,7 @@ def plan(
     return None
   seqs = [list(map(int, p)) for p in prompts]
   order = sorted(range(b), key=lambda i: seqs[i])
-  adj = [min(_common(seqs[i], seqs[j]), len(seqs[i]) - 1, len(seqs[j]) - 1)
+  adj = [min(common_prefix(seqs[i], seqs[j]), len(seqs[i]) - 1, len(seqs[j]) - 1)
          for i, j in zip(order, order[1:])]
   unshared_cost = b * bucket(max(map(len, seqs)), min_bucket)
   best = None
