@@ -7,10 +7,10 @@ Reads every request a finished run sent to the environment LLM (``<workdir>/env/
 prompt, sampling parameters with their seeds), groups them by the world's stages (plots, reasons,
 profile sections, action sets, transitions; recognised by each prompt builder's question in
 ``eagle_jax/prompts.py``) and decodes each stage again, without its cached answers, in one call of
-a fresh ``LocalSampler`` set as the run's ``config.llm`` (decode batches of 16, prefix sharing on;
-flags change them),
-timing it, compiles included, as the run pays them. Beside each stage, the floor on these cores:
-FLOPs / the measured f32 matmul rate, with FLOPs = 2 x (non-embedding parameters) per distinct
+a fresh ``LocalSampler`` set as the quick start's ``config.llm`` (decode batches of 16, 32 or 64,
+prefix sharing on, "mixed" precision; flags change them), timing it, compiles included, as the
+run pays them. Beside each stage, the floor on these cores: FLOPs / the measured matmul rate in
+the precision's matmul operand dtype, with FLOPs = 2 x (non-embedding parameters) per distinct
 prompt-prefix token (the size of the stage's prompt trie: perfect sharing, every prefix once) and
 per generated token, plus 2 x (embedding parameters) per generated token and per prompt (the
 output projection). Attention, sampling and compiles are left out: no implementation of this
@@ -35,7 +35,10 @@ from eagle_jax.models.sampling_params import SamplingParams
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "A finished launch.main workdir.")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Decoder blocks as one lax.scan (llm.scan_layers).")
 _SHARE = flags.DEFINE_bool("share_prefix", True, "Prefix sharing (llm.share_prefix).")
-_BUCKETS = flags.DEFINE_list("batch_buckets", ["16"], "Decode batch sizes (llm.batch_buckets).")
+_BUCKETS = flags.DEFINE_list("batch_buckets", ["16", "32", "64"],
+                             "Decode batch sizes (llm.batch_buckets).")
+_PRECISION = flags.DEFINE_enum("precision", "mixed", ["float32", "bfloat16", "mixed"],
+                               "Dtypes of the model (llm.precision).")
 _STAGES = flags.DEFINE_list("stages", [], "Stages to decode (default: all), e.g. transitions.")
 
 
@@ -90,13 +93,14 @@ def main(argv: Sequence[str]) -> None:
         stages[stage].append((rec["prompt"], SamplingParams(**rec["params"])))
   backend = local.LocalSampler.from_gguf(assets.smollm2_gguf(), scan_layers=_SCAN.value,
                                          batch_buckets=tuple(map(int, _BUCKETS.value)), chat=True,
-                                         share_prefix=_SHARE.value)
+                                         share_prefix=_SHARE.value, precision=_PRECISION.value)
   model = backend.sampler
   params = sum(x.size for x in jax.tree.leaves(model.state))
   embed = model.config.vocab_size * model.config.hidden
-  rate = matmul_rate()
+  config = model.config
+  rate = matmul_rate(str(jax.numpy.dtype(config.matmul_dtype or config.dtype)))
   print(f"{_WORKDIR.value}: scan_layers={_SCAN.value}, share_prefix={_SHARE.value}, batch_buckets="
-        f"{backend.batch_buckets}; matmul rate "
+        f"{backend.batch_buckets}, precision={_PRECISION.value}; matmul rate "
         f"{rate / 1e9:.0f} GFLOP/s; load {_load()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         flush=True)
   print(f"\n{'stage':<18}{'requests':>9}{'prompt tok':>11}{'distinct':>9}{'generated':>10}"

@@ -50,6 +50,9 @@ def llm_config(**overrides) -> ml_collections.ConfigDict:
   # Run the local model's decoder blocks as one lax.scan: each prompt bucket and sharing plan
   # compiles several times faster, each decode step is a little slower (models/layer_scan.py).
   c.scan_layers = True
+  # Dtypes of the local model: "float32"; "bfloat16" (accelerators); "mixed": bfloat16 weights and
+  # matmul operands, float32 activations (CPUs with bf16 units: AMX, AVX512-BF16).
+  c.precision = "float32"
   c.update(overrides)
   return c
 

@@ -58,8 +58,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   # The environment LLM (eagle_jax/env/stack.py; the same block in every job's config). Decode
   # batches of up to 64 rows (a call's last chunk padded to 16, 32 or 64): one step reads every
-  # weight once for all its rows.
-  config.llm = llm_config(batch_buckets=(16, 32, 64))
+  # weight once for all its rows. "mixed" precision: bf16 weights and matmul operands, float32
+  # activations (this CPU job's matmuls run on bf16 units where the cores have them).
+  config.llm = llm_config(batch_buckets=(16, 32, 64), precision="mixed")
 
   config.env = ml_collections.ConfigDict()
   # Sampling of a transition (rewritten plot): greedy, so a transition is a function of (state,
@@ -270,13 +271,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.eval.transfer.enabled = False
   # The test environment LLM (a config.llm block): Gemma 3 270M base, with Gemma's chat template.
   config.eval.transfer.llm = llm_config(gguf="gemma3", chat_template="gemma",
-                                        batch_buckets=config.llm.batch_buckets)
+                                        batch_buckets=config.llm.batch_buckets,
+                                        precision=config.llm.precision)
   # AI rater (eagle_jax/evaluation/rater.py): the paper's pairwise rater questions, both orders.
   config.eval.rater = ml_collections.ConfigDict()
   # Run the rater section.
   config.eval.rater.enabled = False
   # The rater model (a config.llm block; equal to config.llm: the environment LLM itself).
-  config.eval.rater.llm = llm_config(batch_buckets=config.llm.batch_buckets)
+  config.eval.rater.llm = llm_config(batch_buckets=config.llm.batch_buckets,
+                                     precision=config.llm.precision)
   # Held-out pairs rated per split (a seeded sample).
   config.eval.rater.pairs = 24
   # Report policies rated (the distance question compares each with "random").
@@ -339,6 +342,8 @@ def _gemma3_environment(config: ml_collections.ConfigDict) -> None:
   transfer test environment is SmolLM2 (the default world's environment), i.e. Table 3 "back"."""
   config.llm.gguf = "gemma3"
   config.llm.chat_template = "gemma"
-  config.eval.transfer.llm = llm_config(batch_buckets=config.llm.batch_buckets)
+  config.eval.transfer.llm = llm_config(batch_buckets=config.llm.batch_buckets,
+                                        precision=config.llm.precision)
   config.eval.rater.llm = llm_config(gguf="gemma3", chat_template="gemma",
-                                     batch_buckets=config.llm.batch_buckets)
+                                     batch_buckets=config.llm.batch_buckets,
+                                     precision=config.llm.precision)

@@ -31,6 +31,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     raise ValueError(f"configs/movielens_study.py:{variant}: unknown variant; expected one of "
                      f"{VARIANTS[1:]}")
   config = movielens_smoke.get_config()
+  # float32 environment LLM: the recorded runs (results/study, their response caches) decoded in
+  # float32, and the precision is part of the cache identity.
+  for llm in (config.llm, config.eval.transfer.llm, config.eval.rater.llm):
+    llm.precision = "float32"
   # Anchors: 40 for training, 12 held out (new anchors), from the 200 most rated movies.
   config.world.anchor_pool = 200
   config.world.num_train_anchors = 40

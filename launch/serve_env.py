@@ -31,6 +31,8 @@ _SHARE = flags.DEFINE_bool("share_prefix", False, "Prefill prefixes shared by a 
 _CONTINUOUS = flags.DEFINE_bool(
     "continuous", False, "Continuous batching: requests join free decode rows every --chunk steps.")
 _SLOTS = flags.DEFINE_integer("slots", 16, "Decode rows of the continuous batcher.")
+_PRECISION = flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16", "mixed"],
+                               "Model dtypes (models/loading.py PRECISIONS; mixed: bf16 matmuls).")
 _CHUNK = flags.DEFINE_integer("chunk", 8, "Decode steps between admissions (continuous batching).")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Most prompts per decode batch.")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 256, "Most queued prompts before 503.")
@@ -81,7 +83,7 @@ def main(argv: Sequence[str]) -> None:
   backend = local.LocalSampler.from_gguf(
       _GGUF.value, model_id=_MODEL_NAME.value, batch_buckets=_buckets(_MAX_BATCH.value),
       share_prefix=_SHARE.value, continuous=_CONTINUOUS.value, slots=_SLOTS.value,
-      chunk=_CHUNK.value)
+      chunk=_CHUNK.value, precision=_PRECISION.value)
   if _WARMUP.value > 0:
     backend.warmup(_WARMUP.value)
   asyncio.run(_serve(backend, sock))

@@ -24,6 +24,7 @@ def test_defaults_are_valid_and_bad_fields_are_named():
       (dict(timeout_s=0.0), r"config.llm.timeout_s"),
       (dict(retries=-1), r"config.llm.retries"),
       (dict(batch_buckets=(8, 4)), r"config.llm.batch_buckets"),
+      (dict(precision="float16"), r"config.llm.precision: expected one of \['bfloat16', "),
   ]
   for change, pattern in cases:
     with pytest.raises(ValueError, match=pattern):
@@ -33,9 +34,9 @@ def test_defaults_are_valid_and_bad_fields_are_named():
     c.model_id = "hand-typed"
   with pytest.raises(ValueError, match=r"unknown fields \['model_id'\]"):
     stack.check_llm_config(c)
-  # A block saved before scan_layers existed (a workdir's config.json) is valid; any other missing
-  # field is not.
-  old = {k: v for k, v in env_blocks.llm_config().items() if k != "scan_layers"}
+  # A block saved before scan_layers and precision existed (a workdir's config.json) is valid; any
+  # other missing field is not.
+  old = {k: v for k, v in env_blocks.llm_config().items() if k not in ("scan_layers", "precision")}
   stack.check_llm_config(ml_collections.ConfigDict(old))
   with pytest.raises(ValueError, match=r"missing fields \['chunk'\]"):
     stack.check_llm_config(ml_collections.ConfigDict({k: v for k, v in old.items() if k != "chunk"}))
@@ -50,6 +51,28 @@ def test_local_model_name_is_the_file_hash(tmp_path):
   assert stack.local_model_name(f) == f"local-jax:{want}"
   f.write_bytes(b"weights v2" * 1000)  # a changed file is another model
   assert stack.local_model_name(f) != f"local-jax:{want}"
+
+
+def test_precision_loads_those_dtypes_and_is_part_of_the_cache_identity(tmp_path):
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from eagle_jax import assets  # noqa: PLC0415
+
+  names = {}
+  for precision in ("float32", "mixed"):
+    s = stack.open_llm(env_blocks.llm_config(precision=precision), str(tmp_path / "c.jsonl"))
+    config = s.local.sampler.config
+    leaves = {x.dtype for x in jax.tree.leaves(s.local.sampler.state)}
+    names[precision] = s.model_name
+    asyncio.run(s.aclose())
+    if precision == "mixed":
+      assert (config.dtype, config.matmul_dtype, leaves) == (jnp.float32, jnp.bfloat16,
+                                                              {jnp.dtype(jnp.bfloat16)})
+    else:
+      assert (config.matmul_dtype, leaves) == (None, {jnp.dtype(jnp.float32)})
+  assert names["float32"] == stack.local_model_name(assets.smollm2_gguf())
+  assert names["mixed"] == names["float32"] + "+mixed"
 
 
 def test_process_cache_paths_are_seeded_from_the_shared_file(tmp_path):

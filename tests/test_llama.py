@@ -1,5 +1,7 @@
 """Llama decoder: parity with PyTorch transformers, KV cache, padding, sharding, real SmolLM2."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from decoder_fixtures import (
   torch_logits,
 )
 from flax import nnx
+from transformers import masking_utils
 
 from eagle_jax import parallel
 from eagle_jax.models import llama, loading
@@ -122,6 +125,62 @@ def test_bf16_compute_close_to_float32_reference(pair):
   assert ours.dtype == jnp.float32
   err = np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max()
   assert 0 < err < 0.05  # bf16 really changes the numbers, but only by bf16 rounding
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+  return x.to(torch.bfloat16).to(torch.float32)
+
+
+def _bf16_operand_attention(module, query, key, value, attention_mask, scaling, dropout=0.0,
+                            **kwargs):
+  """HF eager attention in float32 with q, k, v and the probabilities rounded to bf16."""
+  del dropout, kwargs
+  groups = module.num_key_value_groups
+  key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+  scores = torch.matmul(_bf16(query), _bf16(key).transpose(2, 3)) * scaling
+  if attention_mask is not None:
+    scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+  probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+  return torch.matmul(_bf16(probs), _bf16(value)).transpose(1, 2).contiguous(), probs
+
+
+def _torch_mixed(tmodel):
+  """A float32 PyTorch copy of ``tmodel`` computing what ``matmul_dtype=bfloat16`` promises:
+  bf16-rounded weights, every Linear's input and attention's q, k, v and probabilities rounded to
+  bf16, everything else (norms, RoPE, softmax, residuals, accumulation) float32."""
+  transformers.AttentionInterface.register("bf16_operands", _bf16_operand_attention)
+  masking_utils.AttentionMaskInterface.register("bf16_operands", masking_utils.eager_mask)
+  ref = copy.deepcopy(tmodel)
+  with torch.no_grad():
+    for p in ref.parameters():
+      p.copy_(_bf16(p))
+  ref.set_attn_implementation("bf16_operands")
+  for m in ref.modules():
+    if isinstance(m, torch.nn.Linear):
+      m.register_forward_pre_hook(lambda _, args: (_bf16(args[0]),))
+  return ref
+
+
+def test_mixed_precision_matches_torch_with_bf16_operands(pair):
+  tmodel, config, model = pair
+  mixed_config = config.replace(param_dtype=jnp.bfloat16, matmul_dtype=jnp.bfloat16)
+  graphdef, state = _with_config(model, mixed_config)
+  mixed = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), state))
+  tokens = np.random.RandomState(5).randint(0, config.vocab_size, (3, 17))
+  ours, _ = mixed(jnp.asarray(tokens))
+  assert ours.dtype == jnp.float32
+  ours = np.asarray(ours)
+  emulated, exact = torch_logits(_torch_mixed(tmodel), tokens), torch_logits(tmodel, tokens)
+  scale = np.abs(exact).max()
+  to_emulated = np.abs(ours - emulated).max() / scale
+  to_float32 = np.abs(ours - exact).max() / scale
+  assert to_emulated < 1e-4  # the same roundings, summed in another order
+  assert to_float32 > 1e-3  # and bf16 operands do change the logits
+  # Through the KV cache in chunks (the decode path): the cached keys and values are the same.
+  mask = np.ones(tokens.shape, bool)
+  chunked, _ = cached_chunk_logits(mixed, mixed_config, tokens, mask,
+                                   cuts=((0, 6), (6, 7), (7, 17)))
+  assert np.abs(chunked - emulated).max() / scale < 1e-4
 
 
 def _with_config(model, config):

@@ -13,7 +13,9 @@ Per-row seeds: row ``i`` is decoded with ``Sampler.generate_ids(..., seeds=[...]
 each row from its own key ``jax.random.key(prompt_seed)``. Row ``i`` is then exactly
 ``Sampler.generate_ids([prompt_i], params, seeds=[prompt_seed_i])`` (same tokens, up to float
 reassociation from the shared padding bucket), whatever else is in the batch: the guarantee
-``client.py`` documents.
+``client.py`` documents. With bf16 matmul operands (``precision="mixed"`` or ``"bfloat16"``,
+``models.loading.PRECISIONS``) reassociation can flip a bf16 rounding, so "same tokens" holds up
+to ties at bf16 resolution (log-probs a few hundredths of a nat apart), as in any bf16 server.
 
 Prefix sharing (``share_prefix=True``, default off): each decode call prefills token prefixes
 shared by its rows once (``models/prefix.py``: a state's transition prompts share the state text,
@@ -150,20 +152,22 @@ class LocalSampler(SamplingBackend):
   @classmethod
   def from_gguf(
       cls, path: str | pathlib.Path | None = None, *, chat_template: str | None = None,
-      scan_layers: bool = True, **kwargs
+      scan_layers: bool = True, precision: str = "float32", **kwargs
   ) -> LocalSampler:
     """Loads a llama or gemma3 GGUF (default: the pinned SmolLM2-135M-Instruct asset).
 
     The architecture is dispatched by ``loading.load_llama_gguf``; the tokenizer is
     ``Tokenizer.from_gguf`` of the same file, with ``chat_template`` overriding the file's chat
-    template (``models.chat_template.resolve``); ``scan_layers``: ``Sampler(scan_layers=)``.
+    template (``models.chat_template.resolve``); ``scan_layers``: ``Sampler(scan_layers=)``;
+    ``precision``: a name in ``loading.PRECISIONS`` (``"mixed"``: bf16 matmuls on a CPU).
     """
     from eagle_jax import assets
     from eagle_jax.models import loading
     from eagle_jax.models.tokenizer import Tokenizer
 
+    dtypes = loading.precision_dtypes(precision)
     path = pathlib.Path(path) if path is not None else assets.smollm2_gguf()
-    _, model = loading.load_llama_gguf(path)
+    _, model = loading.load_llama_gguf(path, **dtypes)
     return cls(sampling_lib.Sampler(model, Tokenizer.from_gguf(path, chat_template),
                                     scan_layers=scan_layers), **kwargs)
 

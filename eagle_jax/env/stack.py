@@ -26,6 +26,8 @@ name is asked for that name.
   retries: retries of a failed request (connection errors, 429, 5xx).
   batch_buckets: decode batch sizes of the local sampler (each size compiles once).
   share_prefix: the local sampler prefills token prefixes shared by a decode's rows once.
+  precision: the local model's dtypes (``models.loading.PRECISIONS``: "float32", "bfloat16",
+    "mixed"); part of the cache identity, since it changes the answers.
   continuous: the local sampler batches continuously (``models.continuous``) in ``slots`` rows,
     admitting waiting prompts every ``chunk`` decode steps.
 """
@@ -48,8 +50,8 @@ from eagle_jax.models.sampling_params import check_int
 
 FIELDS = ("gguf", "chat_template", "server_url", "served_model", "api_key_env", "concurrency",
           "timeout_s", "retries", "batch_buckets", "share_prefix", "continuous", "slots", "chunk",
-          "scan_layers")
-LATER_FIELDS = {"scan_layers": True}  # field -> its value in configs saved without it
+          "scan_layers", "precision")
+LATER_FIELDS = {"scan_layers": True, "precision": "float32"}  # value in configs saved without
 
 
 def check_llm_config(llm, field: str = "config.llm") -> None:
@@ -81,6 +83,9 @@ def check_llm_config(llm, field: str = "config.llm") -> None:
   for name in ("share_prefix", "continuous", "scan_layers"):
     if not isinstance(llm.get(name, LATER_FIELDS.get(name)), bool):
       raise ValueError(f"{field}.{name}: expected a bool, got {llm[name]!r}")
+  from eagle_jax.models.loading import precision_dtypes  # noqa: PLC0415 (JAX model code)
+
+  precision_dtypes(llm.get("precision", LATER_FIELDS["precision"]), f"{field}.precision")
   for name, lo in (("concurrency", 1), ("retries", 0), ("slots", 1), ("chunk", 1)):
     check_int(f"{field}.{name}", llm[name], lo)
   if isinstance(llm.timeout_s, bool) or not isinstance(llm.timeout_s, (int, float)) or not (
@@ -200,18 +205,21 @@ def open_llm(llm, cache_path: str, *, sampler=None, model_file: str | os.PathLik
   else:
     from eagle_jax.env.local import LocalSampler  # noqa: PLC0415 (JAX model code)
 
+    precision = llm.get("precision", LATER_FIELDS["precision"])
     if sampler is not None and model_name is not None:
       name = model_name
     else:
       path = model_file or assets.resolve_gguf(llm.gguf)
       name = local_model_name(path) + chat_template_id(llm.chat_template)
+      if sampler is None and precision != "float32":
+        name += f"+{precision}"  # other dtypes give other answers
     options = dict(model_id=name, batch_buckets=tuple(int(b) for b in llm.batch_buckets),
                    chat=chat, share_prefix=llm.share_prefix, continuous=llm.continuous,
                    slots=int(llm.slots), chunk=int(llm.chunk))
     if sampler is None:
       scan = llm.get("scan_layers", LATER_FIELDS["scan_layers"])
       backend = LocalSampler.from_gguf(path, chat_template=llm.chat_template or None,
-                                       scan_layers=scan, **options)
+                                       scan_layers=scan, precision=precision, **options)
     else:
       backend = LocalSampler(sampler, **options)
   return stack_over(backend, cache_path, cache_memory)

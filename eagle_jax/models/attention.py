@@ -96,6 +96,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float, factor: float =
   return out.astype(x.dtype)
 
 
+def cast_einsum(spec: str, x: jax.Array, w: jax.Array, operand, out) -> jax.Array:
+  """``einsum(spec, x, w)`` with both operands cast to ``operand``, accumulated and returned in
+  ``out`` (bf16 operands summed in float32: what CPU bf16 units and accelerators compute)."""
+  if operand == out:  # a plain einsum (what qwix's LoRA interception expects)
+    return jnp.einsum(spec, x.astype(operand), w.astype(operand))
+  return jnp.einsum(spec, x.astype(operand), w.astype(operand), preferred_element_type=out)
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,
@@ -121,8 +129,9 @@ def attend(
   """
   qg = _grouped(q, k.shape[1])
   scores = _slot_scores(qg, k, key_mask, query_slots, scale, window)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-  return _ungrouped(jnp.einsum("bkgts,bksd->bkgtd", probs, v))
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bksd->bkgtd", probs, v, preferred_element_type=jnp.float32)
+  return _ungrouped(out).astype(q.dtype)
 
 
 # Attention works on queries grouped by key/value head, [B, KVH, H / KVH, T, hd]: every product is
@@ -254,6 +263,8 @@ def attend_shared_prefix(
   m = jnp.maximum(own.max(-1, keepdims=True), pre.max(-1, keepdims=True))
   e_own, e_pre = jnp.exp(own - m), jnp.exp(pre - m)
   denom = e_own.sum(-1, keepdims=True) + e_pre.sum(-1, keepdims=True)
-  out = jnp.einsum("bkgts,bksd->bkgtd", (e_own / denom).astype(q.dtype), v)
-  out_pre = jnp.einsum("nkrgts,nksd->nkrgtd", to_seats((e_pre / denom).astype(q.dtype)), prefix_v)
-  return _ungrouped(out + to_rows(out_pre))
+  out = jnp.einsum("bkgts,bksd->bkgtd", (e_own / denom).astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  out_pre = jnp.einsum("nkrgts,nksd->nkrgtd", to_seats((e_pre / denom).astype(prefix_v.dtype)),
+                       prefix_v, preferred_element_type=jnp.float32)
+  return _ungrouped(out + to_rows(out_pre)).astype(q.dtype)

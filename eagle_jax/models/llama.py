@@ -28,8 +28,10 @@ has four norms.
   Heads before slots: attention's products, batched over (row, head), read it as stored (slots
   first, XLA transposed every layer's cache each step). Sliding layers keep all ``S`` slots.
 
-Precision: parameters are stored in ``param_dtype`` (float32 by default) and cast to ``dtype`` (the
-compute dtype, e.g. bfloat16) at use; norms, RoPE, softmax and logits are computed in float32.
+Precision: parameters are stored in ``param_dtype`` and cast to ``dtype`` (the compute dtype) at
+use; norms, RoPE, softmax and logits are computed in float32. ``matmul_dtype`` (bf16 under a float32
+``dtype``) casts only the operands of the weight and attention products, summed in float32: bf16
+matmul units (AMX, AVX512-BF16) beside float32 elementwise ops, which XLA:CPU runs faster than bf16.
 
 Sharding: parameters carry logical axis names (``nnx.with_partitioning``; names from
 ``eagle_jax.parallel.DEFAULT_RULES``). They are created unsharded (eager sharding off) and placed on
@@ -60,6 +62,7 @@ from eagle_jax.models.attention import (
   apply_rope,
   attend,
   attend_shared_prefix,
+  cast_einsum,
   rms_norm,
 )
 from eagle_jax.parallel import constrain
@@ -88,6 +91,8 @@ class LlamaConfig:
     max_len: longest sequence (cache length) the model is meant for; informational for RoPE.
     dtype: compute dtype (activations, matmul inputs).
     param_dtype: storage dtype of the parameters.
+    matmul_dtype: operand dtype of the weight matmuls (q, k, v, o, MLP, logits) and attention's
+      products, accumulated in float32; None: ``dtype``.
     scale_embeddings: multiply embeddings by sqrt(hidden) (Gemma).
     norm_offset: RMSNorm multiplies by ``norm_offset + w`` (0 Llama, 1 Gemma).
     activation: MLP gate activation, ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU, Gemma).
@@ -117,6 +122,7 @@ class LlamaConfig:
   max_len: int = 2048
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  matmul_dtype: jnp.dtype | None = None
   scale_embeddings: bool = False
   norm_offset: float = 0.0
   activation: str = "silu"
@@ -160,6 +166,10 @@ class LlamaConfig:
       theta = self.rope_theta if self.rope_local_theta is None else self.rope_local_theta
       return theta, 1.0, self.sliding_window
     return self.rope_theta, self.rope_scaling, None
+
+  def matmul(self, spec: str, x: jax.Array, w, out=None) -> jax.Array:
+    """``attention.cast_einsum`` of activations and a weight: operands in ``matmul_dtype``."""
+    return cast_einsum(spec, x, w[...], self.matmul_dtype or self.dtype, out or self.dtype)
 
   def replace(self, **changes) -> LlamaConfig:
     return dataclasses.replace(self, **changes)
@@ -237,14 +247,11 @@ class Attention(nnx.Module):
     if c.qk_norm:
       self.q_norm = RMSNorm(c.head_dim, c, rngs=rngs, axis="kv")
       self.k_norm = RMSNorm(c.head_dim, c, rngs=rngs, axis="kv")
-    self.wq = _param(rngs, dense, (c.hidden, c.heads, c.head_dim), ("embed", "heads", "kv"),
-                     c.param_dtype)
-    self.wk = _param(rngs, dense, (c.hidden, c.kv_heads, c.head_dim),
-                     ("embed", "kv_heads", "kv"), c.param_dtype)
-    self.wv = _param(rngs, dense, (c.hidden, c.kv_heads, c.head_dim),
-                     ("embed", "kv_heads", "kv"), c.param_dtype)
-    self.wo = _param(rngs, dense, (c.heads, c.head_dim, c.hidden), ("heads", "kv", "embed"),
-                     c.param_dtype)
+    proj = lambda shape, axes: _param(rngs, dense, shape, axes, c.param_dtype)
+    self.wq = proj((c.hidden, c.heads, c.head_dim), ("embed", "heads", "kv"))
+    self.wk = proj((c.hidden, c.kv_heads, c.head_dim), ("embed", "kv_heads", "kv"))
+    self.wv = proj((c.hidden, c.kv_heads, c.head_dim), ("embed", "kv_heads", "kv"))
+    self.wo = proj((c.heads, c.head_dim, c.hidden), ("heads", "kv", "embed"))
 
   def __call__(
       self,
@@ -271,16 +278,18 @@ class Attention(nnx.Module):
       ([B, T, D] output, (k, v) updated stacked cache or None).
     """
     c = self.config
-    dt = c.dtype
-    q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+    q = c.matmul("btd,dhk->bthk", x, self.wq)
+    k = c.matmul("btd,dhk->bthk", x, self.wk)
+    v = c.matmul("btd,dhk->bthk", x, self.wv)
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     theta, factor, l3 = self.rope_theta, self.rope_factor, self.config.rope_llama3
-    q = constrain(apply_rope(q, positions, theta, factor, l3), ("batch", "length", "heads", "kv"))
+    op = c.matmul_dtype or c.dtype  # of attention's products too
+    q = constrain(apply_rope(q, positions, theta, factor, l3).astype(op), ("batch", "length",
+                                                                           "heads", "kv"))
     k = apply_rope(k, positions, theta, factor, l3)
-    heads_first = lambda x: constrain(x.transpose(0, 2, 1, 3), ("batch", "kv_heads", "length", "kv"))
+    heads_first = lambda x: constrain(x.transpose(0, 2, 1, 3).astype(op),
+                                      ("batch", "kv_heads", "length", "kv"))
     k, v = heads_first(k), heads_first(v)
     new_cache = None
     if layer_cache is not None:
@@ -288,16 +297,16 @@ class Attention(nnx.Module):
       ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, 0, index, 0))
       cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, 0, index, 0))
       new_cache = (ck, cv)
-      k, v = ck[layer].astype(dt), cv[layer].astype(dt)
+      k, v = ck[layer].astype(op), cv[layer].astype(op)
     scale = c.query_scale if c.query_scale is not None else c.head_dim**-0.5
     if prefix is not None:
       pk, pv, row_mask, seats, row_seat = prefix
-      out = attend_shared_prefix(q, k, v, key_mask, query_slots, pk.astype(dt), pv.astype(dt),
+      out = attend_shared_prefix(q, k, v, key_mask, query_slots, pk.astype(op), pv.astype(op),
                                  row_mask, seats, row_seat, scale)
     else:
       out = attend(q, k, v, key_mask, query_slots, scale, self.window)
     out = constrain(out, ("batch", "length", "heads", "kv"))
-    y = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
+    y = c.matmul("bthk,hkd->btd", out, self.wo)
     return y, new_cache
 
 
@@ -314,13 +323,10 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, T, D] -> [B, T, D]."""
-    dt = self.config.dtype
-    act = _ACTIVATIONS[self.config.activation]
-    # einsum (not ``@``) so qwix's LoRA interception sees these contractions.
-    gate = act(jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dt)))
-    h = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dt))
-    h = constrain(gate * h, ("batch", "length", "mlp"))
-    return jnp.einsum("btf,fd->btd", h, self.w_down[...].astype(dt))
+    c = self.config  # einsums (not ``@``): qwix's LoRA interception sees these contractions
+    gate = _ACTIVATIONS[c.activation](c.matmul("btd,df->btf", x, self.w_gate))
+    h = constrain(gate * c.matmul("btd,df->btf", x, self.w_up), ("batch", "length", "mlp"))
+    return c.matmul("btf,fd->btd", h, self.w_down)
 
 
 class Block(nnx.Module):
@@ -420,8 +426,7 @@ class Llama(nnx.Module):
       attention_mask = jnp.ones((b, t), bool)
     attention_mask = attention_mask.astype(bool)
     if attention_mask.shape != (b, t):
-      raise ValueError(
-          f"attention_mask: expected shape {(b, t)}, got {tuple(attention_mask.shape)}")
+      raise ValueError(f"attention_mask: expected shape {(b, t)}, got {attention_mask.shape}")
     if prefix is not None:
       if self.config.sliding_window:
         raise ValueError("forward_embeddings: prefix works without sliding windows only")
@@ -466,13 +471,10 @@ class Llama(nnx.Module):
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden: [B, T, D] -> logits [B, T, V] float32."""
-    dt = self.config.dtype
     if self.config.tie_embeddings:
-      out = jnp.einsum("btd,vd->btv", hidden, self.embedder.embedding[...].astype(dt),
-                       preferred_element_type=jnp.float32)
+      out = self.config.matmul("btd,vd->btv", hidden, self.embedder.embedding, jnp.float32)
     else:
-      out = jnp.einsum("btd,dv->btv", hidden, self.lm_head[...].astype(dt),
-                       preferred_element_type=jnp.float32)
+      out = self.config.matmul("btd,dv->btv", hidden, self.lm_head, jnp.float32)
     if self.config.final_logit_softcap:
       cap = self.config.final_logit_softcap
       out = cap * jnp.tanh(out / cap)

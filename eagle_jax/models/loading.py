@@ -51,6 +51,26 @@ from eagle_jax.models.files import (
     read_json,
 )
 
+# Named precisions of a decoder that only decodes (the environment LLM): LlamaConfig fields.
+PRECISIONS = {
+    # Everything float32 (equals PyTorch's float32 forward up to reassociation).
+    "float32": dict(dtype=jnp.float32, param_dtype=jnp.float32, matmul_dtype=None),
+    # bfloat16 weights and activations (accelerators).
+    "bfloat16": dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, matmul_dtype=None),
+    # bfloat16 weights and matmul operands, float32 activations and accumulation (CPUs with bf16
+    # units: AMX, AVX512-BF16; XLA:CPU runs bf16 elementwise ops slowly, bf16 matmuls fast).
+    "mixed": dict(dtype=jnp.float32, param_dtype=jnp.bfloat16, matmul_dtype=jnp.bfloat16),
+}
+
+
+def precision_dtypes(precision: str, field: str = "precision") -> dict:
+  """``LlamaConfig`` dtype fields of a named precision (``PRECISIONS``); ValueError naming
+  ``field`` otherwise."""
+  if precision not in PRECISIONS:
+    raise ValueError(f"{field}: expected one of {sorted(PRECISIONS)}, got {precision!r}")
+  return dict(PRECISIONS[precision])
+
+
 # HF buffers that are not parameters (safe to ignore when present).
 _IGNORED_HF_KEYS = ("rotary_emb.inv_freq",)
 
@@ -255,15 +275,18 @@ def load_llama_safetensors(
     *,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
+    matmul_dtype: jnp.dtype | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[llama_lib.LlamaConfig, llama_lib.Llama]:
-  """Loads a Hugging Face Llama checkpoint folder (``config.json`` + safetensors)."""
+  """Loads a Hugging Face Llama checkpoint folder (``config.json`` + safetensors); the dtypes are
+  ``LlamaConfig``'s fields of those names."""
   path = pathlib.Path(path)
   cfg_file = path / "config.json"
   if not cfg_file.is_file():
     raise LoadingError(f"{path}: no config.json")
   try:
-    config = config_from_hf(read_json(cfg_file), dtype=dtype, param_dtype=param_dtype)
+    config = config_from_hf(read_json(cfg_file), dtype=dtype, param_dtype=param_dtype,
+                            matmul_dtype=matmul_dtype)
   except LoadingError as e:
     raise LoadingError(f"{path}/{e}" if str(e).startswith("config.json") else str(e)) from None
   hf = read_safetensors_dir(path)
@@ -373,6 +396,7 @@ def load_llama_gguf(
     *,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
+    matmul_dtype: jnp.dtype | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[llama_lib.LlamaConfig, llama_lib.Llama]:
   """Loads a ``llama`` or ``gemma3`` GGUF (dequantised) into a ``Llama``.
@@ -381,13 +405,14 @@ def load_llama_gguf(
     path: the ``.gguf`` file.
     dtype: compute dtype.
     param_dtype: storage dtype of the dequantised weights.
+    matmul_dtype: operand dtype of the weight matmuls (``LlamaConfig.matmul_dtype``).
     mesh: optional mesh to create the parameters sharded on.
 
   Returns:
     (config, model).
   """
   config, hf = gguf_to_hf(path)
-  config = config.replace(dtype=dtype, param_dtype=param_dtype)
+  config = config.replace(dtype=dtype, param_dtype=param_dtype, matmul_dtype=matmul_dtype)
   params = hf_to_params(hf, config, source=str(path))
   del hf
   return config, load_params(config, params, source=str(path), mesh=mesh)

@@ -38,7 +38,10 @@ are skipped). Only the slot layout differs: the prefix's slots precede the row's
 padding slots in between, and the softmax over both is assembled from two score blocks with a
 shared maximum. Full attention ignores slot distances, so the result is mathematically equal;
 float sums run over different shapes, so logits can differ in the last bits (a greedy or sampled
-near-tie could in principle flip; the tests count mismatches). Sliding-window layers measure the
+near-tie could in principle flip; the tests count mismatches). With bf16 matmul operands
+(``LlamaConfig.matmul_dtype``; the prefixes' keys and values are then stored in it) those last bits
+can flip a bf16 rounding, so the two paths differ by up to a few hundredths of a nat in log-prob
+and greedy rows part at ties of that size. Sliding-window layers measure the
 window in slots, so models with sliding layers (Gemma 3) are never shared (``supports``).
 """
 
@@ -220,7 +223,8 @@ def plan(
 def prefill_prefixes(model: llama_lib.Llama, inputs: SharedInputs) -> SharedPrefix:
   """Prefills the ``[G, Pp]`` distinct prefixes once: their keys and values for the rows."""
   g, pp = inputs.prefix_tokens.shape
-  pcache = llama_lib.KVCache.init(model.config, g, pp)
+  c = model.config
+  pcache = llama_lib.KVCache.init(c, g, pp, dtype=c.matmul_dtype or c.dtype)
   _, pcache = model.hidden_states(inputs.prefix_tokens, attention_mask=inputs.prefix_mask,
                                   cache=pcache)
   return SharedPrefix.from_cache(pcache, inputs.row_prefix, inputs.row_shared, inputs.seats)
