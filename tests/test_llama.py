@@ -51,6 +51,20 @@ def test_logits_match_torch(pair):
   assert np.abs(ref).max() > 1.0  # the comparison is not between near-zero logits
 
 
+def test_long_prefill_in_causal_blocks_matches_torch(pair):
+  """T = 200 > attention.CAUSAL_BLOCK: the cache-free pass and a prefill into an empty cache of
+  exactly T slots both run attention in causal blocks; left padding on one row."""
+  tmodel, config, model = pair
+  tokens = np.random.RandomState(6).randint(0, config.vocab_size, (2, 200))
+  mask = np.ones(tokens.shape, bool)
+  mask[1, :30] = False
+  ref = torch_logits(tmodel, tokens, mask)
+  ours, _ = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+  assert np.abs(np.asarray(ours) - ref)[mask].max() <= TOL
+  chunked, _ = cached_chunk_logits(model, config, tokens, mask, cuts=((0, 200),), length=200)
+  assert np.abs(chunked - ref)[mask].max() <= TOL
+
+
 def test_llama3_rope_scaling_matches_torch(tmp_path):
   """Llama 3's frequency-dependent RoPE scaling (``rope_type="llama3"``, as in Llama 3.2's
   config.json), with an original context of 64 so the kept, interpolated and divided frequency

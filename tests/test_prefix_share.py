@@ -16,7 +16,7 @@ from flax import nnx
 
 from eagle_jax import assets
 from eagle_jax.env import local
-from eagle_jax.models import loading, prefix, sampling
+from eagle_jax.models import attention, loading, prefix, sampling
 from eagle_jax.models.attention import attend_shared_prefix
 from eagle_jax.models.llama import LlamaConfig
 
@@ -333,6 +333,29 @@ def test_attend_shared_prefix_equals_attention_over_prefix_and_own_slots():
     allowed = np.concatenate([np.broadcast_to(pre, (t, pp)), own_ok], axis=1)
     np.testing.assert_allclose(out[i], _softmax_attention(q[i], kk, vv, allowed, 0.3),
                                rtol=1e-5, atol=1e-5, err_msg=f"row {i}")
+
+
+@pytest.mark.parametrize("window", [None, 50])
+def test_prefill_from_slot_0_runs_in_causal_blocks_equal_to_numpy(window):
+  """T = S = 300 queries and key slots (blocks of 128, 128 and 44), left padding, GQA, and a
+  sliding window, against NumPy softmax attention over every visible slot."""
+  rng = np.random.default_rng(1)
+  b, t, h, kvh, hd = 2, 300, 4, 2, 8
+  assert t > 2 * attention.CAUSAL_BLOCK and t % attention.CAUSAL_BLOCK
+  q = rng.normal(size=(b, t, h, hd)).astype(np.float32)
+  k, v = (rng.normal(size=(b, kvh, t, hd)).astype(np.float32) for _ in range(2))
+  key_mask = np.ones((b, t), bool)
+  key_mask[1, :37] = False  # left padding
+  slots = np.arange(t)
+  out = np.asarray(attention.attend(q, k, v, key_mask, slots.astype(np.int32), 0.3, window))
+  for i in range(b):
+    allowed = key_mask[i][None, :] & (slots[None, :] <= slots[:, None])
+    if window is not None:
+      allowed &= slots[None, :] > slots[:, None] - window
+    want = _softmax_attention(q[i], k[i].transpose(1, 0, 2), v[i].transpose(1, 0, 2),
+                              allowed, 0.3)
+    real = key_mask[i]  # padding queries see nothing real; their output is not used
+    np.testing.assert_allclose(out[i][real], want[real], rtol=1e-5, atol=1e-5, err_msg=f"row {i}")
 
 
 def test_shared_decode_keeps_only_suffix_and_decode_slots_per_row(tiny):

@@ -13,7 +13,9 @@ Pure functions of arrays (no parameters, no config object), used by ``llama.py``
   ``W``, ``s > q - W`` (the query and the ``W - 1`` slots before it, as Hugging Face's
   ``sliding_window_overlay``). Slot distance equals token distance because a row's real tokens
   occupy contiguous slots: prompts are left-padded and every later call appends at the same index
-  for all rows (a finished row's padding comes after its last real token).
+  for all rows (a finished row's padding comes after its last real token). A prefill from slot 0
+  (as many queries as key slots) runs in blocks of ``CAUSAL_BLOCK`` queries, each over the keys up
+  to its last query only: the causally masked half of the score matrix is never computed.
 * ``attend_shared_prefix`` with ``SharedPrefix``: the same attention for rows that continue one of
   a few shared, cached prefixes, each prefix's keys and values read once for all of its rows.
 
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+CAUSAL_BLOCK = 128  # queries per block of a prefill from slot 0 (``attend``)
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_KINDS = (FULL, SLIDING)
@@ -127,6 +130,13 @@ def attend(
   Returns:
     [B, T, H, hd] attention output in q's dtype; scores and softmax in float32.
   """
+  t, blk = q.shape[1], CAUSAL_BLOCK
+  if t == k.shape[2] and t > blk:
+    # As many queries as key slots: a prefill from slot 0 (no cache, or an empty cache of T
+    # slots), query i at slot i. Queries [a, a + blk) see keys [0, a + blk) only.
+    return jnp.concatenate([
+        attend(q[:, a:a + blk], k[:, :, :a + blk], v[:, :, :a + blk], key_mask[:, :a + blk],
+               query_slots[a:a + blk], scale, window) for a in range(0, t, blk)], axis=1)
   qg = _grouped(q, k.shape[1])
   scores = _slot_scores(qg, k, key_mask, query_slots, scale, window)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
