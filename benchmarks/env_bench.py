@@ -39,6 +39,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 2, "--tree: timed rounds (interleaved).
 _BATCH = flags.DEFINE_integer("batch", 16, "--tree: decode batch of the unshared and torch runs.")
 _SLOTS = flags.DEFINE_integer("slots", 16, "--tree: continuous-batching rows.")
 _CHUNK = flags.DEFINE_integer("chunk", 8, "--tree: decode steps between admissions.")
+_PRECISION = flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16", "mixed"],
+                               "--tree: dtypes of our sampler (models/loading.py PRECISIONS).")
 _REASONS = flags.DEFINE_integer("reasons", 0, "--tree: reasons to like and to dislike in each "
                                 "state (0: plot-only states).")
 
@@ -99,7 +101,7 @@ def main(argv: Sequence[str]) -> None:
     from benchmarks import tree_bench  # noqa: PLC0415
 
     tree_bench.run(_STATES.value, _K.value, _ROUNDS.value, _BATCH.value, _SLOTS.value,
-                   _CHUNK.value, _REASONS.value)
+                   _CHUNK.value, _REASONS.value, _PRECISION.value)
     return
   quick = _QUICK.value
   max_tokens = 16 if quick else 32

@@ -24,8 +24,12 @@ Timed, interleaved over ``--rounds`` (the order rotates each round), median seco
 5. llama.cpp's OpenAI-compatible server (``llama-cpp-python[server]``, when installed) serving the
    same GGUF, reached through ``OpenAIClient``; it has no n-gram ban and takes the penalty as
    ``repeat_penalty`` over its last 64 tokens, so its answers differ (tokens/s is printed too);
-6. the ceiling: this machine's measured f32 matmul rate over the FLOPs of the shared workload
+6. the ceiling: this machine's measured matmul rate over the FLOPs of the shared workload
    (2 x parameters per prefilled or generated token; attention not counted).
+
+Our sampler runs in ``--precision`` (``models.loading.PRECISIONS``; float32 by default, "mixed" as
+in the quick start: bf16 weights and matmul operands), the ceiling at the matmul rate of its
+operand dtype; PyTorch stays float32.
 """
 
 from __future__ import annotations
@@ -181,10 +185,11 @@ class LlamaCpp:
 
 
 def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int,
-        reasons: int = 0) -> None:
+        reasons: int = 0, precision: str = "float32") -> None:
   logging.getLogger("httpx").setLevel(logging.WARNING)
   path = assets.smollm2_gguf()
-  plain = local.LocalSampler.from_gguf(path, batch_buckets=(batch,), chat=True)
+  plain = local.LocalSampler.from_gguf(path, batch_buckets=(batch,), chat=True,
+                                       precision=precision)
   sampler = plain.sampler
   fast = local.LocalSampler(sampler, chat=True, share_prefix=True, continuous=True, slots=slots,
                             chunk=chunk)
@@ -194,7 +199,8 @@ def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int,
   params = [SAMPLING.replace(seed=i) for i in range(n)]
   print(f"{states} states ({'plot' if not reasons else f'plot + {reasons} + {reasons} reasons'}) "
         f"x {k} actions = {n} transitions; prompts {min(map(len, ids))}.."
-        f"{max(map(len, ids))} tokens; {SAMPLING.max_tokens} new tokens; load {_load()}")
+        f"{max(map(len, ids))} tokens; {SAMPLING.max_tokens} new tokens; our precision "
+        f"{precision}; load {_load()}")
 
   def ours(backend):
     out = backend.generate_sync(msgs, params)
@@ -241,7 +247,7 @@ def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int,
   finally:
     if server is not None:
       server.stop()
-  rate = matmul_rate()
+  rate = matmul_rate(str(np.dtype(sampler.config.matmul_dtype or sampler.config.dtype)))
   plan = prefix.plan(ids, min_shared=sampler.min_shared, min_bucket=1, pad_id=sampler.pad_id,
                      bucket=lambda x, m: max(int(x), 1))
   prefilled = plan.cost if plan is not None else sum(map(len, ids))
