@@ -288,7 +288,8 @@ def test_shared_equals_unshared_smollm2_mixed_precision_up_to_bf16_ties():
     if len(differ):  # a tie: the two paths' top tokens are (nearly) equally likely
       diverged += 1
       assert abs(plain.logprobs[i, upto] - shared.logprobs[i, upto]) < 0.1, i
-  assert diverged <= 2, diverged  # one of 8 rows in 24 tokens when written; 8 of 8 is a bug
+  # One of 8 rows parted in 24 tokens when written; where every row parts, something is off.
+  assert diverged <= len(rows) // 2, diverged
 
 
 def _softmax_attention(q, k, v, allowed, scale):
