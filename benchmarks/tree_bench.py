@@ -247,7 +247,7 @@ def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int,
   finally:
     if server is not None:
       server.stop()
-  rate = matmul_rate(str(np.dtype(sampler.config.matmul_dtype or sampler.config.dtype)))
+  rate = matmul_rate(str(np.dtype(sampler.config.operand_dtype)))
   plan = prefix.plan(ids, min_shared=sampler.min_shared, min_bucket=1, pad_id=sampler.pad_id,
                      bucket=lambda x, m: max(int(x), 1))
   prefilled = plan.cost if plan is not None else sum(map(len, ids))

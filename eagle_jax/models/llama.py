@@ -29,9 +29,9 @@ has four norms.
   first, XLA transposed every layer's cache each step). Sliding layers keep all ``S`` slots.
 
 Precision: parameters are stored in ``param_dtype`` and cast to ``dtype`` (the compute dtype) at
-use; norms, RoPE, softmax and logits are computed in float32. ``matmul_dtype`` (bf16 under a float32
-``dtype``) casts only the operands of the weight and attention products, summed in float32: bf16
-matmul units (AMX, AVX512-BF16) beside float32 elementwise ops, which XLA:CPU runs faster than bf16.
+use; norms, RoPE, softmax and logits are computed in float32. ``matmul_dtype`` (bf16 under float32
+activations) casts only the operands of the weight and attention products, summed in float32: bf16
+units (AMX, AVX512-BF16) with float32 elementwise ops, which XLA:CPU runs faster than bf16 ones.
 
 Sharding: parameters carry logical axis names (``nnx.with_partitioning``; names from
 ``eagle_jax.parallel.DEFAULT_RULES``). They are created unsharded (eager sharding off) and placed on
@@ -91,8 +91,7 @@ class LlamaConfig:
     max_len: longest sequence (cache length) the model is meant for; informational for RoPE.
     dtype: compute dtype (activations, matmul inputs).
     param_dtype: storage dtype of the parameters.
-    matmul_dtype: operand dtype of the weight matmuls (q, k, v, o, MLP, logits) and attention's
-      products, accumulated in float32; None: ``dtype``.
+    matmul_dtype: operands of the weight and attention products (``operand_dtype``); None: dtype.
     scale_embeddings: multiply embeddings by sqrt(hidden) (Gemma).
     norm_offset: RMSNorm multiplies by ``norm_offset + w`` (0 Llama, 1 Gemma).
     activation: MLP gate activation, ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU, Gemma).
@@ -167,9 +166,13 @@ class LlamaConfig:
       return theta, 1.0, self.sliding_window
     return self.rope_theta, self.rope_scaling, None
 
+  @property
+  def operand_dtype(self) -> jnp.dtype:  # of the weight and attention products, summed in float32
+    return self.matmul_dtype or self.dtype
+
   def matmul(self, spec: str, x: jax.Array, w, out=None) -> jax.Array:
-    """``attention.cast_einsum`` of activations and a weight: operands in ``matmul_dtype``."""
-    return cast_einsum(spec, x, w[...], self.matmul_dtype or self.dtype, out or self.dtype)
+    """``attention.cast_einsum`` of activations and a weight: operands in ``operand_dtype``."""
+    return cast_einsum(spec, x, w[...], self.operand_dtype, out or self.dtype)
 
   def replace(self, **changes) -> LlamaConfig:
     return dataclasses.replace(self, **changes)
@@ -198,12 +201,8 @@ class KVCache:
       raise ValueError(f"KVCache.init: batch and length must be positive, got {batch}, {length}")
     shape = (config.layers, batch, config.kv_heads, length, config.head_dim)
     dtype = dtype or config.dtype
-    return cls(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
-        mask=jnp.zeros((batch, length), bool),
-        index=jnp.zeros((), jnp.int32),
-    )
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               mask=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
   @property
   def length(self) -> int:
@@ -241,12 +240,12 @@ class Attention(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, layer: int = 0):
     c = config
-    dense = nnx.initializers.normal(0.02)
     self.config = c
     self.rope_theta, self.rope_factor, self.window = c.layer_attention(layer)
     if c.qk_norm:
       self.q_norm = RMSNorm(c.head_dim, c, rngs=rngs, axis="kv")
       self.k_norm = RMSNorm(c.head_dim, c, rngs=rngs, axis="kv")
+    dense = nnx.initializers.normal(0.02)
     proj = lambda shape, axes: _param(rngs, dense, shape, axes, c.param_dtype)
     self.wq = proj((c.hidden, c.heads, c.head_dim), ("embed", "heads", "kv"))
     self.wk = proj((c.hidden, c.kv_heads, c.head_dim), ("embed", "kv_heads", "kv"))
@@ -284,7 +283,7 @@ class Attention(nnx.Module):
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     theta, factor, l3 = self.rope_theta, self.rope_factor, self.config.rope_llama3
-    op = c.matmul_dtype or c.dtype  # of attention's products too
+    op = c.operand_dtype
     q = constrain(apply_rope(q, positions, theta, factor, l3).astype(op), ("batch", "length",
                                                                            "heads", "kv"))
     k = apply_rope(k, positions, theta, factor, l3)

@@ -223,8 +223,7 @@ def plan(
 def prefill_prefixes(model: llama_lib.Llama, inputs: SharedInputs) -> SharedPrefix:
   """Prefills the ``[G, Pp]`` distinct prefixes once: their keys and values for the rows."""
   g, pp = inputs.prefix_tokens.shape
-  c = model.config
-  pcache = llama_lib.KVCache.init(c, g, pp, dtype=c.matmul_dtype or c.dtype)
+  pcache = llama_lib.KVCache.init(model.config, g, pp, dtype=model.config.operand_dtype)
   _, pcache = model.hidden_states(inputs.prefix_tokens, attention_mask=inputs.prefix_mask,
                                   cache=pcache)
   return SharedPrefix.from_cache(pcache, inputs.row_prefix, inputs.row_shared, inputs.seats)
