@@ -17,6 +17,9 @@ One job per piece:
   TensorFlow). On resume, records after the restored step are dropped first, so a killed-and-resumed
   run's log equals an uninterrupted one.
 * ``Progress``: a tqdm bar with ETA and the latest metrics.
+* ``bound_in_flight``: a loop that dispatches steps without reading them keeps at most
+  ``MAX_IN_FLIGHT_STEPS`` queued, because XLA:CPU with several (forced host) devices deadlocks in a
+  collective once a few dozen sharded executions are queued.
 """
 
 from __future__ import annotations
@@ -257,6 +260,20 @@ def microbatched_value_and_grad(loss_fn: Callable, microbatches: int, mesh: jax.
 
 # ---------------------------------------------------------------------------------------------------
 # Metrics and progress.
+
+
+# Steps a loop may leave queued before it waits. XLA:CPU with forced host devices parks each queued
+# execution's launch on a per-device semaphore; past its capacity, one device's launch of step n
+# waits while the other devices' step n blocks in its all-reduce, and the process hangs until XLA's
+# rendezvous timeout aborts it. Eight keeps the host ahead of the devices without reaching that.
+MAX_IN_FLIGHT_STEPS = 8
+
+
+def bound_in_flight(outputs: Sequence[PyTree]) -> None:
+  """Waits for ``outputs[-MAX_IN_FLIGHT_STEPS - 1]`` (a step's output pytree, oldest first) if
+  that many steps are queued, so at most ``MAX_IN_FLIGHT_STEPS`` of a loop's steps run ahead."""
+  if len(outputs) > MAX_IN_FLIGHT_STEPS:
+    jax.block_until_ready(outputs[-MAX_IN_FLIGHT_STEPS - 1])
 
 
 def _scalar(v: Any) -> float | int | str | bool:

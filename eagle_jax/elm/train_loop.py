@@ -231,6 +231,7 @@ class TrainLoop:
         with jax.set_mesh(mesh):
           state, m = self._stages[stage].step(state, decoder_params, batch)
         window.append(m)
+        training.bound_in_flight(window)
         step += 1
         end_of_stage = step == s1 or step == total
         if step % tc.log_every == 0 or end_of_stage:

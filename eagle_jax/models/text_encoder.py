@@ -46,7 +46,7 @@ import tokenizers
 from flax import nnx
 from jax.sharding import Mesh
 
-from eagle_jax import parallel
+from eagle_jax import parallel, training
 from eagle_jax.models import bert
 
 # Steps of 4 up to 128 tokens, 16 up to 256, then 64: little padding for typical sentences.
@@ -242,6 +242,7 @@ class SentenceEncoder:
           ids[r, :lengths[i]] = encs[i].ids
           mask[r, :lengths[i]] = 1
         pending.append((idx, self._call(ids, mask)))  # dispatch is async: tokenise the next call
+        training.bound_in_flight(pending)
     for idx, emb in pending:
       out[idx] = np.asarray(emb)[:len(idx)]
     return out
