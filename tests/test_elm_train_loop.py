@@ -191,3 +191,39 @@ def test_preemption_saves_the_reached_step_and_resume_is_exact(tmp_path, monkeyp
   for x, y in zip(_leaves(state_b["adapter"]) + _leaves(dec_b),
                   _leaves(state_c["adapter"]) + _leaves(dec_c)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+_QUEUED_ELM = """
+import sys
+sys.path.insert(0, "tests")
+import numpy as np
+import test_elm_train_loop as T
+from eagle_jax import training
+from eagle_jax.elm import data as data_lib, model as model_lib, train_loop
+c = T._config(stage1_steps=300, stage2_steps=0, save_every=1000, log_every=1000)
+c.mesh = {"data": 8}
+c.train.batch_size = 8
+mesh = training.build_mesh(c.mesh)
+parts, dec0 = model_lib.build_parts(c.decoder, c.adapter, mesh, in_dim=5, tokenizer=T.tok())
+rng = np.random.default_rng(0)
+data = data_lib.Dataset(T._rows(parts.decoder_config.vocab_size, rng, 16),
+                        {0: rng.normal(size=(4, 5)).astype(np.float32)}, 6, 4)
+_, _, records = train_loop.TrainLoop(c.train, parts, data).train(sys.argv[1], dec0, {"k": 1})
+print("finished", records[-1]["step"])
+"""
+
+
+def test_steps_between_log_lines_do_not_queue_into_a_deadlock(tmp_path):
+  # 300 data-parallel steps on 8 forced host devices, logged once at the end: without
+  # training.bound_in_flight they queue up and XLA:CPU hangs in an all-reduce until its rendezvous
+  # timeout (60 s here) aborts the process.
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=60")
+  proc = subprocess.run([sys.executable, "-c", _QUEUED_ELM, str(tmp_path / "run")], cwd=root,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split()[-2:] == ["finished", "300"]
