@@ -89,9 +89,9 @@ def _load() -> str:
     return "n/a"
 
 
-def matmul_rate(dtype: str = "float32") -> float:
-  """Measured matmul FLOP/s of this machine under XLA (2048^3, operands in ``dtype``, float32
-  accumulation, best of 5)."""
+def matmul_rate(dtype="float32") -> float:
+  """Measured matmul FLOP/s of this machine under XLA (2048^3, operands in ``dtype``, a name or a
+  dtype, float32 accumulation, best of 5)."""
   import jax
   import jax.numpy as jnp
 
@@ -247,7 +247,7 @@ def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int,
   finally:
     if server is not None:
       server.stop()
-  rate = matmul_rate(str(np.dtype(sampler.config.operand_dtype)))
+  rate = matmul_rate(sampler.config.operand_dtype)
   plan = prefix.plan(ids, min_shared=sampler.min_shared, min_bucket=1, pad_id=sampler.pad_id,
                      bucket=lambda x, m: max(int(x), 1))
   prefilled = plan.cost if plan is not None else sum(map(len, ids))

@@ -97,7 +97,7 @@ def main(argv: Sequence[str]) -> None:
   model = backend.sampler
   params = sum(x.size for x in jax.tree.leaves(model.state))
   embed = model.config.vocab_size * model.config.hidden
-  rate = matmul_rate(str(jax.numpy.dtype(model.config.operand_dtype)))
+  rate = matmul_rate(model.config.operand_dtype)
   print(f"{_WORKDIR.value}: scan_layers={_SCAN.value}, share_prefix={_SHARE.value}, batch_buckets="
         f"{backend.batch_buckets}, precision={_PRECISION.value}; matmul rate "
         f"{rate / 1e9:.0f} GFLOP/s; load {_load()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
