@@ -259,7 +259,7 @@ def microbatched_value_and_grad(loss_fn: Callable, microbatches: int, mesh: jax.
 
 
 # ---------------------------------------------------------------------------------------------------
-# Metrics and progress.
+# Queued steps.
 
 
 # Steps a loop may leave queued before it waits. XLA:CPU with forced host devices parks each queued
@@ -274,6 +274,10 @@ def bound_in_flight(outputs: Sequence[PyTree]) -> None:
   that many steps are queued, so at most ``MAX_IN_FLIGHT_STEPS`` of a loop's steps run ahead."""
   if len(outputs) > MAX_IN_FLIGHT_STEPS:
     jax.block_until_ready(outputs[-MAX_IN_FLIGHT_STEPS - 1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics and progress.
 
 
 def _scalar(v: Any) -> float | int | str | bool:

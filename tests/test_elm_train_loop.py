@@ -3,6 +3,8 @@
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -217,9 +219,6 @@ def test_steps_between_log_lines_do_not_queue_into_a_deadlock(tmp_path):
   # 300 data-parallel steps on 8 forced host devices, logged once at the end: without
   # training.bound_in_flight they queue up and XLA:CPU hangs in an all-reduce until its rendezvous
   # timeout (60 s here) aborts the process.
-  import subprocess  # noqa: PLC0415
-  import sys  # noqa: PLC0415
-
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
              "--xla_cpu_collective_call_terminate_timeout_seconds=60")

@@ -1,5 +1,9 @@
 """Mesh construction and logical-axis mapping."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,10 +81,6 @@ def test_bounded_queue_of_sharded_steps_finishes_on_forced_host_devices(tmp_path
   # 200 steps dispatched without reading them, 8 forced host devices, an all-reduce per step: the
   # bounded queue must finish (an unbounded one hangs in the all-reduce, and XLA's rendezvous
   # timeout, 60 s here, aborts the process) with the float64 NumPy iterate.
-  import os  # noqa: PLC0415
-  import subprocess  # noqa: PLC0415
-  import sys  # noqa: PLC0415
-
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
              "--xla_cpu_collective_call_terminate_timeout_seconds=60")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
