@@ -56,13 +56,15 @@ def torch_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> n
 
 
 def cached_chunk_logits(model, config, tokens: np.ndarray, mask: np.ndarray,
-                        cuts=((0, 6), (6, 7), (7, 8), (8, 14)), length: int = 20):
-  """Logits of ``tokens`` [B, T] fed through the KV cache in the chunks ``cuts``, and the cache."""
+                        cuts=((0, 6), (6, 7), (7, 8), (8, 14)), length: int = 20,
+                        dtype=None):
+  """Logits of ``tokens`` [B, T] fed through the KV cache (stored in ``dtype``, None: the
+  default) in the chunks ``cuts``, and the cache."""
   import jax.numpy as jnp  # noqa: PLC0415
 
   from eagle_jax.models import llama  # noqa: PLC0415
 
-  cache = llama.KVCache.init(config, batch=tokens.shape[0], length=length)
+  cache = llama.KVCache.init(config, batch=tokens.shape[0], length=length, dtype=dtype)
   pieces = []
   for start, stop in cuts:
     logits, cache = model(jnp.asarray(tokens[:, start:stop]),

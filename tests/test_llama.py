@@ -4,6 +4,7 @@ import copy
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -192,9 +193,21 @@ def test_mixed_precision_matches_torch_with_bf16_operands(pair):
   assert to_float32 > 1e-3  # and bf16 operands do change the logits
   # Through the KV cache in chunks (the decode path): the cached keys and values are the same.
   mask = np.ones(tokens.shape, bool)
-  chunked, _ = cached_chunk_logits(mixed, mixed_config, tokens, mask,
-                                   cuts=((0, 6), (6, 7), (7, 17)))
+  cuts = ((0, 6), (6, 7), (7, 8), (8, 17))
+  chunked, cache = cached_chunk_logits(mixed, mixed_config, tokens, mask, cuts=cuts)
   assert np.abs(chunked - emulated).max() / scale < 1e-4
+  # A decode-only cache stores the keys and values as their bf16 bits, which every read rounds
+  # to anyway: the same logits to the bit, and the same values in the cache.
+  assert llama.decode_cache_dtype(mixed_config) == jnp.uint16
+  bits, bits_cache = cached_chunk_logits(mixed, mixed_config, tokens, mask, cuts=cuts,
+                                         dtype=llama.decode_cache_dtype(mixed_config))
+  assert bits_cache.k.dtype == jnp.uint16
+  np.testing.assert_array_equal(bits, chunked)
+  for ours_kv, ref_kv in ((bits_cache.k, cache.k), (bits_cache.v, cache.v)):
+    as_bf16 = np.asarray(ours_kv).view(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(as_bf16, np.asarray(ref_kv).astype(ml_dtypes.bfloat16)
+                                  .astype(np.float32))
+  assert llama.decode_cache_dtype(config) == jnp.float32  # float32 operands: stored as they are
 
 
 def _with_config(model, config):

@@ -5,6 +5,8 @@ References: the unrolled model (itself checked against PyTorch in ``test_samplin
 PyTorch ``generate`` on the tiny model; the compiled program's text for what was compiled.
 """
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from decoder_fixtures import make_torch_llama, save_torch
 from flax import nnx
 from test_prefix_share import GREEDY, HISTORY, SAMPLED, torch_greedy
 
-from eagle_jax.models import layer_scan, loading, lora, sampling
+from eagle_jax.models import layer_scan, llama, loading, lora, sampling
 from eagle_jax.models.llama import Llama, LlamaConfig
 
 
@@ -90,6 +92,42 @@ def test_program_holds_one_block(tiny):
   # prefill and in the decode step; the lm head outside.
   assert dots[False] >= layers * 2 * 7
   assert dots[True] <= dots[False] / layers + 8
+
+
+def test_mixed_decode_program_keeps_stacked_arrays_in_16_bits(tmp_path):
+  """In mixed precision the scanned decode slices each layer's bf16 weights and writes and reads
+  the bf16 cache as 16-bit bits: the optimized program holds no float32 copy of a stacked
+  ``[layers, ...]`` weight or cache (XLA:CPU upcasts bf16 dynamic slices and updates to float32,
+  which converted the whole stacked cache at every layer's write). Checked against the same
+  program with the cache in float32, which must show such a copy (the check can see one)."""
+  tmodel = make_torch_llama(tie=True, seed=5)
+  _, model = loading.load_llama_safetensors(save_torch(tmodel, tmp_path),
+                                            **loading.precision_dtypes("mixed"))
+  c = model.config
+  s = sampling.Sampler(model, scan_layers=True)
+  batch = rows(3)
+  tokens, mask = s._pad(batch, sampling.bucket(max(map(len, batch))))
+  mode, knobs = sampling.mode_and_knobs(SAMPLED, ())
+  args = (s.state, jnp.asarray(tokens), jnp.asarray(mask), knobs, s._row_keys(len(batch), 0, None))
+  kw = dict(mode=mode, new_bucket=16, pad_id=s.pad_id)
+  slots = tokens.shape[1] + 16
+  cache_f32 = f"f32[{c.layers},{len(batch)},{c.kv_heads},{slots},{c.head_dim}]"
+  stacked_f32 = re.compile(rf"f32\[{c.layers},\d+,\d+(,\d+)*\]")
+
+  def optimized_text():
+    return s._generate.lower(*args, **kw).compile().as_text()
+
+  text = optimized_text()
+  assert f"u16[{c.layers},{len(batch)},{c.kv_heads},{slots},{c.head_dim}]" in text
+  assert not stacked_f32.search(text), stacked_f32.search(text).group(0)
+  original = llama.decode_cache_dtype
+  try:  # the float32 cache the decoder kept before: the same check finds its copy
+    llama.decode_cache_dtype = lambda config: jnp.float32
+    s = sampling.Sampler(model, scan_layers=True)
+    args = (s.state,) + args[1:]
+    assert cache_f32 in optimized_text()
+  finally:
+    llama.decode_cache_dtype = original
 
 
 def test_scannable_only_for_uniform_plain_blocks(tiny):

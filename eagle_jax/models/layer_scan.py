@@ -8,7 +8,8 @@ weights are sliced out of the stacked arrays). The blocks' parameters are stacke
 model is switched to scanning (``StackedBlocks``), not inside every compiled call, where the copy
 of every weight would cost each prefill and decode call; ``Sampler(scan_layers=)`` chooses, and
 ``benchmarks/compile_bench.py`` measures both sides. The arithmetic is the unrolled loop's: the
-same block code on the same values, in the same order.
+same block code on the same values, in the same order. A scanned copy serves decoding only: its
+bfloat16 weights are sliced as their bits (``as_bits``), which carry no gradient.
 """
 
 from __future__ import annotations
@@ -41,6 +42,22 @@ class StackedBlocks(nnx.Module):
     self.block = nnx.merge(nnx.graphdef(blocks[0]), stacked)
 
 
+def as_bits(x: jax.Array) -> jax.Array:
+  """A 16-bit float array as its uint16 bits (others as they are).
+
+  XLA:CPU has no 16-bit float dynamic-slice: it converts a scanned bfloat16 operand to float32
+  once and slices and converts back every iteration, reading twice the bytes; sliced as bits, a
+  layer's weights are one plain copy."""
+  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+  return x
+
+
+def from_bits(x: jax.Array, like: jax.Array) -> jax.Array:
+  """Inverse of ``as_bits``: ``x`` in ``like``'s dtype."""
+  return x if x.dtype == like.dtype else jax.lax.bitcast_convert_type(x, like.dtype)
+
+
 def run_blocks(blocks: StackedBlocks, inputs: tuple, kv, index, prefix, shared):
   """Runs the stacked blocks in order as one scan.
 
@@ -59,13 +76,13 @@ def run_blocks(blocks: StackedBlocks, inputs: tuple, kv, index, prefix, shared):
   """
   x, positions, key_mask, query_slots = inputs
   graphdef, stacked = nnx.split(blocks.block)
-  xs = (jnp.arange(blocks.layers, dtype=jnp.int32), stacked)
+  xs = (jnp.arange(blocks.layers, dtype=jnp.int32), jax.tree.map(as_bits, stacked))
   if prefix is not None:
     xs = xs + (prefix.k, prefix.v)
 
   def body(carry, xs):
     x, kv = carry
-    block = nnx.merge(graphdef, xs[1])
+    block = nnx.merge(graphdef, jax.tree.map(from_bits, xs[1], stacked))
     layer_cache = None if kv is None else (kv[0], kv[1], index, xs[0])
     layer_prefix = None if prefix is None else (xs[2], xs[3], *shared)
     x, kv = block(x, positions, key_mask, query_slots, layer_cache, layer_prefix)

@@ -23,10 +23,9 @@ has four norms.
   ``rope_local_theta``; global layers use ``rope_theta`` and the linear ``rope_scaling``), and
   ``query_scale = query_pre_attn_scalar ** -0.5``. Each ``Attention`` fixes its layer's RoPE base,
   factor and window at construction (``LlamaConfig.layer_attention``).
-* **KV cache**: ``KVCache`` holds ``k, v: [layers, B, kv_heads, S, head_dim]``, the slot mask
-  ``[B, S]`` and the next slot index. A call with ``T`` tokens writes slots ``[index, index + T)``.
-  Heads before slots: attention's products, batched over (row, head), read it as stored (slots
-  first, XLA transposed every layer's cache each step). Sliding layers keep all ``S`` slots.
+* **KV cache** (``kv_cache.py``): ``KVCache`` holds ``k, v: [layers, B, kv_heads, S, head_dim]``,
+  the slot mask ``[B, S]`` and the next slot index. A call with ``T`` tokens writes slots
+  ``[index, index + T)``. Sliding layers keep all ``S`` slots.
 
 Precision: parameters are stored in ``param_dtype`` and cast to ``dtype`` (the compute dtype) at
 use; norms, RoPE, softmax and logits are computed in float32. ``matmul_dtype`` (bf16 under float32
@@ -49,7 +48,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -64,6 +62,14 @@ from eagle_jax.models.attention import (
   attend_shared_prefix,
   cast_einsum,
   rms_norm,
+)
+from eagle_jax.models.kv_cache import (  # noqa: F401  (KVCache and its axes are part of this API)
+  CACHE_AXES,
+  SLOT_AXIS,
+  KVCache,
+  cache_entries,
+  decode_cache_dtype,
+  read_cache,
 )
 from eagle_jax.parallel import constrain
 
@@ -178,46 +184,6 @@ class LlamaConfig:
     return dataclasses.replace(self, **changes)
 
 
-@flax.struct.dataclass
-class KVCache:
-  """Preallocated key/value cache shared by all layers.
-
-  Attributes:
-    k: [layers, B, kv_heads, S, head_dim] keys (after RoPE).
-    v: [layers, B, kv_heads, S, head_dim] values.
-    mask: [B, S] bool, slot holds a real (non-padding) token.
-    index: [] int32, next slot to write (the same for every row).
-  """
-
-  k: jax.Array
-  v: jax.Array
-  mask: jax.Array
-  index: jax.Array
-
-  @classmethod
-  def init(cls, config: LlamaConfig, batch: int, length: int, dtype=None) -> KVCache:
-    """An empty cache of ``length`` slots for ``batch`` rows (dtype: the compute dtype)."""
-    if batch <= 0 or length <= 0:
-      raise ValueError(f"KVCache.init: batch and length must be positive, got {batch}, {length}")
-    shape = (config.layers, batch, config.kv_heads, length, config.head_dim)
-    dtype = dtype or config.dtype
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               mask=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
-
-  @property
-  def length(self) -> int:
-    return self.k.shape[SLOT_AXIS]
-
-  @property
-  def positions_next(self) -> jax.Array:
-    """[B] int32: the RoPE position of the next real token of each row."""
-    return jnp.sum(self.mask, axis=-1, dtype=jnp.int32)
-
-
-CACHE_AXES = (None, "batch", "kv_heads", "length", "kv")
-SLOT_AXIS = 3  # the slot axis of ``KVCache.k`` and ``.v``
-
-
 def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
   return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
 
@@ -293,14 +259,15 @@ class Attention(nnx.Module):
     new_cache = None
     if layer_cache is not None:
       ck, cv, index, layer = layer_cache
-      ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, 0, index, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, 0, index, 0))
+      start = (layer, 0, 0, index, 0)
+      ck = jax.lax.dynamic_update_slice(ck, cache_entries(k[None], ck.dtype), start)
+      cv = jax.lax.dynamic_update_slice(cv, cache_entries(v[None], cv.dtype), start)
       new_cache = (ck, cv)
-      k, v = ck[layer].astype(op), cv[layer].astype(op)
+      k, v = read_cache(ck[layer], op), read_cache(cv[layer], op)
     scale = c.query_scale if c.query_scale is not None else c.head_dim**-0.5
     if prefix is not None:
       pk, pv, row_mask, seats, row_seat = prefix
-      out = attend_shared_prefix(q, k, v, key_mask, query_slots, pk.astype(op), pv.astype(op),
+      out = attend_shared_prefix(q, k, v, key_mask, query_slots, read_cache(pk, op), read_cache(pv, op),
                                  row_mask, seats, row_seat, scale)
     else:
       out = attend(q, k, v, key_mask, query_slots, scale, self.window)

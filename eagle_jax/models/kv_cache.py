@@ -1,0 +1,88 @@
+"""The decoder's key/value cache and how it is stored.
+
+``KVCache`` holds ``k, v: [layers, B, kv_heads, S, head_dim]`` (heads before slots: attention's
+products, batched over (row, head), read it as stored), the slot mask ``[B, S]`` and the next slot
+index. A cache that only decoding writes and reads (the sampler's, the continuous batcher's, shared
+prefixes) is stored in the attention products' operand dtype, bfloat16 as its ``uint16`` bits
+(``decode_cache_dtype``); a cache under ``jax.grad`` stays in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+if TYPE_CHECKING:
+  from eagle_jax.models.llama import LlamaConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Preallocated key/value cache shared by all layers.
+
+  Attributes:
+    k: [layers, B, kv_heads, S, head_dim] keys (after RoPE).
+    v: [layers, B, kv_heads, S, head_dim] values.
+    mask: [B, S] bool, slot holds a real (non-padding) token.
+    index: [] int32, next slot to write (the same for every row).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def init(cls, config: LlamaConfig, batch: int, length: int, dtype=None) -> KVCache:
+    """An empty cache of ``length`` slots for ``batch`` rows (dtype: the compute dtype, or
+    ``decode_cache_dtype`` for a cache no gradient goes through)."""
+    if batch <= 0 or length <= 0:
+      raise ValueError(f"KVCache.init: batch and length must be positive, got {batch}, {length}")
+    shape = (config.layers, batch, config.kv_heads, length, config.head_dim)
+    dtype = dtype or config.dtype
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               mask=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
+
+  @property
+  def length(self) -> int:
+    return self.k.shape[SLOT_AXIS]
+
+  @property
+  def positions_next(self) -> jax.Array:
+    """[B] int32: the RoPE position of the next real token of each row."""
+    return jnp.sum(self.mask, axis=-1, dtype=jnp.int32)
+
+
+def decode_cache_dtype(config: LlamaConfig) -> jnp.dtype:
+  """Storage dtype of a cache that only decoding writes and reads (no gradient through it).
+
+  The attention products' operand dtype, which every read casts to anyway; bfloat16 is held as
+  its ``uint16`` bits (``cache_entries``, ``read_cache``): XLA:CPU upcasts a bfloat16
+  dynamic-update-slice or dynamic-slice to float32, converting a whole stacked cache there and
+  back at each layer's write, where on bits both are plain in-place copies. Bits carry no
+  gradient, so a cache under ``jax.grad`` (the agent's prompt encoding) keeps ``KVCache.init``'s
+  default, the compute dtype."""
+  op = jnp.dtype(config.operand_dtype)
+  return jnp.dtype(jnp.uint16) if op == jnp.bfloat16 else op
+
+
+def cache_entries(x: jax.Array, storage: jnp.dtype) -> jax.Array:
+  """Keys or values ``x`` (float) as a cache of dtype ``storage`` holds them; ``uint16`` storage:
+  the bfloat16 bits."""
+  if storage == jnp.uint16:
+    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+  return x.astype(storage)
+
+
+def read_cache(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """Cached keys or values ``x`` in the float ``dtype`` (inverse of ``cache_entries``)."""
+  if x.dtype == jnp.uint16:
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16).astype(dtype)
+  return x.astype(dtype)
+
+
+CACHE_AXES = (None, "batch", "kv_heads", "length", "kv")
+SLOT_AXIS = 3  # the slot axis of ``KVCache.k`` and ``.v``
