@@ -9,14 +9,9 @@ prefixes) is stored in the attention products' operand dtype, bfloat16 as its ``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import flax.struct
 import jax
 import jax.numpy as jnp
-
-if TYPE_CHECKING:
-  from eagle_jax.models.llama import LlamaConfig
 
 
 @flax.struct.dataclass
@@ -36,9 +31,10 @@ class KVCache:
   index: jax.Array
 
   @classmethod
-  def init(cls, config: LlamaConfig, batch: int, length: int, dtype=None) -> KVCache:
-    """An empty cache of ``length`` slots for ``batch`` rows (dtype: the compute dtype, or
-    ``decode_cache_dtype`` for a cache no gradient goes through)."""
+  def init(cls, config, batch: int, length: int, dtype=None) -> KVCache:
+    """An empty cache of ``length`` slots for ``batch`` rows of a decoder (``config``: its
+    ``llama.LlamaConfig``; dtype: the compute dtype, or ``decode_cache_dtype`` for a cache no
+    gradient goes through)."""
     if batch <= 0 or length <= 0:
       raise ValueError(f"KVCache.init: batch and length must be positive, got {batch}, {length}")
     shape = (config.layers, batch, config.kv_heads, length, config.head_dim)
@@ -56,8 +52,9 @@ class KVCache:
     return jnp.sum(self.mask, axis=-1, dtype=jnp.int32)
 
 
-def decode_cache_dtype(config: LlamaConfig) -> jnp.dtype:
-  """Storage dtype of a cache that only decoding writes and reads (no gradient through it).
+def decode_cache_dtype(config) -> jnp.dtype:
+  """Storage dtype of a cache that only decoding writes and reads (no gradient through it), for a
+  decoder's ``llama.LlamaConfig``.
 
   The attention products' operand dtype, which every read casts to anyway; bfloat16 is held as
   its ``uint16`` bits (``cache_entries``, ``read_cache``): XLA:CPU upcasts a bfloat16
