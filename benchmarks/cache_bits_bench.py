@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.tree_bench import _load
+from benchmarks.tree_bench import _load, random_rows
 from eagle_jax import assets
 from eagle_jax.models import layer_scan, llama, loading, sampling
 from eagle_jax.models.sampling_params import SamplingParams
@@ -58,10 +58,7 @@ def main(argv: Sequence[str]) -> None:
   if not 0 <= _SHARED.value < _PROMPT.value or _NEW.value < 2 or _ROWS.value < 1:
     raise app.UsageError("expected 0 <= --shared < --prompt, --new >= 2, --rows >= 1")
   _, model = loading.load_llama_gguf(assets.smollm2_gguf(), **loading.precision_dtypes("mixed"))
-  rng = np.random.default_rng(0)
-  head = rng.integers(100, 40000, _SHARED.value).tolist()
-  ids = [head + rng.integers(100, 40000, _PROMPT.value - _SHARED.value).tolist()
-         for _ in range(_ROWS.value)]
+  ids = random_rows(_ROWS.value, _PROMPT.value, _SHARED.value)
   params = {n: SamplingParams(max_tokens=n, temperature=0.7, repetition_penalty=1.2,
                               no_repeat_ngram=3, stop=[]) for n in (1, _NEW.value)}
   variants = {"16-bit arrays (ours)": contextlib.nullcontext, "float32 copies (before)": _before}

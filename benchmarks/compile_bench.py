@@ -35,7 +35,10 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from benchmarks.tree_bench import _load  # the load average as the tree benchmark prints it
+from benchmarks.tree_bench import (
+  _load,  # the load average as the tree benchmark prints it
+  random_rows,
+)
 from eagle_jax import assets
 from eagle_jax.models import loading, sampling
 from eagle_jax.models import logits as logits_lib
@@ -59,10 +62,7 @@ def _timed(fn) -> tuple[float, object]:
 def main(argv: Sequence[str]) -> None:
   del argv
   _, model = loading.load_llama_gguf(assets.smollm2_gguf())
-  rng = np.random.default_rng(0)
-  head = rng.integers(100, 40000, _SHARED.value).tolist()
-  ids = [head + rng.integers(100, 40000, _PROMPT.value - _SHARED.value).tolist()
-         for _ in range(_ROWS.value)]
+  ids = random_rows(_ROWS.value, _PROMPT.value, _SHARED.value)
   params = {n: SamplingParams(max_tokens=n, temperature=0.0, repetition_penalty=1.2,
                               no_repeat_ngram=3, stop=[]) for n in (1, _NEW.value)}
   variants = [(scan, share) for scan in (False, True) for share in (False, True)]

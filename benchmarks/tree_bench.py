@@ -82,6 +82,13 @@ def workload(backend: local.LocalSampler, states: int, k: int, reasons: int = 0)
   return out
 
 
+def random_rows(rows: int, prompt: int, shared: int, seed: int = 0) -> list[list[int]]:
+  """``rows`` prompts of ``prompt`` random SmolLM2 token ids, the first ``shared`` common to all."""
+  rng = np.random.default_rng(seed)
+  head = rng.integers(100, 40000, shared).tolist()
+  return [head + rng.integers(100, 40000, prompt - shared).tolist() for _ in range(rows)]
+
+
 def _load() -> str:
   try:
     return f"{os.getloadavg()[0]:.2f}"
