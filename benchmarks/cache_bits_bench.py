@@ -7,7 +7,7 @@ XLA:CPU has no bfloat16 dynamic-slice or dynamic-update-slice: it converts the o
 and back around them. In ``"mixed"`` precision (bf16 weights and matmul operands) the scanned
 decoder slices a layer's weights out of the stacked bf16 arrays every step, and the KV cache, kept
 in float32 before, was converted to bf16 layer by layer at every read. Now a decode-only cache is
-stored as the bf16 bits (``llama.decode_cache_dtype``: uint16) and the weights are sliced as bits
+stored as the bf16 bits (``kv_cache.decode_cache_dtype``: uint16) and the weights are sliced as bits
 (``layer_scan.as_bits``); "before" runs the same sampler with both undone (the cache in the compute
 dtype, the weights sliced as bf16), patched in for its calls only.
 
@@ -30,7 +30,7 @@ from absl import app, flags
 
 from benchmarks.tree_bench import _load, random_rows
 from eagle_jax import assets
-from eagle_jax.models import layer_scan, llama, loading, sampling
+from eagle_jax.models import kv_cache, layer_scan, loading, sampling
 from eagle_jax.models.sampling_params import SamplingParams
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds (interleaved).")
@@ -44,13 +44,13 @@ _NEW = flags.DEFINE_integer("new", 40, "New tokens.")
 @contextlib.contextmanager
 def _before():
   """The float32 decode cache and the bf16 weight slices of the code before this change."""
-  saved = llama.decode_cache_dtype, layer_scan.as_bits
-  llama.decode_cache_dtype = lambda config: jnp.dtype(config.dtype)
+  saved = kv_cache.decode_cache_dtype, layer_scan.as_bits
+  kv_cache.decode_cache_dtype = lambda config: jnp.dtype(config.dtype)
   layer_scan.as_bits = lambda x: x
   try:
     yield
   finally:
-    llama.decode_cache_dtype, layer_scan.as_bits = saved
+    kv_cache.decode_cache_dtype, layer_scan.as_bits = saved
 
 
 def main(argv: Sequence[str]) -> None:

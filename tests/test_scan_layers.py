@@ -14,7 +14,7 @@ from decoder_fixtures import make_torch_llama, save_torch
 from flax import nnx
 from test_prefix_share import GREEDY, HISTORY, SAMPLED, torch_greedy
 
-from eagle_jax.models import layer_scan, llama, loading, lora, sampling
+from eagle_jax.models import kv_cache, layer_scan, loading, lora, sampling
 from eagle_jax.models.llama import Llama, LlamaConfig
 
 
@@ -120,14 +120,14 @@ def test_mixed_decode_program_keeps_stacked_arrays_in_16_bits(tmp_path):
   text = optimized_text()
   assert f"u16[{c.layers},{len(batch)},{c.kv_heads},{slots},{c.head_dim}]" in text
   assert not stacked_f32.search(text), stacked_f32.search(text).group(0)
-  original = llama.decode_cache_dtype
+  original = kv_cache.decode_cache_dtype
   try:  # the float32 cache the decoder kept before: the same check finds its copy
-    llama.decode_cache_dtype = lambda config: jnp.float32
+    kv_cache.decode_cache_dtype = lambda config: jnp.float32
     s = sampling.Sampler(model, scan_layers=True)
     args = (s.state,) + args[1:]
     assert cache_f32 in optimized_text()
   finally:
-    llama.decode_cache_dtype = original
+    kv_cache.decode_cache_dtype = original
 
 
 def test_scannable_only_for_uniform_plain_blocks(tiny):

@@ -113,8 +113,7 @@ def _prefill(graphdef, state, tokens, mask, shared):
   if shared is not None:
     logits, cache, prefix = prefix_lib.shared_prefill(model, shared, 0)
     return logits, prefix_lib.forked_cache(prefix, cache)
-  cache = llama_lib.KVCache.init(model.config, tokens.shape[0], tokens.shape[1],
-                                 dtype=llama_lib.decode_cache_dtype(model.config))
+  cache = llama_lib.KVCache.for_decoding(model.config, tokens.shape[0], tokens.shape[1])
   hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
   return model.logits(hidden[:, -1:])[:, 0], cache
 
@@ -349,7 +348,7 @@ class ContinuousBatcher:
     self._caps[mode] = (p_cap, n_cap)
     b, w = self.slots, p_cap + n_cap + self.chunk
     cfg = s.config
-    cache = llama_lib.KVCache.init(cfg, b, w, dtype=llama_lib.decode_cache_dtype(cfg))
+    cache = llama_lib.KVCache.for_decoding(cfg, b, w)
     h = p_cap + n_cap
     slots = Slots(
         cache, jnp.zeros((b, cfg.vocab_size), jnp.float32),

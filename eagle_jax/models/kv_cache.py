@@ -42,6 +42,12 @@ class KVCache:
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                mask=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
+  @classmethod
+  def for_decoding(cls, config, batch: int, length: int) -> KVCache:
+    """An empty cache that only decoding writes and reads (no gradient through it), stored in
+    ``decode_cache_dtype(config)``."""
+    return cls.init(config, batch, length, dtype=decode_cache_dtype(config))
+
   @property
   def length(self) -> int:
     return self.k.shape[SLOT_AXIS]
@@ -57,7 +63,7 @@ def decode_cache_dtype(config) -> jnp.dtype:
   decoder's ``llama.LlamaConfig``.
 
   The attention products' operand dtype, which every read casts to anyway; bfloat16 is held as
-  its ``uint16`` bits (``cache_entries``, ``read_cache``): XLA:CPU upcasts a bfloat16
+  its ``uint16`` bits (``as_bits``, ``cache_entries``, ``read_cache``): XLA:CPU upcasts a bfloat16
   dynamic-update-slice or dynamic-slice to float32, converting a whole stacked cache there and
   back at each layer's write, where on bits both are plain in-place copies. Bits carry no
   gradient, so a cache under ``jax.grad`` (the agent's prompt encoding) keeps ``KVCache.init``'s
@@ -66,11 +72,27 @@ def decode_cache_dtype(config) -> jnp.dtype:
   return jnp.dtype(jnp.uint16) if op == jnp.bfloat16 else op
 
 
+def as_bits(x: jax.Array) -> jax.Array:
+  """A 16-bit float array as its ``uint16`` bits (others as they are).
+
+  XLA:CPU has no 16-bit float dynamic-slice or dynamic-update-slice: it converts the whole
+  operand to float32 and back around them (a scanned layer's weights, a stacked cache's write),
+  where on bits both are plain copies. Bits carry no gradient."""
+  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+  return x
+
+
+def from_bits(x: jax.Array, like: jax.Array) -> jax.Array:
+  """Inverse of ``as_bits``: ``x`` in ``like``'s dtype."""
+  return x if x.dtype == like.dtype else jax.lax.bitcast_convert_type(x, like.dtype)
+
+
 def cache_entries(x: jax.Array, storage: jnp.dtype) -> jax.Array:
   """Keys or values ``x`` (float) as a cache of dtype ``storage`` holds them; ``uint16`` storage:
   the bfloat16 bits."""
   if storage == jnp.uint16:
-    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return as_bits(x.astype(jnp.bfloat16))
   return x.astype(storage)
 
 

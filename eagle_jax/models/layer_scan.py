@@ -9,7 +9,7 @@ model is switched to scanning (``StackedBlocks``), not inside every compiled cal
 of every weight would cost each prefill and decode call; ``Sampler(scan_layers=)`` chooses, and
 ``benchmarks/compile_bench.py`` measures both sides. The arithmetic is the unrolled loop's: the
 same block code on the same values, in the same order. A scanned copy serves decoding only: its
-bfloat16 weights are sliced as their bits (``as_bits``), which carry no gradient.
+bfloat16 weights are sliced as their bits (``kv_cache.as_bits``), which carry no gradient.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from eagle_jax.models.kv_cache import as_bits, from_bits
 
 
 def scannable(blocks: Sequence[nnx.Module]) -> bool:
@@ -40,22 +42,6 @@ class StackedBlocks(nnx.Module):
     self.layers = len(blocks)
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in blocks])
     self.block = nnx.merge(nnx.graphdef(blocks[0]), stacked)
-
-
-def as_bits(x: jax.Array) -> jax.Array:
-  """A 16-bit float array as its uint16 bits (others as they are).
-
-  XLA:CPU has no 16-bit float dynamic-slice: it converts a scanned bfloat16 operand to float32
-  once and slices and converts back every iteration, reading twice the bytes; sliced as bits, a
-  layer's weights are one plain copy."""
-  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
-    return jax.lax.bitcast_convert_type(x, jnp.uint16)
-  return x
-
-
-def from_bits(x: jax.Array, like: jax.Array) -> jax.Array:
-  """Inverse of ``as_bits``: ``x`` in ``like``'s dtype."""
-  return x if x.dtype == like.dtype else jax.lax.bitcast_convert_type(x, like.dtype)
 
 
 def run_blocks(blocks: StackedBlocks, inputs: tuple, kv, index, prefix, shared):

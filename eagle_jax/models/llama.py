@@ -267,8 +267,8 @@ class Attention(nnx.Module):
     scale = c.query_scale if c.query_scale is not None else c.head_dim**-0.5
     if prefix is not None:
       pk, pv, row_mask, seats, row_seat = prefix
-      out = attend_shared_prefix(q, k, v, key_mask, query_slots, read_cache(pk, op), read_cache(pv, op),
-                                 row_mask, seats, row_seat, scale)
+      out = attend_shared_prefix(q, k, v, key_mask, query_slots, read_cache(pk, op),
+                                 read_cache(pv, op), row_mask, seats, row_seat, scale)
     else:
       out = attend(q, k, v, key_mask, query_slots, scale, self.window)
     out = constrain(out, ("batch", "length", "heads", "kv"))

@@ -223,8 +223,7 @@ def plan(
 def prefill_prefixes(model: llama_lib.Llama, inputs: SharedInputs) -> SharedPrefix:
   """Prefills the ``[G, Pp]`` distinct prefixes once: their keys and values for the rows."""
   g, pp = inputs.prefix_tokens.shape
-  pcache = llama_lib.KVCache.init(model.config, g, pp,
-                                  dtype=llama_lib.decode_cache_dtype(model.config))
+  pcache = llama_lib.KVCache.for_decoding(model.config, g, pp)
   _, pcache = model.hidden_states(inputs.prefix_tokens, attention_mask=inputs.prefix_mask,
                                   cache=pcache)
   return SharedPrefix.from_cache(pcache, inputs.row_prefix, inputs.row_shared, inputs.seats)
@@ -249,8 +248,7 @@ def shared_prefill(
   """
   prefix = prefill_prefixes(model, inputs)
   b, ps = inputs.suffix_tokens.shape
-  cache = llama_lib.KVCache.init(model.config, b, ps + new_bucket,
-                                 dtype=llama_lib.decode_cache_dtype(model.config))
+  cache = llama_lib.KVCache.for_decoding(model.config, b, ps + new_bucket)
   hidden, cache = model.hidden_states(inputs.suffix_tokens, attention_mask=inputs.suffix_mask,
                                       cache=cache, prefix=prefix)
   return model.logits(hidden[:, -1:])[:, 0], cache, prefix

@@ -175,8 +175,7 @@ def _generate_impl(
     if copy_prefix:
       cache, prefix = prefix_lib.forked_cache(prefix, cache), None
   else:
-    cache = llama_lib.KVCache.init(config, b, p + new_bucket,
-                                   dtype=llama_lib.decode_cache_dtype(config))
+    cache = llama_lib.KVCache.for_decoding(config, b, p + new_bucket)
     hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache,
                                         input_embeddings=embeddings)
     logits = model.logits(hidden[:, -1:])[:, 0]  # [B, V]
