@@ -101,6 +101,11 @@ def get_config(variant: str = "implicit") -> ml_collections.ConfigDict:
   # (transformers' group_by_length; 0: plain shuffled batches). Long description rows then fill a
   # few batches instead of padding most of them to MiniLM's 256 tokens.
   config.finetune.group_by_length = 50
+  # MiniLM's dense products while fine-tuning (backbone "minilm", epochs > 0): "float32", or
+  # "mixed" (bf16 operands summed in float32, forward and backward; about 1.7-2x per step on CPUs
+  # with bf16 matrix units, e.g. AMX: benchmarks/ed_bench.py). E_D infers the same way (its
+  # checkpoint metadata says which).
+  config.finetune.precision = "float32"
 
   # E_D's text backbone: "minilm" (the blocks above; the CPU default) or "decoder" (config.decoder).
   config.backbone = "decoder" if variant == "decoder" else "minilm"

@@ -51,6 +51,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # E_D with a decoder backbone (the paper fine-tunes a decoder onto the WALS vectors;
   # eagle_jax/embed/decoder_encoder.py): LoRA on a Llama-family decoder, mean-pooled, linear head.
   config.encoder.backbone = "decoder"
+  # (finetune.precision is MiniLM's; the decoder E_D's activations: decoder.compute_dtype below.)
+  config.encoder.finetune.precision = "float32"
   # Shapes the dry run compiles E_D's step for; real runs give the weights
   # (--config.encoder.decoder.source=/mnt/models/Llama-3.2-1B, a safetensors folder).
   config.encoder.decoder.shapes = "llama-3.2-1b"

@@ -55,6 +55,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.wals = wals_ml100k.get_config("implicit")
   # E_D: MiniLM fine-tuned with a linear head onto the augmented WALS item vectors (metadata text).
   config.encoder = encoder_ml100k.get_config("implicit")
+  # ... fine-tuned in mixed precision: bf16 operands of MiniLM's dense products, forward and
+  # backward, summed in float32 (this CPU job's bf16 matrix units; E_D infers the same way).
+  config.encoder.finetune.precision = "mixed"
 
   # The environment LLM (eagle_jax/env/stack.py; the same block in every job's config). Decode
   # batches of up to 64 rows (a call's last chunk padded to 16, 32 or 64): one step reads every

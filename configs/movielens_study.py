@@ -35,6 +35,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # float32, and the precision is part of the cache identity.
   for llm in (config.llm, config.eval.transfer.llm, config.eval.rater.llm):
     llm.precision = "float32"
+  # float32 E_D fine-tuning, as the recorded runs trained it.
+  config.encoder.finetune.precision = "float32"
   # Anchors: 40 for training, 12 held out (new anchors), from the 200 most rated movies.
   config.world.anchor_pool = 200
   config.world.num_train_anchors = 40

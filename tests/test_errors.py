@@ -216,7 +216,7 @@ RUN_OVERRIDES = [
     ("wals.wals.rank", 0), ("wals.eval.recall_k", 0), ("wals.eval.clip_max", 0.5),
     ("encoder.heldout_fraction", 0.0), ("encoder.head.dropout", 1.0),
     ("encoder.finetune.learning_rate", -1.0), ("encoder.embeddings", "/no/embeddings.npz"),
-    ("encoder.target", "logits"), ("seed", -1),
+    ("encoder.target", "logits"), ("encoder.finetune.precision", "half"), ("seed", -1),
 ]
 
 

@@ -202,6 +202,7 @@ class FinetuneConfig:
   ridge_reg: float = 10.0
   seed: int = 0
   group_by_length: int = 50
+  precision: str = "float32"
 
 
 class TextRegressor(nnx.Module):

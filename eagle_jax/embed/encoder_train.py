@@ -63,6 +63,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -83,6 +84,7 @@ def metadata_text(title: str, genres: Sequence[str], tags: Sequence[str] = ()) -
 TARGETS = ("augmented", "factors")
 DESCRIPTION_ROWS = ("with_metadata", "text", "plot")
 BACKBONES = ("minilm", "decoder")
+FINETUNE_PRECISIONS = ("float32", "mixed")  # MiniLM's dense products while fine-tuning
 
 
 def description_paths(config) -> list[str]:
@@ -128,6 +130,13 @@ def check_config(config, field: str = "config", inputs: bool = True) -> None:
       ("finetune.seed", dict(integer=True, lo=0)),
       ("finetune.group_by_length", dict(integer=True, lo=0)),
   ], field)
+  precision = config.finetune.get("precision", "float32")
+  if precision not in FINETUNE_PRECISIONS:
+    raise checks.ConfigError(f"{field}.finetune.precision={precision!r}: expected one of "
+                             f"{FINETUNE_PRECISIONS}")
+  if precision != "float32" and _backbone(config, field) != "minilm":
+    raise checks.ConfigError(f"{field}.finetune.precision={precision!r} applies to the MiniLM "
+                             f"backbone; {field}.backbone is {config.backbone!r}")
   if not config.embeddings:
     wals_train.check_config(config.wals, f"{field}.wals", inputs)
   if not inputs:
@@ -194,10 +203,13 @@ def validation_mask(heldout: np.ndarray, fraction: float, seed: int) -> np.ndarr
   return _subset_mask(heldout.shape[0], candidates, n, seed)
 
 
-def _sentence_encoder(minilm: str):
+def _sentence_encoder(minilm: str, precision: str = "float32"):
+  """MiniLM (``minilm`` or the asset) whose dense products run in ``precision``: "float32", or
+  "mixed" (bf16 operands summed in float32, forward and backward; ``models/mixed_matmul.py``)."""
   from eagle_jax.models.text_encoder import SentenceEncoder  # noqa: PLC0415 (heavy import)
 
-  return SentenceEncoder.from_pretrained(minilm or None)
+  return SentenceEncoder.from_pretrained(
+      minilm or None, matmul_dtype=jnp.bfloat16 if precision == "mixed" else None)
 
 
 def encode_with_progress(sent, texts: Sequence[str], desc: str, chunk_calls: int = 16
@@ -229,7 +241,7 @@ def encode_with_progress(sent, texts: Sequence[str], desc: str, chunk_calls: int
 
 def _finetune(config, texts, x, y_std, fit_rows, val_rows, cfg: encoder.FinetuneConfig):
   """Fine-tunes a fresh MiniLM + linear head; returns ``(predict_texts, state, history)``."""
-  sent = _sentence_encoder(config.minilm)  # its own copy: the caller's encoder stays frozen
+  sent = _sentence_encoder(config.minilm, cfg.precision)  # its own copy: the caller's stays frozen
   w, b = encoder.ridge_weights(x[fit_rows], y_std[fit_rows], cfg.ridge_reg)
   model = encoder.TextRegressor(sent.model, w, b)
   best, history = encoder.finetune(model, sent.tokenize, texts, y_std, np.flatnonzero(fit_rows),
@@ -335,7 +347,8 @@ def load_encoder(directory: str, *, frozen_encode: Callable[[Sequence[str]], np.
       predict, state = decoder_encoder.restore(ckpt, meta)
       mean, scale = np.asarray(state["y_mean"]), float(np.asarray(state["y_scale"]))
       return (lambda texts: predict(texts) * scale + mean), meta
-    sent = _sentence_encoder(meta.get("minilm", "") if minilm is None else minilm)
+    sent = _sentence_encoder(meta.get("minilm", "") if minilm is None else minilm,
+                             meta["head_config"].get("precision", "float32"))
     model = encoder.TextRegressor(sent.model, np.zeros((int(meta["in_dim"]), int(meta["out_dim"]))),
                                   np.zeros(int(meta["out_dim"])))
     params = nnx.state(model, nnx.Param)

@@ -53,6 +53,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from eagle_jax import parallel
+from eagle_jax.models.mixed_matmul import mixed_dot_general
 from eagle_jax.parallel import constrain
 
 _GELU_EXACT = ("gelu",)
@@ -78,6 +79,9 @@ class BertConfig:
     dtype: compute dtype (float32 or bfloat16); softmax, LayerNorm statistics and pooling run in
       float32 regardless.
     param_dtype: parameter storage dtype.
+    matmul_dtype: operand dtype of the dense layers' products in the forward and the backward
+      pass, summed and returned in float32 (``mixed_matmul``; with ``dtype`` float32: mixed
+      precision); None: ``dtype``, plain products.
   """
 
   vocab_size: int = 30522
@@ -92,6 +96,7 @@ class BertConfig:
   pad_token_id: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  matmul_dtype: Any = None
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -112,7 +117,9 @@ class BertConfig:
     if not 0 <= self.pad_token_id < self.vocab_size:
       raise ValueError(f"BertConfig.pad_token_id must be in [0, vocab_size), got "
                        f"{self.pad_token_id!r}")
-    for name in ("dtype", "param_dtype"):
+    for name in ("dtype", "param_dtype", "matmul_dtype"):
+      if name == "matmul_dtype" and self.matmul_dtype is None:
+        continue
       if jnp.dtype(getattr(self, name)) not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"BertConfig.{name} must be float32, bfloat16 or float16, got "
                          f"{getattr(self, name)!r}")
@@ -147,7 +154,7 @@ class BertConfig:
     missing = [k for k in required if k not in d]
     if missing:
       raise ValueError(f"{source}: missing required field(s) {missing}")
-    fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
+    fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "matmul_dtype"}
     kwargs = {k: d[k] for k in fields if k in d}
     if kwargs.get("pad_token_id") is None:
       kwargs.pop("pad_token_id", None)
@@ -206,7 +213,9 @@ def _layer_norm(cfg: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 def _dense(
     cfg: BertConfig, rngs: nnx.Rngs, in_f, out_f, axis, kernel_axes, bias_axes
 ) -> nnx.LinearGeneral:
+  mixed = cfg.matmul_dtype is not None and jnp.dtype(cfg.matmul_dtype) != jnp.dtype(cfg.dtype)
   return nnx.LinearGeneral(in_f, out_f, axis=axis, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                           dot_general=mixed_dot_general(cfg.matmul_dtype) if mixed else None,
                            kernel_init=nnx.initializers.normal(0.02),
                            kernel_metadata=_meta(*kernel_axes), bias_metadata=_meta(*bias_axes),
                            rngs=rngs)
@@ -436,6 +445,7 @@ def load_bert(
     mesh: Mesh | None = None,
     rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
     dtype: Any = jnp.float32,
+    matmul_dtype: Any = None,
 ) -> BertModel:
   """Loads a Hugging Face BERT checkpoint (safetensors) into a ``BertModel``.
 
@@ -446,6 +456,7 @@ def load_bert(
     mesh: place parameters on this mesh by their logical axes (default: the default device).
     rules: logical axis rules.
     dtype: compute dtype (parameters stay float32).
+    matmul_dtype: operand dtype of the dense layers' products (``BertConfig.matmul_dtype``).
 
   Returns:
     The model with every parameter taken from the file.
@@ -461,7 +472,8 @@ def load_bert(
   if not weights.is_file():
     raise ValueError(f"path {str(path)!r}: no safetensors file at {str(weights)!r}")
   if config is None:
-    config = BertConfig.from_json(weights.parent / "config.json", dtype=dtype)
+    config = BertConfig.from_json(weights.parent / "config.json", dtype=dtype,
+                                  matmul_dtype=matmul_dtype)
   tensors = load_safetensors_file(weights)
   model = nnx.eval_shape(lambda: BertModel(config, rngs=nnx.Rngs(0)))
   return assign_hf_tensors(model, tensors, source=str(weights), mesh=mesh, rules=rules)

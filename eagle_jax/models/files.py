@@ -38,11 +38,20 @@ class _CheckedReader(gguf.GGUFReader):
   _path = ""
 
   def _get(self, offset, dtype, count=1, override_order=None):
-    need = int(count) * np.dtype(dtype).itemsize
-    if offset < 0 or offset + need > len(self.data):
-      raise LoadingError(f"{self._path}: truncated: the header needs {need} bytes at offset "
-                      f"{offset}, file has {len(self.data)}")
-    return super()._get(offset, dtype, count, override_order)
+    # gguf's own ``_get``, bounds-checked, slicing a plain ndarray view of the memory map: a slice
+    # of the ``np.memmap`` itself goes through its ``__array_finalize__``, and a tokenizer's
+    # vocabulary is a few hundred thousand slices.
+    plain = self.__dict__.get("_plain")
+    if plain is None or plain.base is not self.data:
+      plain = self._plain = self.data.view(np.ndarray)
+    dtype = np.dtype(dtype)
+    count = int(count)
+    end = offset + count * dtype.itemsize
+    if offset < 0 or end > len(plain):
+      raise LoadingError(f"{self._path}: truncated: the header needs {end - offset} bytes at "
+                         f"offset {offset}, file has {len(plain)}")
+    order = self.byte_order if override_order is None else override_order
+    return plain[offset:end].view(dtype.newbyteorder(order))
 
   def _build_tensors(self, start_offs, fields):
     size = len(self.data)

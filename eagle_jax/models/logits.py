@@ -85,52 +85,93 @@ def process_logits(
 
 
 def _truncated_top_k_top_p(logits: jax.Array, mode: Mode, knobs: Knobs) -> jax.Array:
-  """Top-k and top-p from the shortest head of ``SORT_HEADS`` that decides the rule for every row.
+  """Top-k and top-p from the shortest head of ``SORT_HEADS`` that decides the rule.
 
   Only the largest tokens decide top-k and top-p in practice: each head (``lax.top_k``, sorted
   descending) is tried in turn, and the next (finally the full sort) only when it does not decide
-  the rule: k > head, or, for top-p alone, some row's head holding less than top_p of the
-  probability mass (with a margin for float sums). A full sort of [B, V] costs more than a decoder
-  step on CPU and grows with B (flat rows, which a larger batch meets more often, need it). A
-  head is the full sort's first tokens, so every path keeps the same tokens (but for float
-  rounding of the mass at the top-p boundary: a head sums ``exp(logit - logsumexp)``).
+  the rule. A full sort of [B, V] costs more than a decoder step on CPU and grows with B. With
+  top-k, k > head decides for every row at once. Top-p alone is decided row by row
+  (``_top_p_by_rows``): a row whose head holds less than top_p of the probability mass (with a
+  margin for float sums) takes the longer heads on its own. A head is the full sort's first
+  tokens, so every path keeps the same tokens (but for float rounding of the mass at the top-p
+  boundary: a head sums ``exp(logit - logsumexp)``).
   """
+  if not mode.top_k:
+    return _top_p_by_rows(logits, knobs)
   v = logits.shape[-1]
   heads = [h for h in SORT_HEADS if h < v]
-  log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
 
   def tier(i: int) -> jax.Array:
     if i == len(heads):
       return _top_k_top_p(logits, -jnp.sort(-logits, axis=-1), mode, knobs)
     top = jax.lax.top_k(logits, heads[i])[0]  # [B, head], descending
-    if mode.top_k:
-      decided = knobs.top_k <= heads[i]
-    else:
-      decided = jnp.all(jnp.exp(top - log_norm).sum(-1) >= knobs.top_p + 1e-4)
-    return jax.lax.cond(decided, lambda: _top_k_top_p(logits, top, mode, knobs, log_norm),
+    return jax.lax.cond(knobs.top_k <= heads[i], lambda: _top_k_top_p(logits, top, mode, knobs),
                         lambda: tier(i + 1))
 
   return tier(0)
 
 
-def _top_k_top_p(logits: jax.Array, sorted_desc: jax.Array, mode: Mode, knobs: Knobs,
-                 log_norm: jax.Array | None = None) -> jax.Array:
+def _top_p_threshold(sorted_desc: jax.Array, top_p: jax.Array,
+                     log_norm: jax.Array | None) -> jax.Array:
+  """[..., H] logits in descending order -> [..., 1] the smallest logit top-p keeps (transformers'
+  rule: a token is kept while the mass before it is below top_p). ``log_norm`` [..., 1]: the log
+  of the softmax normaliser over all V logits when H < V (None: H = V)."""
+  if log_norm is None:
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+  else:
+    probs = jnp.exp(sorted_desc - log_norm)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = mass_before < top_p  # the first token always has mass_before == 0
+  return jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+
+
+def _top_p_by_rows(logits: jax.Array, knobs: Knobs) -> jax.Array:
+  """Top-p alone on ``logits`` [B, V]: every row's threshold from the first head, then, one row at
+  a time, the rows that head does not decide from the longer heads and finally the full sort of
+  that row. One flat row costs a row's longer head, not the whole batch's (at 64 rows of
+  SmolLM2's 49,152 logits a head of 4,096 for every row costs several decode steps' logit work),
+  and a row's tokens do not depend on the other rows of its batch."""
+  v = logits.shape[-1]
+  heads = [h for h in SORT_HEADS if h < v]
+  if not heads:
+    return jnp.where(logits < _top_p_threshold(-jnp.sort(-logits, axis=-1), knobs.top_p, None),
+                     NEG_INF, logits)
+  log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, 1]
+
+  def decides(top: jax.Array, norm: jax.Array) -> jax.Array:
+    return jnp.exp(top - norm).sum(-1) >= knobs.top_p + 1e-4
+
+  top = jax.lax.top_k(logits, heads[0])[0]  # [B, head], descending
+  threshold = _top_p_threshold(top, knobs.top_p, log_norm)  # [B, 1]
+  decided = decides(top, log_norm)  # [B]
+
+  def row_threshold(row: jax.Array, norm: jax.Array, i: int = 1) -> jax.Array:
+    """[V], [1] -> [1] from head ``i`` on."""
+    if i == len(heads):
+      return _top_p_threshold(-jnp.sort(-row), knobs.top_p, None)
+    head = jax.lax.top_k(row, heads[i])[0]
+    return jax.lax.cond(decides(head, norm), lambda: _top_p_threshold(head, knobs.top_p, norm),
+                        lambda: row_threshold(row, norm, i + 1))
+
+  def redo(r: jax.Array, thr: jax.Array) -> jax.Array:
+    return jax.lax.cond(decided[r], lambda: thr,
+                        lambda: thr.at[r].set(row_threshold(logits[r], log_norm[r])))
+
+  threshold = jax.lax.cond(jnp.all(decided), lambda: threshold,
+                           lambda: jax.lax.fori_loop(0, logits.shape[0], redo, threshold))
+  return jnp.where(logits < threshold, NEG_INF, logits)
+
+
+def _top_k_top_p(logits: jax.Array, sorted_desc: jax.Array, mode: Mode, knobs: Knobs) -> jax.Array:
   """Top-k, then top-p (transformers' order), given ``sorted_desc`` [B, H]: the H largest logits
-  in descending order (H = V, or a head that decides the rules). ``log_norm`` [B, 1]: the log of
-  the softmax normaliser over all V logits when the head is shorter (top-p without top-k)."""
+  in descending order (H = V, or a head of at least k tokens)."""
   if mode.top_k:
     k = jnp.clip(knobs.top_k, 1, logits.shape[-1])
     kth = jnp.take(sorted_desc, k - 1, axis=-1)[:, None]
     logits = jnp.where(logits < kth, NEG_INF, logits)
     sorted_desc = jnp.where(jnp.arange(sorted_desc.shape[-1]) < k, sorted_desc, NEG_INF)
-  if mode.top_p:
-    if mode.top_k or log_norm is None:
-      probs = jax.nn.softmax(sorted_desc, axis=-1)
-    else:
-      probs = jnp.exp(sorted_desc - log_norm)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < knobs.top_p  # the first token always has mass_before == 0
-    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+  if mode.top_p:  # after top-k the kept tokens' softmax (transformers' order)
+    threshold = _top_p_threshold(sorted_desc, knobs.top_p, None)
     logits = jnp.where(logits < threshold, NEG_INF, logits)
   return logits
 

@@ -141,6 +141,7 @@ class SentenceEncoder:
       length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
       mesh: Mesh | None = None,
       dtype: Any = jnp.float32,
+      matmul_dtype: Any = None,
       micro_batch: int | None = 16,
   ) -> SentenceEncoder:
     """Loads a sentence-transformers BERT folder (default: the cached all-MiniLM-L6-v2).
@@ -153,6 +154,8 @@ class SentenceEncoder:
       length_buckets: padded sequence lengths.
       mesh: optional mesh for sharded parameters and batches.
       dtype: compute dtype (float32 default; bfloat16 is faster on TPU).
+      matmul_dtype: operand dtype of the dense layers' products, summed in float32
+        (``bert.BertConfig.matmul_dtype``; None: ``dtype``).
       micro_batch: most rows per device call on one device (see the module docstring).
     """
     if path is None:
@@ -167,7 +170,7 @@ class SentenceEncoder:
       max_length = 256
       if st_cfg.is_file():
         max_length = json.loads(st_cfg.read_text()).get("max_seq_length", 256)
-    model = bert.load_bert(path, dtype=dtype)
+    model = bert.load_bert(path, dtype=dtype, matmul_dtype=matmul_dtype)
     return cls(model, load_tokenizer(path / "tokenizer.json", max_length), max_length=max_length,
                batch_size=batch_size, length_buckets=length_buckets, mesh=mesh,
                micro_batch=micro_batch)
