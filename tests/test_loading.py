@@ -18,7 +18,7 @@ from decoder_fixtures import (
 from flax import nnx
 
 from eagle_jax import assets
-from eagle_jax.models import llama, loading
+from eagle_jax.models import files, llama, loading
 from eagle_jax.models.tokenizer import Tokenizer
 
 TOL = 1e-4
@@ -228,3 +228,22 @@ def test_gguf_tokenizer_of_an_unsupported_kind_is_a_loading_error_naming_the_fil
   close_gguf(w, path)
   with pytest.raises(loading.LoadingError, match=r"wordpiece\.gguf: GGUF tokenizer\.ggml\.model is 'bert'"):
     Tokenizer.from_gguf(path)
+
+
+def test_checked_gguf_reader_reads_what_gguf_reads():
+  """``files.open_gguf`` (bounds-checked, slicing a plain view of the map) against gguf-py's own
+  ``GGUFReader`` on SmolLM2's GGUF: every metadata field's parts, types and data indices (its
+  49,152-token vocabulary among them) and every tensor's name, type and bytes."""
+  path = assets.smollm2_gguf()
+  ours, theirs = files.open_gguf(path), gguf.GGUFReader(path)
+  assert list(ours.fields) == list(theirs.fields)
+  for name, field in theirs.fields.items():
+    mine = ours.fields[name]
+    assert (mine.types, mine.data, mine.offset) == (field.types, field.data, field.offset), name
+    assert len(mine.parts) == len(field.parts), name
+    for a, b in zip(mine.parts, field.parts, strict=True):
+      assert a.dtype == b.dtype and np.array_equal(a, b), name
+  assert len(ours.fields["tokenizer.ggml.tokens"].data) == 49152
+  assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+  for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+    assert a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data), a.name
