@@ -4,7 +4,8 @@ r"""E_D's fine-tuning step: MiniLM + a linear head, float32 against mixed precis
   python -m benchmarks.ed_bench --lengths=32 --rounds=3
 
 One AdamW step on the mean squared error of a linear head over the mean-pooled, normalised MiniLM
-embedding (``encoder.TextRegressor``, as ``encoder.finetune`` trains E_D): eagle_jax in float32
+embedding (``encoder.finetune_step`` on an ``encoder.TextRegressor``, as ``encoder.finetune``
+trains E_D): eagle_jax in float32
 and in mixed precision (``BertConfig.matmul_dtype=bfloat16``: every dense product and both of its
 gradient products on bf16 operands summed in float32, ``models/mixed_matmul.py``), against
 transformers' PyTorch ``BertModel`` with the same head and optimizer, in float32 and under
@@ -41,16 +42,8 @@ def _jax_step(matmul_dtype):
   model = encoder.TextRegressor(bert.load_bert(assets.minilm_dir(), matmul_dtype=matmul_dtype),
                                 _HEAD, np.zeros(_OUT))
   opt = nnx.Optimizer(model, optax.adamw(3e-5, weight_decay=0.01), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(m, opt, ids, mask, y):
-    loss, grads = nnx.value_and_grad(
-        lambda m: jnp.mean(jnp.sum((m(ids, mask) - y) ** 2, axis=-1)))(m)
-    opt.update(m, grads)
-    return loss
-
-  return lambda ids, mask, y: float(step(model, opt, jnp.asarray(ids), jnp.asarray(mask),
-                                         jnp.asarray(y)))
+  return lambda ids, mask, y: float(encoder.finetune_step(model, opt, jnp.asarray(ids),
+                                                          jnp.asarray(mask), jnp.asarray(y)))
 
 
 def _torch_step(autocast: bool):

@@ -149,15 +149,8 @@ def test_fine_tuning_step_runs_every_dense_product_on_bf16_operands(small):
   model = encoder.TextRegressor(bert.load_bert(path, matmul_dtype=jnp.bfloat16),
                                 np.zeros((SMALL["hidden_size"], 3)), np.zeros(3))
   opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(m, opt, ids, mask, y):
-    loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(ids, mask) - y) ** 2))(m)
-    opt.update(m, g)
-    return loss
-
   ids = jnp.ones((2, 8), jnp.int32)
-  text = step.lower(model, opt, ids, ids, jnp.zeros((2, 3))).as_text()
+  text = encoder.finetune_step.lower(model, opt, ids, ids, jnp.zeros((2, 3))).as_text()
   dots = re.findall(r"stablehlo\.dot_general %\S+, %\S+.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)",
                     text)
   bf16 = [d for d in dots if "bf16" in d[0] and "bf16" in d[1]]

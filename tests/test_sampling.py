@@ -144,17 +144,22 @@ def test_process_logits_matches_transformers_processors(opts):
   np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-5, atol=1e-5)
 
 
-def _assert_truncation_matches_transformers(logits: np.ndarray, opts: dict) -> None:
-  """``process_logits`` (jitted, temperature / top-k / top-p of ``opts``) on ``logits`` [B, V]
-  keeps exactly transformers' tokens, with their values, and cuts some but not all."""
+def _truncate(logits: np.ndarray, opts: dict) -> np.ndarray:
+  """``process_logits`` (jitted) with the temperature / top-k / top-p of ``opts`` on [B, V]."""
   mode = logits_lib.Mode(greedy=False, top_k="top_k" in opts, top_p="top_p" in opts,
                         penalty=False, ngram=0)
   knobs = logits_lib.Knobs(
       temperature=jnp.float32(opts.get("temperature", 1.0)), top_k=jnp.int32(opts.get("top_k", 0)),
       top_p=jnp.float32(opts.get("top_p", 1.0)), penalty=jnp.float32(1.0),
       stop_ids=jnp.zeros((1,), jnp.int32), max_new=jnp.int32(1))
-  ours = np.asarray(jax.jit(logits_lib.process_logits, static_argnums=1)(
+  return np.asarray(jax.jit(logits_lib.process_logits, static_argnums=1)(
       jnp.asarray(logits), mode, knobs, None, None))
+
+
+def _assert_truncation_matches_transformers(logits: np.ndarray, opts: dict) -> None:
+  """``_truncate`` on ``logits`` [B, V] keeps exactly transformers' tokens, with their values, and
+  cuts some but not all."""
+  ours = _truncate(logits, opts)
   ref = _hf_process(logits, np.zeros((logits.shape[0], 1), np.int64), **opts)
   kept = np.isfinite(ref)
   assert 0 < kept.sum() < kept.size
@@ -377,12 +382,6 @@ def test_top_p_decides_each_row_alone_and_matches_transformers():
   # away, where float32 sums in any order may round either way): exact agreement is expected.
   assert np.abs(np.cumsum(desc, -1) - desc - top_p).min() > 1e-6
   _assert_truncation_matches_transformers(logits, dict(top_p=top_p))
-  mode = logits_lib.Mode(greedy=False, top_k=False, top_p=True, penalty=False, ngram=0)
-  knobs = logits_lib.Knobs(temperature=jnp.float32(1.0), top_k=jnp.int32(0),
-                           top_p=jnp.float32(top_p), penalty=jnp.float32(1.0),
-                           stop_ids=jnp.zeros((1,), jnp.int32), max_new=jnp.int32(1))
-  process = jax.jit(logits_lib.process_logits, static_argnums=1)
-  batch = np.asarray(process(jnp.asarray(logits), mode, knobs, None, None))
+  batch = _truncate(logits, dict(top_p=top_p))
   for r in range(5):
-    alone = np.asarray(process(jnp.asarray(logits[r:r + 1]), mode, knobs, None, None))
-    np.testing.assert_array_equal(batch[r:r + 1], alone)
+    np.testing.assert_array_equal(batch[r:r + 1], _truncate(logits[r:r + 1], dict(top_p=top_p)))

@@ -260,15 +260,6 @@ def finetune(
   opt = nnx.Optimizer(model, optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay),
                       wrt=nnx.Param)
 
-  @nnx.jit
-  def step(m, opt, ids, mask, target):
-    def loss_fn(m):
-      return jnp.mean(jnp.sum((m(ids, mask) - target) ** 2, axis=-1))
-
-    loss, grads = nnx.value_and_grad(loss_fn)(m)
-    opt.update(m, grads)
-    return loss
-
   def val_r2() -> float:
     pred = predict_texts(model, tokenize, [texts[i] for i in val_rows], cfg.batch_size)
     return r2_score(y[val_rows], pred)
@@ -278,12 +269,25 @@ def finetune(
 
   def train(rows: np.ndarray) -> float:
     ids, mask = tokenize([texts[i] for i in rows])
-    return float(step(model, opt, ids, mask, jnp.asarray(y[rows])))
+    return float(finetune_step(model, opt, ids, mask, jnp.asarray(y[rows])))
 
   return best_epoch(train, val_r2, snapshot, train_rows, epochs=cfg.epochs,
                     batch_size=min(cfg.batch_size, len(train_rows)), seed=cfg.seed,
                     desc="E_D fine-tuning", lengths=np.array([len(t) for t in texts]),
                     group_by_length=cfg.group_by_length)
+
+
+@nnx.jit
+def finetune_step(model: TextRegressor, opt: nnx.Optimizer, ids: jax.Array, mask: jax.Array,
+                  target: jax.Array) -> jax.Array:
+  """One optimizer step of ``finetune`` on the mean squared l2 error (updates ``model`` and
+  ``opt`` in place): ``ids``, ``mask`` [B, T] int32, ``target`` [B, d] -> the loss []."""
+  def loss_fn(m):
+    return jnp.mean(jnp.sum((m(ids, mask) - target) ** 2, axis=-1))
+
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  opt.update(model, grads)
+  return loss
 
 
 def epoch_batches(rng: np.random.Generator, train_rows: np.ndarray, batch_size: int,

@@ -128,9 +128,8 @@ def _top_p_threshold(sorted_desc: jax.Array, top_p: jax.Array,
 def _top_p_by_rows(logits: jax.Array, knobs: Knobs) -> jax.Array:
   """Top-p alone on ``logits`` [B, V]: every row's threshold from the first head, then, one row at
   a time, the rows that head does not decide from the longer heads and finally the full sort of
-  that row. One flat row costs a row's longer head, not the whole batch's (at 64 rows of
-  SmolLM2's 49,152 logits a head of 4,096 for every row costs several decode steps' logit work),
-  and a row's tokens do not depend on the other rows of its batch."""
+  that row. One flat row costs that row's longer head, not the whole batch's, and a row's tokens
+  do not depend on the other rows of its batch (``benchmarks/top_p_bench.py`` times both rules)."""
   v = logits.shape[-1]
   heads = [h for h in SORT_HEADS if h < v]
   if not heads:
