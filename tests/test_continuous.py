@@ -5,7 +5,6 @@ The reference is ``Sampler.generate_ids`` on the request alone (itself checked a
 are mid-decode, rows to leave early (mixed token budgets, stop ids) and the cache to shift.
 """
 
-import concurrent.futures
 
 import numpy as np
 import pytest
@@ -111,13 +110,18 @@ def test_late_short_request_does_not_wait_for_long_one(tiny):
   hold_for_arrival(batcher)
   try:
     rows = workload(2)
+    finished = []  # futures in the order the worker completes them
     long = batcher.submit(rows[0], params.replace(max_tokens=32), 1)
+    long.add_done_callback(finished.append)  # cannot be done: the worker waits for the next one
     while batcher.chunks == 0:  # the long row is decoding
       pass
-    short = batcher.submit(rows[1], params.replace(max_tokens=2), 2)
-    done, _ = concurrent.futures.wait([long, short], return_when="FIRST_COMPLETED", timeout=600)
-    assert done == {short}
+    with batcher._cv:  # the worker cannot admit (let alone finish) it before the callback is on
+      short = batcher.submit(rows[1], params.replace(max_tokens=2), 2)
+      short.add_done_callback(finished.append)
     assert len(long.result(timeout=600).tokens) == 32
+    # Order of completion, not what is done when the test thread wakes: on a loaded machine the
+    # long row can also be done by then.
+    assert finished == [short, long]
     assert batcher.chunks < 17  # the short request did not add chunks of its own
     want = one_by_one(tiny, rows[:2], params, [32, 2], [1, 2])
     assert long.result().tokens == want[0][0] and short.result().tokens == want[1][0]
@@ -205,13 +209,17 @@ def test_server_request_joins_a_running_decode(tmp_path):
         await client.generate([short_p], [short_q])  # compiles, untimed
         chunks = backend.batcher.chunks
         hold_for_arrival(backend.batcher, chunks)
+        finished = []  # tasks in the order they complete (callbacks are queued in that order)
         long = asyncio.ensure_future(client.generate([long_p], [long_q]))
+        long.add_done_callback(finished.append)
         while backend.batcher.chunks == chunks:  # the long request is decoding
           await asyncio.sleep(0.001)
         short = asyncio.ensure_future(client.generate([short_p], [short_q]))
-        done, _ = await asyncio.wait([long, short], return_when=asyncio.FIRST_COMPLETED)
-        assert done == {short}
-        return (await long)[0], (await short)[0]
+        short.add_done_callback(finished.append)
+        answers = (await long)[0], (await short)[0]
+        await asyncio.sleep(0)  # the done callbacks run
+        assert finished == [short, long]
+        return answers
     finally:
       await srv.stop()
       backend.batcher.close()
