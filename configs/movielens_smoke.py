@@ -45,8 +45,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.distributed = False
   # Mesh over ("data", "fsdp", "tensor"); -1 takes the remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1))
-  # Persistent XLA compilation cache folder ("" off): reruns and every host reuse compiled steps.
-  config.compilation_cache = ""
+  # Persistent XLA compilation cache folder, relative to the workdir or absolute ("" off), set by
+  # the launchers: identical programs compile once per folder (the agents' shared steps, reruns,
+  # resumes and every host).
+  config.compilation_cache = "xla_cache"
   # jax.profiler trace of RL steps [start, start + steps) into <workdir>/agents/<kind>/profile
   # (TensorBoard's profile plugin / Perfetto); start = -1: no trace.
   config.profile = ml_collections.ConfigDict(dict(start=-1, steps=3))

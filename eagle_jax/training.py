@@ -3,6 +3,7 @@
 One job per piece:
 
 * ``check_workdir``: the output folder exists and is writable, checked before any compute.
+* ``use_compilation_cache``: XLA's persistent compilation cache for a job's process.
 * ``build_mesh`` / ``check_divisible``: a mesh from ``config.mesh`` and batch sizes that split over
   its data axes, with errors naming the config field.
 * ``FunctionalModel``: an NNX module split into a static graph and a *pure* parameter pytree (nested
@@ -67,6 +68,30 @@ def check_workdir(path: str | None, flag: str = "--workdir") -> str:
   if paths.is_local(path) and not os.access(path, os.W_OK | os.X_OK):
     raise ConfigError(f"{flag}={path!r} is not writable by this user")
   return path
+
+
+# Programs that compile faster than this are not written to the persistent cache (JAX's default,
+# 1 s, would leave out every MiniLM length bucket; a read back takes milliseconds).
+CACHE_MIN_COMPILE_SECONDS = 0.1
+
+
+def use_compilation_cache(path: str, workdir: str, field: str = "config.compilation_cache"
+                          ) -> str | None:
+  """Turns on XLA's persistent compilation cache for this process; returns its folder.
+
+  ``path``: "" (off), a folder, or a relative path taken under ``workdir``. Identical programs then
+  compile once per folder: within a run (the agents of each reference kind share their steps; an
+  encoder restored from a checkpoint reuses the programs of the one that was trained), on a
+  rerun or resume, and on every host of a multi-host job.
+  """
+  if not isinstance(path, str):
+    raise ConfigError(f"{field}: expected a folder path string ('' for off), got {path!r}")
+  if not path:
+    return None
+  folder = path if "://" in path or os.path.isabs(path) else os.path.join(workdir, path)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+  return folder
 
 
 def build_mesh(mesh_config: Mapping[str, int] | None, field: str = "config.mesh",

@@ -68,6 +68,8 @@ def run(workdir: str | None, fn: Callable[[], T], *, name: str, config=None,
       except ValueError as e:
         raise app.UsageError(str(e)) from e
     process = jax.process_index() if distributed else 0
+    if config is not None and "compilation_cache" in config:  # before anything compiles
+      training.use_compilation_cache(config.compilation_cache, path)
     with workdir_lock.hold(path, distributed=distributed, process=process):
       if config is None:
         return fn()

@@ -303,13 +303,18 @@ def test_encode_compiles_once_per_bucket(minilm_encoder):
   for texts in calls:
     minilm_encoder.encode(texts[::-1])
   assert compiled() == grown
-  # Another encoder of the same architecture (other weights: E_D's fine-tuned copy) reuses them.
-  other = text_encoder.SentenceEncoder.from_pretrained(batch_size=minilm_encoder.batch_size)
-  nnx.update(other.model, jax.tree.map(lambda x: x * 1.01, nnx.state(other.model, nnx.Param)))
-  other._graphdef, other._state = nnx.split(other.model)
-  for texts in calls:
-    assert not np.allclose(other.encode(texts), minilm_encoder.encode(texts))
-  assert compiled() == grown
+  # Other encoders of the same architecture (other weights: E_D's fine-tuned copy) reuse them,
+  # whether their parameters are fresh arrays or committed to the device as orbax restores them.
+  device = jax.devices()[0]
+  for commit in (lambda x: x, lambda x: jax.device_put(x, device)):
+    model = text_encoder.SentenceEncoder.from_pretrained().model
+    nnx.update(model, jax.tree.map(lambda x, c=commit: c(x * 1.01), nnx.state(model, nnx.Param)))
+    other = text_encoder.SentenceEncoder(model, minilm_encoder.tokenizer,
+                                         max_length=minilm_encoder.max_length,
+                                         batch_size=minilm_encoder.batch_size)
+    for texts in calls:
+      assert not np.allclose(other.encode(texts), minilm_encoder.encode(texts))
+    assert compiled() == grown
 
 
 def test_a_sentence_embedding_does_not_depend_on_what_it_is_encoded_with(minilm_encoder):

@@ -414,8 +414,6 @@ def run(config, workdir: str, *, world: World | None = None) -> dict[str, Any]:
   training.check_workdir(workdir)
   if config.distributed:
     hosts.initialize()  # a no-op when the launcher started it (its coordinator flags)
-  if config.compilation_cache:
-    jax.config.update("jax_compilation_cache_dir", str(config.compilation_cache))
   mesh = training.build_mesh(config.mesh)
   job = validate(config, mesh)
   if world is None:

@@ -72,7 +72,9 @@ def load_tokenizer(path: str | os.PathLike, max_length: int) -> tokenizers.Token
 def _embed(graphdef, state, ids: jax.Array, mask: jax.Array) -> jax.Array:
   """Pooled sentence embeddings [B, D] of ``ids``/``mask`` [B, T]; one jitted function for every
   encoder, so encoders of one architecture (the frozen MiniLM, E_D's fine-tuned copy) share each
-  length bucket's compiled program instead of compiling it once each."""
+  length bucket's compiled program instead of compiling it once each. Without a mesh the state
+  is committed to its device whatever its origin (fresh, or restored by orbax, which commits),
+  since jit compiles again for arguments whose placement differs only in being committed."""
   return nnx.merge(graphdef, state).embed(ids, mask)
 
 
@@ -130,6 +132,9 @@ class SentenceEncoder:
       self._token_sharding = parallel.named_sharding(mesh, ("batch", "length"), rules)
     self.micro_batch = None if mesh is not None else micro_batch
     self._graphdef, self._state = nnx.split(model)
+    if mesh is None:  # committed to their device, as restored parameters are (no copy)
+      self._state = jax.tree.map(lambda x: jax.device_put(x, next(iter(x.devices()))),
+                                 self._state)
 
   @classmethod
   def from_pretrained(
