@@ -78,6 +78,12 @@ def _embed(graphdef, state, ids: jax.Array, mask: jax.Array) -> jax.Array:
   return nnx.merge(graphdef, state).embed(ids, mask)
 
 
+def _committed(x) -> jax.Array:
+  """``x`` committed to the device it is on (no copy), or to the default device if on the host."""
+  device = next(iter(x.devices())) if isinstance(x, jax.Array) else jax.devices()[0]
+  return jax.device_put(x, device)
+
+
 class SentenceEncoder:
   """MiniLM-style sentence encoder (mean pooling + L2 normalisation), jitted and batched.
 
@@ -132,9 +138,8 @@ class SentenceEncoder:
       self._token_sharding = parallel.named_sharding(mesh, ("batch", "length"), rules)
     self.micro_batch = None if mesh is not None else micro_batch
     self._graphdef, self._state = nnx.split(model)
-    if mesh is None:  # committed to their device, as restored parameters are (no copy)
-      self._state = jax.tree.map(lambda x: jax.device_put(x, next(iter(x.devices()))),
-                                 self._state)
+    if mesh is None:  # on a device and committed to it, as restored parameters are
+      self._state = jax.tree.map(_committed, self._state)
 
   @classmethod
   def from_pretrained(
