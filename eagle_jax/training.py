@@ -91,6 +91,10 @@ def use_compilation_cache(path: str, workdir: str, field: str = "config.compilat
   folder = path if "://" in path or os.path.isabs(path) else os.path.join(workdir, path)
   jax.config.update("jax_compilation_cache_dir", folder)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+  # JAX's default also points XLA's GPU autotuning cache into the folder, and that setting (its
+  # path, and a read-only mode on every process but the first) enters each program's cache key:
+  # a copied or moved folder, and every other host, would then never hit.
+  jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
   return folder
 
 

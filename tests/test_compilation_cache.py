@@ -1,10 +1,11 @@
 """``training.use_compilation_cache``: a job's identical programs compile once per cache folder.
 
 Each process below is a fresh interpreter (the cache is process-wide JAX state): the first
-compiles and writes the program, the second, reading the same folder, loads it instead of
-compiling (JAX's own log line says so)."""
+compiles and writes the program, the second, reading a copy of the folder at another path, loads
+it instead of compiling (JAX's own log line says so)."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -38,10 +39,12 @@ def test_a_second_process_loads_the_program_instead_of_compiling(tmp_path):
   assert "Persistent compilation cache hit" not in first.stderr
   entries = [p for p in os.listdir(folder) if p.startswith("jit_f-")]
   assert len(entries) == 1, os.listdir(folder)
-  second = _run(str(folder), "/unused")  # absolute: as given
+  moved = tmp_path / "elsewhere"  # keys do not depend on the folder's path
+  shutil.copytree(folder, moved)
+  second = _run(str(moved), "/unused")  # absolute: as given
   assert "Persistent compilation cache hit for 'jit_f'" in second.stderr
   assert second.stdout.split()[1] == first.stdout.split()[1]  # the same result
-  assert [p for p in os.listdir(folder) if p.startswith("jit_f-")] == entries  # nothing new
+  assert [p for p in os.listdir(moved) if p.startswith("jit_f-")] == entries  # nothing new
 
 
 def test_off_and_bad_values():
