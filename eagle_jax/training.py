@@ -80,9 +80,8 @@ def use_compilation_cache(path: str, workdir: str, field: str = "config.compilat
   """Turns on XLA's persistent compilation cache for this process; returns its folder.
 
   ``path``: "" (off), a folder, or a relative path taken under ``workdir``. Identical programs then
-  compile once per folder: within a run (the agents of each reference kind share their steps; an
-  encoder restored from a checkpoint reuses the programs of the one that was trained), on a
-  rerun or resume, and on every host of a multi-host job.
+  compile once per folder: within a run (the agents of each reference kind share their steps), on
+  a rerun or resume, and on every host of a multi-host job. Call it before anything compiles.
   """
   if not isinstance(path, str):
     raise ConfigError(f"{field}: expected a folder path string ('' for off), got {path!r}")

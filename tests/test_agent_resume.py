@@ -104,10 +104,11 @@ def _check_report(quickstart):
   metrics = training.read_metrics(os.path.join(quickstart, "agents", "g_optimal",
                                                "metrics.jsonl"))
   assert [m["step"] for m in metrics] == list(range(1, TOTAL + 1))
-  # The config's compilation cache (relative: under the workdir) holds the job's programs.
+  # The config's compilation cache (relative: under the workdir) holds the job's programs, from
+  # the world's SmolLM2 decoding (the first stage) to the agents' steps.
   cached = os.listdir(os.path.join(quickstart, "xla_cache"))
-  assert any(p.startswith("jit__update-") for p in cached), cached
-  assert any(p.startswith("jit__embed-") for p in cached), cached
+  for name in ("jit__generate_impl-", "jit__embed-", "jit__update-"):
+    assert any(p.startswith(name) for p in cached), (name, cached)
 
 
 def _metric_steps(workdir):
