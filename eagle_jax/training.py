@@ -87,7 +87,7 @@ def use_compilation_cache(path: str, workdir: str, field: str = "config.compilat
     raise ConfigError(f"{field}: expected a folder path string ('' for off), got {path!r}")
   if not path:
     return None
-  folder = path if "://" in path or os.path.isabs(path) else os.path.join(workdir, path)
+  folder = path if not paths.is_local(path) or os.path.isabs(path) else os.path.join(workdir, path)
   jax.config.update("jax_compilation_cache_dir", folder)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
   # JAX's default also points XLA's GPU autotuning cache into the folder, and that setting (its
