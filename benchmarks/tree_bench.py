@@ -13,8 +13,8 @@ template, and the sampling the smoke config's ``env.sampling`` (greedy, repetiti
 no repeated 3-grams, 40 new tokens).
 Timed, interleaved over ``--rounds`` (the order rotates each round), median seconds:
 
-1. ``LocalSampler`` with prefix sharing and continuous batching (``--slots`` rows, each slot a
-   self-contained row: its prefix copied into its cache);
+1. ``LocalSampler`` with prefix sharing and continuous batching (``--slots`` rows that read the
+   prefixes of the requests admitted with them from a pool, once per prefix per step);
 2. the same sampler with sharing alone, decode batches of ``--batch`` rows (the paper world's
    setting), whose decode steps read each shared prefix once for all its rows, and the same with
    the prefix copied into every row's cache (``Sampler.copy_prefix``: the previous decode);
@@ -213,7 +213,7 @@ def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int,
     out = backend.generate_sync(msgs, params)
     return sum(c.completion_tokens for c in out), [c.text for c in out]
 
-  shared = local.LocalSampler(sampler, chat=True, share_prefix=True)
+  shared = local.LocalSampler(sampler, batch_buckets=(batch,), chat=True, share_prefix=True)
 
   def prefix_copied():
     sampler.copy_prefix = True
@@ -252,6 +252,7 @@ def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int,
           texts.setdefault(name, out)
       print(f"round {r + 1}/{rounds} done, load {_load()}", flush=True)
   finally:
+    fast.batcher.close()
     if server is not None:
       server.stop()
   rate = matmul_rate(sampler.config.operand_dtype)

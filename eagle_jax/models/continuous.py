@@ -7,16 +7,24 @@ chunks, retires finished rows and admits waiting requests into the free rows, so
 arrives while others decode starts at the next chunk boundary, and a short request never waits for
 the longest row of a batch.
 
-**Layout.** The slots share one KV cache of ``W = P_cap + N_cap + chunk`` slots and one write index
-``I`` (``llama.KVCache``). A request joins by a prefill of its prompt (left-padded to a bucket ``P``,
-or prefix-shared with the requests admitted with it, ``prefix.py``) whose ``P`` cache slots are
-written into its row at ``[I - P, I)`` (the index first moves up to ``P`` when it is lower: slots at
-and after ``I`` are masked in every row). Each decode step then writes every row at ``I``. When the
-next chunk would pass ``W``, the cache is shifted left by ``I`` minus the oldest live row's span
-(``compact``): spans are at most ``P_cap + N_cap - 1``, so the chunk then fits. RoPE positions count
-each row's real tokens (the cache mask), so neither the slot a row starts at nor a shift changes
-them; attention ignores masked slots. Models with sliding-window layers measure windows in slots and
-are refused.
+**Layout.** The slots share one KV cache of ``W = P_own + N_cap + chunk`` slots and one write
+index ``I`` (``llama.KVCache``). A request joins by a prefill of its prompt (left-padded to a bucket
+``P``) whose ``P`` cache slots are written into its row at ``[I - P, I)`` (the index first moves up
+to ``P`` when it is lower: slots at and after ``I`` are masked in every row). Each decode step then
+writes every row at ``I``. When the next chunk would pass ``W``, the cache is shifted left by ``I``
+minus the oldest live row's span (``compact``): spans are at most ``P_own + N_cap - 1``, so the
+chunk then fits. RoPE positions count each row's real tokens (the cache mask), so neither the slot a
+row starts at nor a shift changes them; attention ignores masked slots. Models with sliding-window
+layers measure windows in slots and are refused.
+
+**Shared prefixes.** Without sharing, ``P_own = P_cap`` and each row holds its whole prompt. With
+``share_prefix``, the requests admitted together are grouped by shared token prefix
+(``prefix.plan``); each group's prefix is prefilled once into an entry of a pool
+(``prefix_pool.py``) and each row keeps only its suffix (at most ``suffix_cap`` tokens:
+``P_own``) in its own row, so a state's K transitions hold its text once, and every decode step reads
+each live prefix once for all of its rows (``attention.attend_shared_prefix``), not once per row.
+A row whose suffix would be longer gets a prefix of its own. Entries are freed when their last
+row leaves.
 
 **Exactness.** Each row goes through the computations of ``Sampler.generate_ids`` on that prompt
 alone: the same prefill, the same logit processing (repetition penalty over its own prompt and
@@ -30,7 +38,8 @@ against batches of one.
 the oldest request's group; requests of another group, or longer than the running ``P_cap`` /
 ``N_cap``, wait until the slots drain, and no more requests are admitted meanwhile. Programs
 compile once per (admission bucket, prompt bucket) for prefills, per ``W`` for inserts, shifts and
-decode chunks, and per mode; a group keeps the last caps of its mode when they are at most twice
+decode chunks, and per mode (with sharing, per shape of the live prefixes, ``G`` prefixes of ``R``
+seats, both powers of two); a group keeps the last caps of its mode when they are at most twice
 its own, so alternating groups do not recompile. ``compile_counts`` reports them.
 """
 
@@ -52,6 +61,7 @@ from flax import nnx
 from eagle_jax.models import llama as llama_lib
 from eagle_jax.models import logits as logits_lib
 from eagle_jax.models import prefix as prefix_lib
+from eagle_jax.models import prefix_pool
 from eagle_jax.models import sampling as sampling_lib
 from eagle_jax.models.sampling_params import SamplingParams
 
@@ -70,6 +80,7 @@ class Slots(NamedTuple):
     hist: [B, H] int32 prompt (right-aligned at ``P_cap``) then generated tokens (n-gram ban), or
       None; ``H = P_cap + N_cap``.
     hist_ok: [B, H] bool real tokens of ``hist``, or None.
+    pool: the shared prefixes the rows read (``prefix_pool.Pool``), or None without sharing.
   """
 
   cache: llama_lib.KVCache
@@ -81,6 +92,7 @@ class Slots(NamedTuple):
   presence: jax.Array | None
   hist: jax.Array | None
   hist_ok: jax.Array | None
+  pool: prefix_pool.Pool | None = None
 
 
 @dataclasses.dataclass
@@ -108,18 +120,21 @@ def _group(params: SamplingParams) -> SamplingParams:
 
 
 def _prefill(graphdef, state, tokens, mask, shared):
-  """[n, P] left-padded prompts (or a prefix-shared plan) -> (logits [n, V], cache of P slots)."""
+  """[n, P] left-padded prompts, or a prefix-shared plan (``tokens`` then unused) -> (logits
+  [n, V], the rows' own cache of P (or suffix ``Ps``) slots, the prefixes or None)."""
   model = nnx.merge(graphdef, state)
   if shared is not None:
-    logits, cache, prefix = prefix_lib.shared_prefill(model, shared, 0)
-    return logits, prefix_lib.forked_cache(prefix, cache)
+    return prefix_lib.shared_prefill(model, shared, 0)
   cache = llama_lib.KVCache.for_decoding(model.config, tokens.shape[0], tokens.shape[1])
   hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
-  return model.logits(hidden[:, -1:])[:, 0], cache
+  return model.logits(hidden[:, -1:])[:, 0], cache, None
 
 
-def _insert(slots: Slots, rows, logits, pcache, tokens, mask, keys, max_new, *, p_cap: int):
-  """Writes n prefilled rows into slots ``rows`` ([n] int32; index ``B`` = padding, dropped)."""
+def _insert(slots: Slots, rows, logits, pcache, tokens, mask, keys, max_new, prefix, entries, *,
+            p_cap: int):
+  """Writes n prefilled rows into slots ``rows`` ([n] int32; index ``B`` = padding, dropped):
+  their own cache ``pcache``, their prompts ``tokens``, ``mask`` [n, <= P_cap] (penalty and
+  n-gram history) and, with ``prefix``, its prefixes into pool ``entries`` ([G] int32)."""
   cache = slots.cache
   n, width = pcache.mask.shape
   w = cache.mask.shape[1]
@@ -148,9 +163,10 @@ def _insert(slots: Slots, rows, logits, pcache, tokens, mask, keys, max_new, *, 
     h = slots.hist.shape[1]
     pad = lambda x: jnp.pad(x, ((0, 0), (p_cap - x.shape[1], h - p_cap)))
     hist, hist_ok = put(slots.hist, pad(tokens)), put(slots.hist_ok, pad(mask))
+  pool = slots.pool if prefix is None else prefix_pool.put(slots.pool, prefix, entries)
   return Slots(new_cache, put(slots.logits, logits), put(slots.keys, keys),
                put(slots.step, jnp.zeros((n,), jnp.int32)), put(slots.max_new, max_new),
-               put(slots.done, jnp.zeros((n,), bool)), presence, hist, hist_ok)
+               put(slots.done, jnp.zeros((n,), bool)), presence, hist, hist_ok, pool)
 
 
 def _compact(slots: Slots, shift) -> Slots:
@@ -165,9 +181,10 @@ def _compact(slots: Slots, shift) -> Slots:
   return slots._replace(cache=cache)
 
 
-def _run(graphdef, state, slots: Slots, knobs: logits_lib.Knobs, *, mode: logits_lib.Mode,
-         steps: int, pad_id: int, p_cap: int):
-  """Up to ``steps`` decode steps (fewer when every row is done).
+def _run(graphdef, state, slots: Slots, knobs: logits_lib.Knobs, prefix, *,
+         mode: logits_lib.Mode, steps: int, pad_id: int, p_cap: int):
+  """Up to ``steps`` decode steps (fewer when every row is done); the rows read ``prefix``
+  (``prefix_pool.view``), or None.
 
   Returns:
     (slots, tokens [B, steps] int32, live [B, steps] bool, logprobs [B, steps] float32, steps run).
@@ -203,8 +220,10 @@ def _run(graphdef, state, slots: Slots, knobs: logits_lib.Knobs, *, mode: logits
     step = s.step + live
     stop = jnp.any(tok[:, None] == knobs.stop_ids[None, :], axis=-1)
     done = s.done | (live & (stop | (step >= s.max_new)))
-    logits, cache = model(tok[:, None], attention_mask=live[:, None], cache=s.cache)
-    s = Slots(cache, logits[:, 0], s.keys, step, s.max_new, done, presence, hist, hist_ok)
+    logits, cache = model(tok[:, None], attention_mask=live[:, None], cache=s.cache,
+                          prefix=prefix)
+    s = Slots(cache, logits[:, 0], s.keys, step, s.max_new, done, presence, hist, hist_ok,
+              s.pool)
     return t + 1, s, out_tok, out_ok, out_lp
 
   cond = lambda c: (c[0] < steps) & ~jnp.all(c[1].done)
@@ -221,19 +240,25 @@ class ContinuousBatcher:
     sampler: the sampler whose model, tokenizer (stop and pad ids), mesh and buckets are used.
     slots: decode rows.
     chunk: decode steps between admissions.
-    share_prefix: prefill the prefixes shared by requests admitted together once (``prefix.py``).
+    share_prefix: prefill the prefixes shared by requests admitted together once (``prefix.py``)
+      and keep them in a pool that the decode steps read once per prefix (``prefix_pool.py``).
+    suffix_cap: with sharing, the longest suffix (tokens after a row's shared prefix) kept in the
+      rows' own cache, whose width is this bucket plus the new tokens; a longer one makes the
+      row's prompt but its last token a prefix of its own.
   """
 
   def __init__(self, sampler: sampling_lib.Sampler, *, slots: int = 16, chunk: int = 8,
-               share_prefix: bool = False):
-    if slots < 1 or chunk < 1:
-      raise ValueError(f"slots and chunk must be >= 1, got {slots}, {chunk}")
+               share_prefix: bool = False, suffix_cap: int = 64):
+    if slots < 1 or chunk < 1 or suffix_cap < 1:
+      raise ValueError(f"slots, chunk and suffix_cap must be >= 1, got {slots}, {chunk}, "
+                       f"{suffix_cap}")
     if not prefix_lib.supports(sampler.config):
       raise ValueError("continuous batching needs full attention (sliding windows count slots)")
     self.sampler = sampler
     self.slots = int(slots)
     self.chunk = int(chunk)
     self.share_prefix = bool(share_prefix)
+    self.suffix_cap = sampling_lib.bucket(suffix_cap, sampler.min_bucket)
     self.chunks = 0  # decode chunks run (stats)
     self.admissions = 0  # prefill calls
     self.compactions = 0  # cache shifts
@@ -252,6 +277,7 @@ class ContinuousBatcher:
     self._compact = jax.jit(functools.partial(_compact), donate_argnums=(0,))
     self._run = jax.jit(functools.partial(_run, g), donate_argnums=(1,),
                         static_argnames=("mode", "steps", "pad_id", "p_cap"))
+    self._view = jax.jit(prefix_pool.view)
     self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
     self._thread.start()
 
@@ -265,7 +291,7 @@ class ContinuousBatcher:
     """Compiled programs so far, per jitted function."""
     return {name: fn._cache_size() for name, fn in (
         ("prefill", self._prefill), ("insert", self._insert), ("compact", self._compact),
-        ("decode", self._run))}
+        ("decode", self._run), ("view", self._view))}
 
   def submit(self, ids: Sequence[int], params: SamplingParams, seed: int) -> concurrent.futures.Future:
     """Queues one request; the future's result is an ``Answer``.
@@ -346,9 +372,12 @@ class ContinuousBatcher:
     if last is not None and p_cap <= last[0] <= 2 * p_cap and n_cap <= last[1] <= 2 * n_cap:
       p_cap, n_cap = last
     self._caps[mode] = (p_cap, n_cap)
-    b, w = self.slots, p_cap + n_cap + self.chunk
-    cfg = s.config
+    b, cfg = self.slots, s.config
+    # With sharing, a row's own cache holds its suffix (the prefix sits in the pool).
+    own = min(self.suffix_cap, p_cap) if self.share_prefix else p_cap
+    w = own + n_cap + self.chunk
     cache = llama_lib.KVCache.for_decoding(cfg, b, w)
+    ledger = prefix_pool.Ledger(b, b) if self.share_prefix else None
     h = p_cap + n_cap
     slots = Slots(
         cache, jnp.zeros((b, cfg.vocab_size), jnp.float32),
@@ -356,9 +385,11 @@ class ContinuousBatcher:
         jnp.ones((b,), jnp.int32), jnp.ones((b,), bool),
         jnp.zeros((b, cfg.vocab_size), bool) if mode.penalty else None,
         jnp.full((b, h), s.pad_id, jnp.int32) if mode.ngram else None,
-        jnp.zeros((b, h), bool) if mode.ngram else None)
+        jnp.zeros((b, h), bool) if mode.ngram else None,
+        prefix_pool.Pool.empty(cfg, b, p_cap) if ledger is not None else None)
     active: dict[int, _Request] = {}
     index = 0
+    view, view_key = None, None
     while True:
       if index + self.chunk > w:  # shift so the next chunk fits
         span = max((index - r.start for r in active.values()), default=0)
@@ -370,10 +401,15 @@ class ContinuousBatcher:
       free = [i for i in range(b) if i not in active]
       new = self._take(group, p_cap, n_cap, len(free))
       if new:
-        slots, index = self._admit(slots, new, free, active, p_cap, index)
+        slots, index = self._admit(slots, new, free, active, p_cap, own, index, ledger)
+        view_key = None  # an entry may hold another prefix for the same rows
       if not active:
         return
-      slots, tok, ok, lp, t = s._run(self._run, s.state, slots, knobs, mode=mode,
+      if ledger is not None and ledger.key() != view_key:
+        arrays, view_key = ledger.arrays(), ledger.key()
+        view = None if arrays is None else s._run(self._view, slots.pool,
+                                                  *map(jnp.asarray, arrays))
+      slots, tok, ok, lp, t = s._run(self._run, s.state, slots, knobs, view, mode=mode,
                                      steps=self.chunk, pad_id=s.pad_id, p_cap=p_cap)
       self.chunks += 1
       tok, ok, lp, done = map(np.asarray, (tok, ok, lp, slots.done))
@@ -384,38 +420,56 @@ class ContinuousBatcher:
         r.logprobs += lp[i][keep].tolist()
         if done[i]:
           del active[i]
+          if ledger is not None:
+            ledger.retire(i)
           with self._cv:
             self._taken.remove(r)
           r.future.set_result(Answer(r.tokens, r.logprobs))
 
   def _admit(self, slots: Slots, new: list[_Request], free: list[int],
-             active: dict[int, _Request], p_cap: int, index: int) -> tuple[Slots, int]:
-    """Prefills ``new`` (together) and writes them into free rows."""
+             active: dict[int, _Request], p_cap: int, own: int, index: int,
+             ledger: prefix_pool.Ledger | None) -> tuple[Slots, int]:
+    """Prefills ``new`` (together) and writes them into free rows (own caches of ``own`` slots;
+    with sharing, their prefixes into the pool's entries)."""
     s = self.sampler
     n = len(new)
     nb = 1 << (n - 1).bit_length()  # admission bucket: a power of two
     ids = [r.ids for r in new] + [new[0].ids] * (nb - n)
-    plan = None
-    if self.share_prefix:
+    groups = []
+    if ledger is not None:
       plan = prefix_lib.plan(ids, min_shared=s.min_shared, min_bucket=s.min_bucket,
                              pad_id=s.pad_id, bucket=sampling_lib.bucket)
-      if plan is not None and plan.history_width > p_cap:
-        plan = None
-    width = plan.history_width if plan is not None else sampling_lib.bucket(
-        max(map(len, ids)), s.min_bucket)
-    tokens, mask = s._pad(ids, width)
-    shared = None if plan is None else prefix_lib.SharedInputs(*map(jnp.asarray, plan.inputs))
-    logits, pcache = s._run(self._prefill, s.state, jnp.asarray(tokens), jnp.asarray(mask), shared)
-    self.admissions += 1
-    self.admitted += n
-    if plan is not None:
-      self.shared_rows += int(np.sum(plan.inputs.row_shared[:n]))
+      groups = prefix_pool.admission_groups(
+          ids, [] if plan is None else list(zip(plan.groups, plan.prefix_lengths)), own)
     rows = np.full((nb,), self.slots, np.int32)
     rows[:n] = free[:n]
+    shared, entries = None, None
+    if groups:
+      inputs = prefix_lib.build_inputs(ids, groups, pad_id=s.pad_id, min_bucket=s.min_bucket,
+                                       bucket=sampling_lib.bucket)
+      shared = prefix_lib.SharedInputs(*map(jnp.asarray, inputs))
+      entries = np.full((inputs.prefix_tokens.shape[0],), self.slots, np.int32)
+      for k, (members, _) in enumerate(groups):
+        real = [i for i in members if i < n]
+        if real:  # a group of padding rows only is not kept
+          entries[k] = ledger.allocate()
+          for i in real:
+            ledger.assign(int(rows[i]), int(entries[k]))
+      width = inputs.suffix_tokens.shape[1]
+      tokens, mask = s._pad(ids, p_cap)  # the penalty's and n-gram ban's history
+      entries = jnp.asarray(entries)
+    else:
+      width = sampling_lib.bucket(max(map(len, ids)), s.min_bucket)
+      tokens, mask = s._pad(ids, width)
+    logits, pcache, prefix = s._run(self._prefill, s.state, jnp.asarray(tokens),
+                                    jnp.asarray(mask), shared)
+    self.admissions += 1
+    self.admitted += n
+    self.shared_rows += sum(1 for members, _ in groups for i in members if i < n)
     keys = jax.vmap(jax.random.key)(jnp.asarray([r.seed for r in new] + [0] * (nb - n), jnp.uint32))
     max_new = jnp.asarray([r.params.max_tokens for r in new] + [1] * (nb - n), jnp.int32)
     slots = s._run(self._insert, slots, jnp.asarray(rows), logits, pcache, jnp.asarray(tokens),
-                   jnp.asarray(mask), keys, max_new, p_cap=p_cap)
+                   jnp.asarray(mask), keys, max_new, prefix, entries, p_cap=p_cap)
     index = max(index, width)
     for i, r in zip(free, new):
       r.start = index - width

@@ -14,8 +14,8 @@ prompt by
 after which the decode loop runs as in unshared decoding on the own cache, every step attending to
 the prefixes the same way: a prefix's keys and values are read once per step for all of its rows
 (the K candidate actions of a state), where a cache with the prefix copied into every row reads
-them K times. ``forked_cache`` builds that copy for the continuous batcher, whose slots hold
-self-contained rows.
+them K times (``forked_cache`` builds that copy, ``Sampler.copy_prefix``, for comparison). The
+continuous batcher keeps its rows' prefixes in a pool read the same way (``prefix_pool.py``).
 
 **Grouping rule** (``plan``). Rows are sorted lexicographically by token ids; ``a_j`` is the common
 prefix length of sorted neighbours ``j`` and ``j + 1``, capped at both lengths minus one (every row
@@ -193,13 +193,27 @@ def plan(
   if best is None or best[0] >= unshared_cost:
     return None
   cost, shared = best
-  g = bucket(len(shared), 1)
-  pp = bucket(max(n for _, n in shared), min_bucket)
+  return PrefixPlan(inputs=build_inputs(seqs, shared, pad_id=pad_id, min_bucket=min_bucket,
+                                        bucket=bucket),
+                    groups=tuple(tuple(sorted(r)) for r, _ in shared),
+                    prefix_lengths=tuple(n for _, n in shared), cost=cost,
+                    unshared_cost=unshared_cost)
+
+
+def build_inputs(seqs: Sequence[Sequence[int]], groups: Sequence[tuple[Sequence[int], int]], *,
+                 pad_id: int, min_bucket: int, bucket) -> SharedInputs:
+  """The arrays of a shared prefill: ``groups`` ``[(rows, prefix length)]`` (each ``0 < length <
+  len(prompt)`` of its rows, whose first ``length`` tokens agree); rows in no group are unshared.
+  G and R are bucketed with ``bucket(n, 1)``, ``Pp`` and ``Ps`` with ``bucket(n, min_bucket)``."""
+  b = len(seqs)
+  g = bucket(len(groups), 1)
+  pp = bucket(max(n for _, n in groups), min_bucket)
   row_prefix = np.zeros((b,), np.int32)
   row_len = np.zeros((b,), np.int64)
   prefix_tokens = np.full((g, pp), pad_id, np.int32)
   prefix_mask = np.zeros((g, pp), bool)
-  for k, (rows, n) in enumerate(shared):
+  for k, (rows, n) in enumerate(groups):
+    rows = list(rows)
     prefix_tokens[k, pp - n:] = seqs[rows[0]][:n]
     prefix_mask[k, pp - n:] = True
     row_prefix[rows] = k
@@ -210,14 +224,11 @@ def plan(
   for i, (s, n) in enumerate(zip(seqs, row_len)):
     suffix_tokens[i, ps - (len(s) - n):] = s[n:]
     suffix_mask[i, ps - (len(s) - n):] = True
-  seats = np.full((g, bucket(max(len(rows) for rows, _ in shared), 1)), b, np.int32)
-  for k, (rows, _) in enumerate(shared):
+  seats = np.full((g, bucket(max(len(rows) for rows, _ in groups), 1)), b, np.int32)
+  for k, (rows, _) in enumerate(groups):
     seats[k, :len(rows)] = sorted(rows)
-  inputs = SharedInputs(prefix_tokens, prefix_mask, row_prefix, row_len > 0, suffix_tokens,
-                        suffix_mask, seats)
-  return PrefixPlan(inputs=inputs, groups=tuple(tuple(sorted(r)) for r, _ in shared),
-                    prefix_lengths=tuple(n for _, n in shared), cost=cost,
-                    unshared_cost=unshared_cost)
+  return SharedInputs(prefix_tokens, prefix_mask, row_prefix, row_len > 0, suffix_tokens,
+                      suffix_mask, seats)
 
 
 def prefill_prefixes(model: llama_lib.Llama, inputs: SharedInputs) -> SharedPrefix:
@@ -256,7 +267,7 @@ def shared_prefill(
 
 def forked_cache(prefix: SharedPrefix, cache: llama_lib.KVCache) -> llama_lib.KVCache:
   """One self-contained cache of ``Pp + S`` slots per row: its prefix copied before its own slots
-  (for a decode that keeps no shared prefix, the continuous batcher's)."""
+  (a decode that keeps no shared prefix: ``Sampler.copy_prefix``)."""
   row_mask = prefix.row_mask()
 
   def fork(x, own):  # [L, G, KVH, Pp, hd], [L, B, KVH, S, hd] -> [L, B, KVH, Pp + S, hd]

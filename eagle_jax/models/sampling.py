@@ -254,9 +254,9 @@ class Sampler:
     share_prefix: default of ``generate_ids(share_prefix=)``: prefill token prefixes shared by
       rows of a call once (``prefix.py``; never for sliding-window models).
     min_shared: shortest shared prefix (tokens) worth sharing.
-    copy_prefix: with sharing, decode on caches with each row's prefix copied in (the layout of
-      the continuous batcher, whose slots hold self-contained rows) instead of reading each
-      shared prefix once per step for all its rows; the same tokens, for comparison.
+    copy_prefix: with sharing, decode on caches with each row's prefix copied in instead of
+      reading each shared prefix once per step for all its rows; the same tokens, for comparison
+      (``benchmarks/tree_bench.py``).
     scan_layers: run the decoder blocks as one ``lax.scan`` when the model allows it
       (``Llama.scannable``): every prompt-length bucket and sharing plan is a program of its own,
       and a program with one block instead of ``layers`` compiles several times faster.
