@@ -7,6 +7,7 @@ PyTorch ``generate`` on the tiny model; the compiled program's text for what was
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -162,3 +163,38 @@ def test_scanned_copy_stacks_the_blocks_once(tiny):
     want = np.stack([np.asarray(dict(layer)[path][...]) for layer in per_layer])
     np.testing.assert_array_equal(np.asarray(stacked[path][...]), want)
   assert scanned.embedder.embedding[...] is model.embedder.embedding[...]
+
+
+def test_mixed_scanned_copy_keeps_the_forms_its_program_reads(tmp_path):
+  """In mixed precision the scanned copy holds its stacked bf16 weights and its tied embedding
+  table as bits (equal to the caller's values) and the tied table transposed as the output head,
+  so the compiled decode neither converts the table to float32 for the lookup nor transposes it for
+  the logits, work XLA:CPU hoists out of the decode loop and repeats every call (every chunk of
+  the continuous batcher). The unrolled sampler's program, which keeps the tied table, shows both
+  (the check can see them)."""
+  _, model = loading.load_llama_safetensors(save_torch(make_torch_llama(tie=True, seed=5), tmp_path),
+                                            **loading.precision_dtypes("mixed"))
+  c = model.config
+  copy = layer_scan.scanned(model)
+  table = np.asarray(model.embedder.embedding[...])
+  assert copy.embedder.embedding[...].dtype == jnp.uint16
+  np.testing.assert_array_equal(np.asarray(copy.embedder.embedding[...]).view(table.dtype), table)
+  np.testing.assert_array_equal(np.asarray(copy.lm_head[...]), table.T)
+  stacked = jax.tree.leaves(nnx.state(copy.layers.block))
+  per_layer = [jax.tree.leaves(nnx.state(b)) for b in model.layers]
+  for j, (bits, dtype) in enumerate(zip(stacked, copy.layers.dtypes)):
+    want = np.stack([np.asarray(layer[j]) for layer in per_layer])
+    assert str(want.dtype) == dtype
+    np.testing.assert_array_equal(np.asarray(bits).view(want.dtype), want)
+  hoisted = re.compile(rf"= (f32\[{c.vocab_size},{c.hidden}\]|bf16\[{c.hidden},{c.vocab_size}\])"
+                       r"\{[0-9,]*\} (fusion|copy|convert|transpose)\(")
+  batch = rows(3)
+  mode, knobs = sampling.mode_and_knobs(SAMPLED, ())
+  for scan in (True, False):
+    s = sampling.Sampler(model, scan_layers=scan)
+    tokens, mask = s._pad(batch, sampling.bucket(max(map(len, batch))))
+    text = s._generate.lower(s.state, jnp.asarray(tokens), jnp.asarray(mask), knobs,
+                             s._row_keys(len(batch), 0, None), mode=mode, new_bucket=16,
+                             pad_id=s.pad_id).compile().as_text()
+    found = hoisted.search(text)
+    assert (found is None) == scan, found and found.group(0)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eagle_jax.models.kv_cache import as_bits, from_bits
+from eagle_jax.models.kv_cache import as_bits
 
 
 def scannable(blocks: Sequence[nnx.Module]) -> bool:
@@ -34,14 +34,23 @@ def scannable(blocks: Sequence[nnx.Module]) -> bool:
 
 class StackedBlocks(nnx.Module):
   """``layers`` blocks of one graph (``scannable``) held as one block whose parameters carry a
-  leading layer axis (each ``[layers, ...]``), stacked here once."""
+  leading layer axis (each ``[layers, ...]``), stacked here once and kept as the scan slices them:
+  16-bit floats as their bits (``as_bits``), ``dtypes`` naming each leaf's float dtype. A
+  conversion inside the jitted call would copy every stacked weight once per call (XLA:CPU
+  materialises a bitcast-convert), which the continuous batcher pays every chunk of steps."""
 
   def __init__(self, blocks: Sequence[nnx.Module]):
     if not scannable(blocks):
       raise ValueError("StackedBlocks: the blocks differ in structure or hold non-Param variables")
     self.layers = len(blocks)
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in blocks])
-    self.block = nnx.merge(nnx.graphdef(blocks[0]), stacked)
+    self.dtypes = tuple(jnp.dtype(x.dtype).name for x in jax.tree.leaves(stacked))
+    self.block = nnx.merge(nnx.graphdef(blocks[0]), jax.tree.map(as_bits, stacked))
+
+  def weights(self, bits) -> list[jax.Array]:
+    """The leaves of ``bits`` (the block's state, or one layer's slice of it) in their dtypes."""
+    return [x if x.dtype == d else jax.lax.bitcast_convert_type(x, d)
+            for x, d in zip(jax.tree.leaves(bits), self.dtypes)]
 
 
 def run_blocks(blocks: StackedBlocks, inputs: tuple, kv, index, prefix, shared):
@@ -62,13 +71,14 @@ def run_blocks(blocks: StackedBlocks, inputs: tuple, kv, index, prefix, shared):
   """
   x, positions, key_mask, query_slots = inputs
   graphdef, stacked = nnx.split(blocks.block)
-  xs = (jnp.arange(blocks.layers, dtype=jnp.int32), jax.tree.map(as_bits, stacked))
+  treedef = jax.tree.structure(stacked)
+  xs = (jnp.arange(blocks.layers, dtype=jnp.int32), stacked)
   if prefix is not None:
     xs = xs + (prefix.k, prefix.v)
 
   def body(carry, xs):
     x, kv = carry
-    block = nnx.merge(graphdef, jax.tree.map(from_bits, xs[1], stacked))
+    block = nnx.merge(graphdef, jax.tree.unflatten(treedef, blocks.weights(xs[1])))
     layer_cache = None if kv is None else (kv[0], kv[1], index, xs[0])
     layer_prefix = None if prefix is None else (xs[2], xs[3], *shared)
     x, kv = block(x, positions, key_mask, query_slots, layer_cache, layer_prefix)
@@ -79,9 +89,10 @@ def run_blocks(blocks: StackedBlocks, inputs: tuple, kv, index, prefix, shared):
 
 
 def scanned(model: nnx.Module) -> nnx.Module:
-  """A copy of a decoder (``Llama``) that runs its blocks as one scan: every other parameter
-  shared with ``model``, the blocks' stacked once into ``StackedBlocks``; ``model`` itself if it
-  already scans."""
+  """A copy of a decoder (``Llama``) for decoding that runs its blocks as one scan: the blocks'
+  parameters stacked once into ``StackedBlocks``, a tied embedding table held as bits with its
+  transpose as the output head ``lm_head`` [D, V], every other parameter shared with ``model``;
+  ``model`` itself if it already scans."""
   if model.scan_layers:
     return model
   if not scannable(model.layers):
@@ -89,4 +100,11 @@ def scanned(model: nnx.Module) -> nnx.Module:
   model = nnx.merge(*nnx.split(model))
   model.layers = StackedBlocks(model.layers)
   model.scan_layers = True
+  if model.config.tie_embeddings:
+    # The tied table once more as the output head in the layout of its product ([D, V]), and
+    # the table as bits: inside a jitted call XLA:CPU would transpose the table for the product
+    # and convert it to float32 for the lookup, both hoisted out of the decode loop, once per call.
+    table = model.embedder.embedding[...]
+    model.lm_head = nnx.Param(jnp.array(table.T))
+    model.embedder.embedding = nnx.Param(as_bits(table))
   return model

@@ -357,7 +357,11 @@ class Llama(nnx.Module):
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """tokens: [B, T] int32 -> [B, T, D] compute dtype (scaled by sqrt(D) for Gemma)."""
-    x = jnp.take(self.embedder.embedding[...], tokens, axis=0).astype(self.config.dtype)
+    table = self.embedder.embedding[...]
+    x = jnp.take(table, tokens, axis=0)
+    if table.dtype == jnp.uint16:  # a decoding copy's table as bits (``layer_scan.scanned``)
+      x = jax.lax.bitcast_convert_type(x, self.config.param_dtype)
+    x = x.astype(self.config.dtype)
     if self.config.scale_embeddings:
       x = x * jnp.asarray(math.sqrt(self.config.hidden), self.config.dtype)
     return constrain(x, ("batch", "length", "embed"))
@@ -437,7 +441,7 @@ class Llama(nnx.Module):
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden: [B, T, D] -> logits [B, T, V] float32."""
-    if self.config.tie_embeddings:
+    if self.config.tie_embeddings and not hasattr(self, "lm_head"):
       out = self.config.matmul("btd,vd->btv", hidden, self.embedder.embedding, jnp.float32)
     else:
       out = self.config.matmul("btd,dv->btv", hidden, self.lm_head, jnp.float32)
