@@ -260,6 +260,9 @@ def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int,
                      bucket=lambda x, m: max(int(x), 1))
   prefilled = plan.cost if plan is not None else sum(map(len, ids))
   params_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sampler.state))
+  if sampler.config.tie_embeddings:  # the decoding copy's transposed head (layer_scan.scanned)
+    params_count = min(params_count, sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+        sampler.state) if x.shape != (sampler.config.hidden, sampler.config.vocab_size)))
   flops = 2 * params_count * (prefilled + tokens[names[0]])
   ceiling = n / (flops / rate)
   today = statistics.median(times[names[1]])
