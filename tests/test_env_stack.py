@@ -56,21 +56,32 @@ def test_local_model_name_is_the_file_hash(tmp_path):
 def test_precision_loads_those_dtypes_and_is_part_of_the_cache_identity(tmp_path):
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
 
   from eagle_jax import assets  # noqa: PLC0415
 
   names = {}
   for precision in ("float32", "mixed"):
     s = stack.open_llm(env_blocks.llm_config(precision=precision), str(tmp_path / "c.jsonl"))
-    config = s.local.sampler.config
-    leaves = {x.dtype for x in jax.tree.leaves(s.local.sampler.state)}
+    sampler = s.local.sampler
+    config = sampler.config
+    model = nnx.merge(sampler.graphdef, sampler.state)
+    # The decoding copy (layer_scan.scanned) holds its stacked weights and tied table as the bits
+    # of their dtype: read those dtypes through it.
+    stacked = set(model.layers.dtypes)
+    table = model.embedder.embedding[...].dtype
+    others = {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+              if x.dtype != jnp.uint16}
     names[precision] = s.model_name
     asyncio.run(s.aclose())
     if precision == "mixed":
-      assert (config.dtype, config.matmul_dtype, leaves) == (jnp.float32, jnp.bfloat16,
-                                                              {jnp.dtype(jnp.bfloat16)})
+      assert (config.dtype, config.matmul_dtype) == (jnp.float32, jnp.bfloat16)
+      assert stacked == {"bfloat16"} and table == jnp.uint16, (stacked, table)
+      assert others == {jnp.dtype(jnp.bfloat16)}, others
+      assert config.param_dtype == jnp.bfloat16
     else:
-      assert (config.matmul_dtype, leaves) == (None, {jnp.dtype(jnp.float32)})
+      assert config.matmul_dtype is None
+      assert stacked == {"float32"} and others == {jnp.dtype(jnp.float32)} and table == jnp.float32
   assert names["float32"] == stack.local_model_name(assets.smollm2_gguf())
   assert names["mixed"] == names["float32"] + "+mixed"
 
