@@ -43,14 +43,15 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
+from flax import nnx
 
 from configs import movielens_smoke
 from eagle_jax import assets, prompts
 from eagle_jax.data import catalog, movielens
 from eagle_jax.env import action_templates, build, local, openai
 from eagle_jax.env.client import SamplingParams
+from eagle_jax.models import llama as llama_lib
 from eagle_jax.models import loading, prefix
 from eagle_jax.models.tokenizer import Tokenizer
 
@@ -259,10 +260,7 @@ def run(states: int, k: int, rounds: int, batch: int, slots: int, chunk: int,
   plan = prefix.plan(ids, min_shared=sampler.min_shared, min_bucket=1, pad_id=sampler.pad_id,
                      bucket=lambda x, m: max(int(x), 1))
   prefilled = plan.cost if plan is not None else sum(map(len, ids))
-  params_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sampler.state))
-  if sampler.config.tie_embeddings:  # the decoding copy's transposed head (layer_scan.scanned)
-    params_count = min(params_count, sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
-        sampler.state) if x.shape != (sampler.config.hidden, sampler.config.vocab_size)))
+  params_count = llama_lib.param_count(nnx.merge(sampler.graphdef, sampler.state))
   flops = 2 * params_count * (prefilled + tokens[names[0]])
   ceiling = n / (flops / rate)
   today = statistics.median(times[names[1]])

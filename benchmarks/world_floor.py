@@ -25,11 +25,12 @@ import os
 import time
 from collections.abc import Sequence
 
-import jax
 from absl import app, flags
+from flax import nnx
 
 from eagle_jax import assets, prompts
 from eagle_jax.env import local
+from eagle_jax.models import llama as llama_lib
 from eagle_jax.models.sampling_params import SamplingParams
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "A finished launch.main workdir.")
@@ -95,7 +96,7 @@ def main(argv: Sequence[str]) -> None:
                                          batch_buckets=tuple(map(int, _BUCKETS.value)), chat=True,
                                          share_prefix=_SHARE.value, precision=_PRECISION.value)
   model = backend.sampler
-  params = sum(x.size for x in jax.tree.leaves(model.state))
+  params = llama_lib.param_count(nnx.merge(model.graphdef, model.state))
   embed = model.config.vocab_size * model.config.hidden
   rate = matmul_rate(model.config.operand_dtype)
   print(f"{_WORKDIR.value}: scan_layers={_SCAN.value}, share_prefix={_SHARE.value}, batch_buckets="

@@ -15,7 +15,7 @@ from decoder_fixtures import make_torch_llama, save_torch
 from flax import nnx
 from test_prefix_share import GREEDY, HISTORY, SAMPLED, torch_greedy
 
-from eagle_jax.models import kv_cache, layer_scan, loading, lora, sampling
+from eagle_jax.models import kv_cache, layer_scan, llama, loading, lora, sampling
 from eagle_jax.models.llama import Llama, LlamaConfig
 
 
@@ -198,3 +198,15 @@ def test_mixed_scanned_copy_keeps_the_forms_its_program_reads(tmp_path):
                              pad_id=s.pad_id).compile().as_text()
     found = hoisted.search(text)
     assert (found is None) == scan, found and found.group(0)
+
+
+def test_param_count_counts_a_tied_table_once(tmp_path):
+  """The decoding copy's transposed head holds the tied table's numbers again; ``param_count``
+  (the benchmarks' FLOP floors) counts the decoder's parameters, as PyTorch does."""
+  tmodel = make_torch_llama(tie=True, seed=5)
+  _, model = loading.load_llama_safetensors(save_torch(tmodel, tmp_path))
+  want = sum(p.numel() for p in tmodel.parameters())  # tied: one table
+  copy = layer_scan.scanned(model)
+  assert hasattr(copy, "lm_head")
+  assert llama.param_count(model) == want
+  assert llama.param_count(copy) == want

@@ -497,4 +497,9 @@ class Llama(nnx.Module):
 
 
 def param_count(model: Llama) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  """The decoder's parameters, a tied table once (a decoding copy's transposed head,
+  ``layer_scan.scanned``, holds the same numbers)."""
+  n = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  if model.config.tie_embeddings and hasattr(model, "lm_head"):
+    n -= int(model.lm_head[...].size)
+  return n
