@@ -433,7 +433,7 @@ class ContinuousBatcher:
     with sharing, their prefixes into the pool's entries)."""
     s = self.sampler
     n = len(new)
-    nb = 1 << (n - 1).bit_length()  # admission bucket: a power of two
+    nb = prefix_pool.pow2(n)  # admission bucket
     ids = [r.ids for r in new] + [new[0].ids] * (nb - n)
     groups = []
     if ledger is not None:

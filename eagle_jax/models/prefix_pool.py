@@ -111,7 +111,9 @@ def admission_groups(seqs: Sequence[Sequence[int]], groups: Sequence[tuple[Seque
   return out
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
+  """The smallest power of two >= max(n, 1): the bucket of a pool view's and an admission's
+  sizes (one compiled program per bucket)."""
   return 1 << (max(n, 1) - 1).bit_length()
 
 
@@ -147,7 +149,7 @@ class Ledger:
       return None
     where = {e: j for j, e in enumerate(live)}
     members = [sorted(r for r, e in self.row_entry.items() if e == entry) for entry in live]
-    g, r = _pow2(len(live)), _pow2(max(map(len, members)))
+    g, r = pow2(len(live)), pow2(max(map(len, members)))
     seats = np.full((g, r), self.rows, np.int32)
     for j, m in enumerate(members):
       seats[j, :len(m)] = m
